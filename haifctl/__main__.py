@@ -1,0 +1,3 @@
+from haifctl.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""The `haifctl` command: wires the command groups together and turns errors into one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Annotated
+
+import click
+import typer
+
+from haifctl import __version__
+from haifctl.commands import config as config_cmd
+from haifctl.commands import infer as infer_cmd
+from haifctl.commands import models as models_cmd
+from haifctl.commands._shared import CliState, HomeOpt, RegistryUrlOpt, report_error, state
+from haifctl.errors import HaifError
+
+app = typer.Typer(
+    name="haifctl",
+    help="Serve GGUF language models on llama.cpp: in-process, or as a cluster of daemons.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(infer_cmd.infer)
+app.add_typer(models_cmd.app, name="models")
+app.add_typer(config_cmd.app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"haifctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    home: HomeOpt = None,
+    registry_url: RegistryUrlOpt = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Serve GGUF language models on llama.cpp: in-process, or as a cluster of daemons."""
+    state(ctx).flags.update({"home": home, "registry_url": registry_url})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: run the app; print user errors as `error:`/`hint:` lines, never tracebacks."""
+    cli_state = CliState()
+    try:
+        code = app(
+            args=list(argv) if argv is not None else None,
+            prog_name="haifctl",
+            standalone_mode=False,
+            obj=cli_state,
+        )
+    except HaifError as exc:
+        report_error(exc, cli_state.json_errors)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("\naborted\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        # `haifctl ... | head`: the reader left; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    except Exception as exc:  # a bug, not a user mistake: keep the traceback one flag away
+        if os.environ.get("HAIF_DEBUG"):
+            raise
+        report_error(
+            HaifError(
+                "internal_error",
+                f"internal error: {type(exc).__name__}: {exc}",
+                "run again with HAIF_DEBUG=1 for the traceback, and report it",
+            ),
+            cli_state.json_errors,
+        )
+        sys.exit(70)
+    sys.exit(code if isinstance(code, int) else 0)

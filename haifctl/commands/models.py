@@ -1,0 +1,257 @@
+"""`haifctl models`: the model registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from haifctl.commands._shared import (
+    JsonFlag,
+    print_json,
+    state,
+    stderr,
+    stdout,
+    want_json,
+)
+from haifctl.errors import InvalidInput
+from haifctl.gguf_info import check_model_path, read_facts
+from haifctl.inference import open_cli_registry
+from haifctl.registry.service import STATUSES, ModelRecord, parse_params
+from haifctl.schema import SAMPLING_KEYS
+
+app = typer.Typer(no_args_is_help=True, help="Register, list and manage GGUF models.")
+
+RefArg = Annotated[str, typer.Argument(help="NAME[:VERSION] or an alias.", show_default=False)]
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _human_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{suffix}"
+    return str(n)
+
+
+def _as_dict(record: ModelRecord) -> dict[str, object]:
+    data = msgspec.to_builtins(record)
+    assert isinstance(data, dict)
+    return data
+
+
+def _show(record: ModelRecord) -> None:
+    console = stdout()
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("model", record.ref + ("  (default)" if record.is_default else "")),
+        ("aliases", ", ".join(record.aliases) or "-"),
+        ("status", record.status),
+        ("path", record.path),
+        ("sha256", record.sha256),
+        ("size", f"{_human_size(record.size_bytes)} ({record.size_bytes} bytes)"),
+        ("architecture", record.architecture),
+        ("parameters", _human_count(record.parameter_count)),
+        ("context length", str(record.context_length or "-")),
+        ("layers", str(record.block_count or "-")),
+        ("file type", record.file_type or "-"),
+        ("chat template", "yes" if record.has_chat_template else "no (plain transcript fallback)"),
+        ("parameters set", ", ".join(f"{k}={v}" for k, v in record.params.items()) or "-"),
+        ("registered", record.created_at),
+    ]
+    if record.builtin:
+        rows.append(("shipped", "yes (the package's default model)"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+def register(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="The .gguf file.", show_default=False)],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Model name (default: the file name without .gguf).")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version (default: one above the newest numbered).")
+    ] = None,
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", help="Another name for this version (repeatable).")
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="Default sampling parameter key=value (repeatable).", metavar="KEY=VALUE"),
+    ] = None,
+    default: Annotated[
+        bool, typer.Option("--default", help="Make this the version that NAME alone means.")
+    ] = False,
+    json: JsonFlag = False,
+) -> None:
+    """Add a GGUF model: verify it, read its metadata, hash it, and record it."""
+    want_json(ctx, json)
+    params = parse_params(param or [])
+    unknown = sorted(set(params) - set(SAMPLING_KEYS))
+    if unknown:
+        raise InvalidInput(
+            "invalid_param",
+            f"--param {unknown[0]} is not a sampling parameter",
+            "known: " + ", ".join(SAMPLING_KEYS),
+        )
+    path = check_model_path(path)
+    facts = read_facts(path)
+    settings = state(ctx).settings()
+    with open_cli_registry(settings) as registry:
+        err = stderr()
+        with Progress(
+            TextColumn("sha256"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal or json,
+        ) as progress:
+            task = progress.add_task("hash", total=facts.size_bytes)
+            record = registry.register(
+                path,
+                name=name or path.name.removesuffix(".gguf"),
+                version=version,
+                aliases=alias or [],
+                params=params,
+                make_default=default,
+                progress=lambda n: progress.advance(task, n),
+                facts=facts,
+            )
+    if json:
+        print_json(_as_dict(record))
+    else:
+        stdout().print(f"registered [bold]{record.ref}[/bold]  sha256 {record.sha256[:16]}…")
+
+
+@app.command("list")
+def list_models(ctx: typer.Context, json: JsonFlag = False) -> None:
+    """List registered models, newest version first."""
+    want_json(ctx, json)
+    with open_cli_registry(state(ctx).settings()) as registry:
+        records = registry.list()
+    if json:
+        print_json([_as_dict(r) for r in records])
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NAME", "VERSION", "ALIASES", "ARCH", "PARAMS", "TYPE", "CTX", "SIZE", "STATUS"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            r.name,
+            r.version + (" *" if r.is_default else ""),
+            ", ".join(r.aliases) or "-",
+            r.architecture,
+            _human_count(r.parameter_count),
+            r.file_type or "-",
+            str(r.context_length or "-"),
+            _human_size(r.size_bytes),
+            r.status,
+        )
+    stdout().print(table)
+
+
+@app.command()
+def show(ctx: typer.Context, ref: RefArg, json: JsonFlag = False) -> None:
+    """Show everything recorded about one model version."""
+    want_json(ctx, json)
+    with open_cli_registry(state(ctx).settings()) as registry:
+        record = registry.resolve(ref)
+    if json:
+        print_json(_as_dict(record))
+    else:
+        _show(record)
+
+
+@app.command("rm")
+def remove(
+    ctx: typer.Context,
+    ref: RefArg,
+    all_versions: Annotated[
+        bool, typer.Option("--all", help="Remove every version of NAME.")
+    ] = False,
+    json: JsonFlag = False,
+) -> None:
+    """Remove a model version from the registry (the file itself stays)."""
+    want_json(ctx, json)
+    with open_cli_registry(state(ctx).settings()) as registry:
+        removed = registry.remove(ref, all_versions=all_versions)
+    if json:
+        print_json({"removed": [r.ref for r in removed]})
+    else:
+        for r in removed:
+            stdout().print(f"removed {r.ref}")
+
+
+@app.command()
+def alias(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The alias.", show_default=False)],
+    ref: Annotated[
+        str | None, typer.Argument(help="NAME[:VERSION] it points at.", show_default=False)
+    ] = None,
+    remove: Annotated[bool, typer.Option("--rm", help="Delete the alias.")] = False,
+) -> None:
+    """Point an alias at a model version (moving it if it exists), or delete it with --rm."""
+    with open_cli_registry(state(ctx).settings()) as registry:
+        if remove:
+            if ref is not None:
+                raise InvalidInput("invalid_arguments", "--rm takes only the alias")
+            registry.remove_alias(name)
+            stdout().print(f"removed alias {name}")
+            return
+        if ref is None:
+            raise InvalidInput(
+                "invalid_arguments", "which model should the alias point at?",
+                f"haifctl models alias {name} NAME[:VERSION]",
+            )
+        record = registry.set_alias(name, ref)
+    stdout().print(f"{name} -> {record.ref}")
+
+
+@app.command("default")
+def set_default(ctx: typer.Context, ref: RefArg) -> None:
+    """Make NAME:VERSION the version that NAME alone resolves to."""
+    with open_cli_registry(state(ctx).settings()) as registry:
+        record = registry.set_default(ref)
+    stdout().print(f"{record.name} -> {record.ref}")
+
+
+@app.command("status")
+def set_status(
+    ctx: typer.Context,
+    ref: RefArg,
+    status: Annotated[str, typer.Argument(help="One of: " + ", ".join(STATUSES) + ".", show_default=False)],
+) -> None:
+    """Set a model version's deployment status (registered, deployed, retired)."""
+    with open_cli_registry(state(ctx).settings()) as registry:
+        record = registry.set_status(ref, status)
+    stdout().print(f"{record.ref}: {record.status}")

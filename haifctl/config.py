@@ -1,0 +1,223 @@
+"""One settings object, resolved once: flag > environment > config file > default.
+
+Every value remembers where it came from so that ``haifctl config show`` can say so.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import platformdirs
+
+from haifctl.errors import InvalidInput
+
+DEFAULT_MODEL = "stories260K"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one setting is named in each layer, its type and default."""
+
+    name: str
+    env: tuple[str, ...]
+    type: type
+    default: Any
+    help: str
+    secret: bool = False
+
+
+# Order is the order `config show` prints.  `home` and `registry_url` have computed defaults.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("home", ("HAIF_HOME",), Path, None, "Directory for config.toml, registry.db and state."),
+    Setting(
+        "registry_url",
+        ("HAIF_REGISTRY_URL",),
+        str,
+        None,
+        "Model registry: sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB.",
+        secret=True,
+    ),
+    Setting("model", ("HAIF_MODEL", "MODEL_ID"), str, DEFAULT_MODEL, "Default model NAME[:VERSION]."),
+    Setting("n_ctx", ("HAIF_N_CTX",), int, 4096, "Context window (capped at the model's own)."),
+    Setting(
+        "n_gpu_layers",
+        ("HAIF_N_GPU_LAYERS",),
+        int,
+        -1,
+        "Layers offloaded to the GPU (-1 all, 0 none); ignored without GPU support.",
+    ),
+    Setting("threads", ("HAIF_THREADS",), int, 0, "CPU threads for generation (0: automatic)."),
+    Setting("max_tokens", ("HAIF_MAX_TOKENS",), int, 256, "Default completion length in tokens."),
+    Setting("postgres_user", ("POSTGRES_USER",), str, "", "Postgres user (builds registry_url)."),
+    Setting(
+        "postgres_password",
+        ("POSTGRES_PASSWORD",),
+        str,
+        "",
+        "Postgres password (builds registry_url).",
+        secret=True,
+    ),
+    Setting("postgres_db", ("POSTGRES_DB",), str, "", "Postgres database; set to use Postgres."),
+    Setting("postgres_host", ("POSTGRES_HOST",), str, "127.0.0.1", "Postgres host."),
+    Setting("postgres_port", ("POSTGRES_PORT",), int, 5432, "Postgres port."),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration.  Build it with :func:`resolve`."""
+
+    home: Path
+    registry_url: str
+    model: str
+    n_ctx: int
+    n_gpu_layers: int
+    threads: int
+    max_tokens: int
+    postgres_user: str
+    postgres_password: str
+    postgres_db: str
+    postgres_host: str
+    postgres_port: int
+    config_file: Path
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def display_value(self, name: str) -> str:
+        """The value as `config show` prints it, with secrets masked."""
+        value = getattr(self, name)
+        if name == "registry_url":
+            return mask_url(str(value))
+        if _BY_NAME[name].secret and value:
+            return "********"
+        return str(value)
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a URL, keeping everything else readable."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:********@{netloc}"))
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_config_dir("haifctl", appauthor=False))
+
+
+def _coerce(setting: Setting, raw: Any, origin: str) -> Any:
+    if setting.type is Path:
+        return Path(str(raw)).expanduser()
+    if setting.type is int:
+        if isinstance(raw, bool):
+            raise InvalidInput("invalid_setting", f"{origin}: expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise InvalidInput(
+                "invalid_setting",
+                f"{origin}: expected an integer, got {raw!r}",
+                f"set {setting.name} to a whole number",
+            ) from None
+    return str(raw)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(
+            "invalid_config", f"{path} is not valid TOML: {exc}", "fix or remove the file"
+        ) from None
+    except OSError as exc:
+        raise InvalidInput("invalid_config", f"cannot read {path}: {exc.strerror}") from None
+    unknown = sorted(set(data) - set(_BY_NAME) - {"home"})
+    if unknown:
+        raise InvalidInput(
+            "invalid_config",
+            f"{path}: unknown setting {unknown[0]!r}",
+            "known settings: " + ", ".join(s.name for s in SETTINGS if s.name != "home"),
+        )
+    if "home" in data:
+        raise InvalidInput(
+            "invalid_config",
+            f"{path}: 'home' cannot be set in the config file that lives in it",
+            "use HAIF_HOME or --home instead",
+        )
+    return data
+
+
+def resolve(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve every setting from flags (None = not given), the environment and the config file."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def pick(setting: Setting, file_data: Mapping[str, Any], config_path: Path | None) -> bool:
+        if setting.name in flags:
+            values[setting.name] = _coerce(setting, flags[setting.name], f"--{setting.name}")
+            sources[setting.name] = "flag"
+            return True
+        for var in setting.env:
+            if env.get(var, "") != "":
+                values[setting.name] = _coerce(setting, env[var], var)
+                sources[setting.name] = f"env {var}"
+                return True
+        if setting.name in file_data:
+            values[setting.name] = _coerce(
+                setting, file_data[setting.name], f"{config_path}: {setting.name}"
+            )
+            sources[setting.name] = f"file {config_path}"
+            return True
+        return False
+
+    home_setting = _BY_NAME["home"]
+    if not pick(home_setting, {}, None):
+        values["home"] = default_home()
+        sources["home"] = "default"
+    config_file = values["home"] / "config.toml"
+    file_data = _read_file(config_file)
+
+    for setting in SETTINGS:
+        if setting.name == "home":
+            continue
+        if pick(setting, file_data, config_file):
+            continue
+        if setting.name != "registry_url":
+            values[setting.name] = setting.default
+            sources[setting.name] = "default"
+
+    if "registry_url" not in values:
+        if values["postgres_db"]:
+            values["registry_url"] = postgres_url_from_parts(values)
+            sources["registry_url"] = "derived from POSTGRES_* settings"
+        else:
+            values["registry_url"] = f"sqlite://{(values['home'] / 'registry.db').absolute()}"
+            sources["registry_url"] = "default"
+
+    return Settings(**values, config_file=config_file, sources=sources)
+
+
+def postgres_url_from_parts(values: Mapping[str, Any]) -> str:
+    user = quote(values["postgres_user"], safe="")
+    password = quote(values["postgres_password"], safe="")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    return (
+        f"postgresql://{auth}{values['postgres_host']}:{values['postgres_port']}/"
+        f"{quote(values['postgres_db'], safe='')}"
+    )

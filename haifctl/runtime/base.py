@@ -1,0 +1,137 @@
+"""The interface every model runtime implements, and the pieces they share.
+
+A runtime loads a model file into a :class:`LoadedModel`.  A loaded model turns a prompt into a
+stream of :class:`TokenEvent` and may serve several streams at once (``slots``): nothing here
+assumes one request at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+FinishReason = str  # "stop" (end of text or a stop string), "length", "cancelled"
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick tokens.  Defaults follow llama.cpp's."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
+    n_ctx: int = 4096
+    n_gpu_layers: int = -1
+    threads: int = 0  # 0: let the runtime decide
+    # The model's trained context when the caller already knows it (the registry does);
+    # otherwise the runtime reads it from the file.
+    n_ctx_train: int | None = None
+
+
+class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a generation.  The last event of a stream has ``finish_reason`` set and
+    carries the usage counts; its ``text`` may be empty."""
+
+    text: str
+    n_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class DeviceFacts(msgspec.Struct, frozen=True, kw_only=True):
+    backend: str  # "cpu", "cuda", "metal", ...
+    gpu_offload: bool
+    n_gpu_layers: int
+    threads: int
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    bos_token: str | None
+    eos_token: str | None
+    chat_template: str | None
+
+
+class CancelToken:
+    """Set from any thread to stop a generation at the next token."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class LoadedModel(Protocol):
+    info: ModelInfo
+    device: DeviceFacts
+    slots: int
+
+    def generate(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
+    ) -> Iterator[TokenEvent]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel: ...
+
+
+class StopScanner:
+    """Finds stop strings in streamed text without ever showing part of one.
+
+    Text that could still turn into a stop string is held back until the next piece settles it.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Add ``text``; return what is safe to show now.  Sets ``stopped`` on a match."""
+        if not self.stops:
+            return text
+        buf = self._pending + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return buf[:cut]
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), 0, -1):
+                if buf.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        self._pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        """The held-back text, once the stream ends without a stop."""
+        out, self._pending = self._pending, ""
+        return out

@@ -1,0 +1,201 @@
+"""llama.cpp through llama-cpp-python: CPU, CUDA or Metal, whichever the installed build has."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from haifctl.errors import HaifError, InvalidInput
+from haifctl.runtime.base import (
+    CancelToken,
+    DeviceFacts,
+    LoadOptions,
+    ModelInfo,
+    SamplingParams,
+    StopScanner,
+    TokenEvent,
+)
+
+
+def gpu_backend() -> tuple[str, bool]:
+    """Which accelerator the installed llama.cpp build can offload to."""
+    import llama_cpp
+
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").upper()
+    for name in ("CUDA", "METAL", "VULKAN", "ROCM", "HIP", "SYCL"):
+        if offload and f"{name} :" in info:
+            return name.lower(), offload
+    return ("gpu" if offload else "cpu"), offload
+
+
+class LlamaCppModel:
+    """One GGUF model loaded by llama.cpp.  Owns its native handles: call :meth:`close`."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        import llama_cpp
+
+        backend, offload = gpu_backend()
+        threads = options.threads or max(1, min(os.cpu_count() or 1, 8))
+        n_ctx_train = options.n_ctx_train
+        if n_ctx_train is None:
+            from haifctl.gguf_info import read_facts
+
+            n_ctx_train = read_facts(path).context_length
+        # A context beyond the trained one only produces garbage, and llama.cpp would allocate
+        # its KV cache all the same: cap it.
+        n_ctx = min(options.n_ctx, n_ctx_train) if n_ctx_train else options.n_ctx
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_gpu_layers=options.n_gpu_layers if offload else 0,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise HaifError(
+                "model_load_failed",
+                f"llama.cpp could not load {path}: {exc}",
+                "check that the file is a complete GGUF that this llama.cpp build supports",
+            ) from None
+        model: Any = self._llama._model
+        n_ctx_train = int(model.n_ctx_train())
+        self._model = model
+        self._vocab = model.vocab
+        self._eog = llama_cpp.llama_vocab_is_eog
+        meta = self._llama.metadata
+        bos, eos = self._llama.token_bos(), self._llama.token_eos()
+        self.info = ModelInfo(
+            path=str(path),
+            n_ctx=int(self._llama.n_ctx()),
+            n_ctx_train=n_ctx_train,
+            n_vocab=int(self._llama.n_vocab()),
+            bos_token=model.token_get_text(bos) if bos >= 0 else None,
+            eos_token=model.token_get_text(eos) if eos >= 0 else None,
+            chat_template=meta.get("tokenizer.chat_template") or None,
+        )
+        self.device = DeviceFacts(
+            backend=backend,
+            gpu_offload=offload and options.n_gpu_layers != 0,
+            n_gpu_layers=options.n_gpu_layers if offload else 0,
+            threads=threads,
+        )
+        # One llama.cpp context holds one KV cache; until batched decoding lands, the model
+        # serves one sequence at a time and callers queue on this lock.
+        self.slots = 1
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        bos = self.info.bos_token
+        templated = bool(bos) and prompt.startswith(bos or "")
+        tokens: list[int] = self._llama.tokenize(
+            prompt.encode("utf-8"), add_bos=not templated, special=templated
+        )
+        return tokens
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenize(text))
+
+    def generate(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
+    ) -> Iterator[TokenEvent]:
+        """Stream the completion of ``prompt``.  Closing the iterator stops generation."""
+        if self._closed:
+            raise HaifError("model_closed", "the model has been unloaded")
+        prompt_tokens = self._tokenize(prompt)
+        n_ctx = self.info.n_ctx
+        if len(prompt_tokens) >= n_ctx:
+            raise InvalidInput(
+                "prompt_too_long",
+                f"the prompt is {len(prompt_tokens)} tokens; the context window holds {n_ctx}",
+                "shorten the prompt or raise --n-ctx (up to the model's trained context)",
+            )
+        budget = min(params.max_tokens, n_ctx - len(prompt_tokens))
+        return self._stream(prompt_tokens, params, budget, cancel)
+
+    def _stream(
+        self,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        budget: int,
+        cancel: CancelToken | None,
+    ) -> Iterator[TokenEvent]:
+        with self._lock:
+            llama = self._llama
+            llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            scanner = StopScanner(params.stop)
+            produced: list[int] = []
+            finish = "length"
+            tokens = llama.generate(
+                prompt_tokens,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                min_p=params.min_p,
+                temp=params.temperature,
+                repeat_penalty=params.repeat_penalty,
+            )
+            try:
+                if budget <= 0:
+                    finish = "length"
+                else:
+                    for token in tokens:
+                        if cancel is not None and cancel.cancelled:
+                            finish = "cancelled"
+                            break
+                        if self._eog(self._vocab, token):
+                            finish = "stop"
+                            break
+                        piece = llama.detokenize(
+                            [token], prev_tokens=prompt_tokens + produced, special=False
+                        )
+                        produced.append(token)
+                        text = scanner.feed(decoder.decode(piece))
+                        if scanner.stopped:
+                            finish = "stop"
+                            if text:
+                                yield TokenEvent(text=text, n_tokens=1)
+                            break
+                        if text:
+                            yield TokenEvent(text=text, n_tokens=1)
+                        if len(produced) >= budget:
+                            break
+            finally:
+                tokens.close()
+            if finish != "stop":
+                tail = scanner.flush() + decoder.decode(b"", final=True)
+            else:
+                tail = ""
+            yield TokenEvent(
+                text=tail,
+                finish_reason=finish,
+                prompt_tokens=len(prompt_tokens),
+                completion_tokens=len(produced),
+            )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with self._lock:
+                self._llama.close()
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LlamaCppRuntime:
+    name = "llama.cpp"
+
+    def load(self, path: Path, options: LoadOptions) -> LlamaCppModel:
+        return LlamaCppModel(path, options)
