@@ -28,6 +28,7 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     repeat_penalty: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool | None = None
     stream: bool = True
 
     def __post_init__(self) -> None:

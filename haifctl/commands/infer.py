@@ -96,6 +96,9 @@ def infer(
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).", show_default=False)
     ] = None,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Generate all --max-tokens, past end-of-text.")
+    ] = False,
     system: Annotated[
         str | None,
         typer.Option("--system", help="System message: renders the prompt with the model's chat template."),
@@ -135,6 +138,7 @@ def infer(
             "seed": seed,
             "stop": stop or None,
             "system": system,
+            "ignore_eos": ignore_eos or None,
         }.items()
         if v is not None
     }

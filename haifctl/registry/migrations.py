@@ -53,14 +53,16 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def apply_migrations(backend: Backend) -> list[str]:
     """Apply every migration not yet recorded; return the names applied now."""
-    backend.execute(
-        "CREATE TABLE IF NOT EXISTS haif_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-    )
     applied_now: list[str] = []
     with backend.transaction():
         if backend.dialect == "postgres":
-            # Two processes starting against a fresh database must not both migrate.
+            # Two processes starting against a fresh database must not both migrate (and even
+            # CREATE TABLE IF NOT EXISTS races there); SQLite's BEGIN IMMEDIATE already serialises.
             backend.query("SELECT pg_advisory_xact_lock(7423310)")
+        backend.execute(
+            "CREATE TABLE IF NOT EXISTS haif_migrations "
+            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
         done = {row["name"] for row in backend.query("SELECT name FROM haif_migrations")}
         for name, statements in MIGRATIONS:
             if name in done:

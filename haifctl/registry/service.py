@@ -61,9 +61,11 @@ def builtin_model_path() -> Path:
 
 
 def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
-    """Order versions naturally: 2 < 10, 1.9 < 1.10, and numbers after words."""
+    """Order versions naturally: 2 < 10, 1.9 < 1.10 < 1.10.1, and 1.0-rc1 < 1.0."""
     parts = re.split(r"[._+-]", version)
-    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in parts)
+    key = tuple((2, int(p), "") if p.isdigit() else (0, 0, p) for p in parts)
+    # The end of a version sorts after a word (a pre-release tag) and before a number.
+    return (*key, (1, 0, ""))
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:

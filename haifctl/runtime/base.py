@@ -28,6 +28,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     repeat_penalty: float = 1.1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Keep going past end-of-text: fixed-length output for benchmarks and tests.
+    ignore_eos: bool = False
 
 
 class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):

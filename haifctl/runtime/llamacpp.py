@@ -151,7 +151,7 @@ class LlamaCppModel:
                         if cancel is not None and cancel.cancelled:
                             finish = "cancelled"
                             break
-                        if self._eog(self._vocab, token):
+                        if not params.ignore_eos and self._eog(self._vocab, token):
                             finish = "stop"
                             break
                         piece = llama.detokenize(
