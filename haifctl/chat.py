@@ -2,8 +2,8 @@
 
 When the GGUF carries a chat template (``tokenizer.chat_template``), it is rendered as Hugging Face
 does: Jinja2 with ``messages``, ``add_generation_prompt``, ``bos_token`` and ``eos_token``, in a
-sandbox (the template comes from a file, not from us).  When it carries none, the fallback is a plain
-transcript that base models continue naturally::
+sandbox (the template comes from a file, not from us).  When it carries none, the fallback is a
+plain transcript that base models continue naturally::
 
     <system text>
 

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Sequence
 from typing import Annotated
 
-import click
 import typer
 
 from haifctl import __version__
@@ -43,7 +42,9 @@ def root(
     registry_url: RegistryUrlOpt = None,
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Serve GGUF language models on llama.cpp: in-process, or as a cluster of daemons."""
@@ -51,24 +52,17 @@ def root(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: run the app; print user errors as `error:`/`hint:` lines, never tracebacks."""
+    """Entry point: run the app; print user errors as `error:`/`hint:` lines, never tracebacks.
+
+    Usage errors (bad flags, unknown commands) are Typer's own, with exit code 2.
+    """
     cli_state = CliState()
     try:
-        code = app(
-            args=list(argv) if argv is not None else None,
-            prog_name="haifctl",
-            standalone_mode=False,
-            obj=cli_state,
-        )
+        app(args=list(argv) if argv is not None else None, prog_name="haifctl", obj=cli_state)
     except HaifError as exc:
         report_error(exc, cli_state.json_errors)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         sys.stderr.write("\naborted\n")
         sys.exit(130)
     except BrokenPipeError:
@@ -88,4 +82,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             cli_state.json_errors,
         )
         sys.exit(70)
-    sys.exit(code if isinstance(code, int) else 0)

@@ -34,7 +34,9 @@ class Setting:
 
 # Order is the order `config show` prints.  `home` and `registry_url` have computed defaults.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("home", ("HAIF_HOME",), Path, None, "Directory for config.toml, registry.db and state."),
+    Setting(
+        "home", ("HAIF_HOME",), Path, None, "Directory for config.toml, registry.db and state."
+    ),
     Setting(
         "registry_url",
         ("HAIF_REGISTRY_URL",),
@@ -43,7 +45,9 @@ SETTINGS: tuple[Setting, ...] = (
         "Model registry: sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB.",
         secret=True,
     ),
-    Setting("model", ("HAIF_MODEL", "MODEL_ID"), str, DEFAULT_MODEL, "Default model NAME[:VERSION]."),
+    Setting(
+        "model", ("HAIF_MODEL", "MODEL_ID"), str, DEFAULT_MODEL, "Default model NAME[:VERSION]."
+    ),
     Setting("n_ctx", ("HAIF_N_CTX",), int, 4096, "Context window (capped at the model's own)."),
     Setting(
         "n_gpu_layers",

@@ -20,9 +20,8 @@ POSTGRES_ENV = "HAIF_TEST_POSTGRES_URL"
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Every test gets its own haifctl home and none of the caller's haifctl settings."""
     for name in list(os.environ):
-        if name.startswith(ENV_PREFIXES) or name in ENV_NAMES:
-            if name != POSTGRES_ENV:
-                monkeypatch.delenv(name)
+        if (name.startswith(ENV_PREFIXES) or name in ENV_NAMES) and name != POSTGRES_ENV:
+            monkeypatch.delenv(name)
     home = tmp_path / "home"
     monkeypatch.setenv("HAIF_HOME", str(home))
     return home

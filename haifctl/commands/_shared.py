@@ -48,22 +48,40 @@ def want_json(ctx: typer.Context, on: bool) -> bool:
 # `config show` can say where each value came from), and named here for --help.
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model NAME[:VERSION], alias, or .gguf path. [env: HAIF_MODEL, MODEL_ID]"),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model NAME[:VERSION], alias, or .gguf path. [env: HAIF_MODEL, MODEL_ID]",
+    ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-NCtxOpt = Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens. [env: HAIF_N_CTX]")]
+NCtxOpt = Annotated[
+    int | None, typer.Option("--n-ctx", help="Context window in tokens. [env: HAIF_N_CTX]")
+]
 GpuLayersOpt = Annotated[
     int | None,
-    typer.Option("--n-gpu-layers", help="Layers to offload to the GPU, -1 for all. [env: HAIF_N_GPU_LAYERS]"),
+    typer.Option(
+        "--n-gpu-layers", help="Layers to offload to the GPU, -1 for all. [env: HAIF_N_GPU_LAYERS]"
+    ),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads, 0 for automatic. [env: HAIF_THREADS]")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads, 0 for automatic. [env: HAIF_THREADS]")
+]
 HomeOpt = Annotated[
     Path | None,
-    typer.Option("--home", help="haifctl home: config.toml and registry.db. [env: HAIF_HOME]", show_default=False),
+    typer.Option(
+        "--home",
+        help="haifctl home: config.toml and registry.db. [env: HAIF_HOME]",
+        show_default=False,
+    ),
 ]
 RegistryUrlOpt = Annotated[
     str | None,
-    typer.Option("--registry-url", help="sqlite:///PATH or postgresql://... [env: HAIF_REGISTRY_URL]", show_default=False),
+    typer.Option(
+        "--registry-url",
+        help="sqlite:///PATH or postgresql://... [env: HAIF_REGISTRY_URL]",
+        show_default=False,
+    ),
 ]
 
 

@@ -25,7 +25,10 @@ def show(ctx: typer.Context, json: JsonFlag = False) -> None:
             {
                 "config_file": str(settings.config_file),
                 "settings": {
-                    s.name: {"value": settings.display_value(s.name), "source": settings.sources[s.name]}
+                    s.name: {
+                        "value": settings.display_value(s.name),
+                        "source": settings.sources[s.name],
+                    }
                     for s in SETTINGS
                 },
             }
@@ -35,7 +38,9 @@ def show(ctx: typer.Context, json: JsonFlag = False) -> None:
     for column in ("SETTING", "VALUE", "SOURCE", "ENV"):
         table.add_column(column)
     for s in SETTINGS:
-        table.add_row(s.name, settings.display_value(s.name), settings.sources[s.name], ", ".join(s.env))
+        table.add_row(
+            s.name, settings.display_value(s.name), settings.sources[s.name], ", ".join(s.env)
+        )
     console = stdout()
     console.print(table)
     exists = "" if settings.config_file.exists() else " (not present)"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +26,7 @@ from haifctl.schema import decode_request, validate_request
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     text = "text"
     json = "json"
 
@@ -44,12 +44,16 @@ def _read_payload(source: str) -> tuple[bytes, str]:
             data = path.read_bytes()
         except FileNotFoundError:
             raise InvalidInput(
-                "payload_not_found", f"no such payload file: {path}", "check the path, or use --json -"
+                "payload_not_found",
+                f"no such payload file: {path}",
+                "check the path, or use --json -",
             ) from None
         except IsADirectoryError:
             raise InvalidInput("payload_unreadable", f"{path} is a directory") from None
         except OSError as exc:
-            raise InvalidInput("payload_unreadable", f"cannot read {path}: {exc.strerror}") from None
+            raise InvalidInput(
+                "payload_unreadable", f"cannot read {path}: {exc.strerror}"
+            ) from None
     if len(data) > MAX_PAYLOAD_BYTES:
         raise _too_big(name)
     return data, name
@@ -81,30 +85,57 @@ def infer(
     model: ModelOpt = None,
     max_tokens: Annotated[
         int | None,
-        typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate. [env: HAIF_MAX_TOKENS]"),
+        typer.Option(
+            "--max-tokens", "-n", min=1, help="Tokens to generate. [env: HAIF_MAX_TOKENS]"
+        ),
     ] = None,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", "-t", min=0.0, max=5.0, help="Sampling temperature; 0 is greedy.")
+        float | None,
+        typer.Option(
+            "--temperature", "-t", min=0.0, max=5.0, help="Sampling temperature; 0 is greedy."
+        ),
     ] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (0: all).")] = None,
-    min_p: Annotated[float | None, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens below this share of the likeliest.")] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (0: all)."),
+    ] = None,
+    min_p: Annotated[
+        float | None,
+        typer.Option(
+            "--min-p", min=0.0, max=1.0, help="Drop tokens below this share of the likeliest."
+        ),
+    ] = None,
     repeat_penalty: Annotated[
-        float | None, typer.Option("--repeat-penalty", min=0.0, max=10.0, help="Penalty for repeated tokens (1: none).")
+        float | None,
+        typer.Option(
+            "--repeat-penalty", min=0.0, max=10.0, help="Penalty for repeated tokens (1: none)."
+        ),
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", min=0, max=2**31 - 1, help="Random seed, for repeatable output.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", min=0, max=2**31 - 1, help="Random seed, for repeatable output."),
+    ] = None,
     stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).", show_default=False)
+        list[str] | None,
+        typer.Option("--stop", help="Stop at this string (repeatable).", show_default=False),
     ] = None,
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Generate all --max-tokens, past end-of-text.")
     ] = False,
     system: Annotated[
         str | None,
-        typer.Option("--system", help="System message: renders the prompt with the model's chat template."),
+        typer.Option(
+            "--system", help="System message: renders the prompt with the model's chat template."
+        ),
     ] = None,
     output: Annotated[
-        OutputFormat, typer.Option("--output", "-o", help="text: stream tokens; json: one object with usage and timings.")
+        OutputFormat,
+        typer.Option(
+            "--output", "-o", help="text: stream tokens; json: one object with usage and timings."
+        ),
     ] = OutputFormat.text,
     n_ctx: NCtxOpt = None,
     n_gpu_layers: GpuLayersOpt = None,
@@ -145,7 +176,9 @@ def infer(
     if payload is not None:
         if prompt is not None:
             raise InvalidInput(
-                "invalid_arguments", "give a PROMPT or --json, not both", "put the prompt in the payload"
+                "invalid_arguments",
+                "give a PROMPT or --json, not both",
+                "put the prompt in the payload",
             )
         data, source = _read_payload(payload)
         request = decode_request(data, source)
@@ -194,10 +227,15 @@ def infer(
         err = stderr()
         if err.is_terminal:
             t = result.timings
-            ttft = f"{t.time_to_first_token_ms:.1f} ms" if t.time_to_first_token_ms is not None else "-"
+            ttft = (
+                f"{t.time_to_first_token_ms:.1f} ms"
+                if t.time_to_first_token_ms is not None
+                else "-"
+            )
             err.print(
                 f"[dim]{result.model} · {result.usage.completion_tokens} tokens · "
-                f"{t.tokens_per_second:.0f} tok/s · first token {ttft} · {result.finish_reason}[/dim]"
+                f"{t.tokens_per_second:.0f} tok/s · first token {ttft} · "
+                f"{result.finish_reason}[/dim]"
             )
     if result.finish_reason == "cancelled":
         raise typer.Exit(130)

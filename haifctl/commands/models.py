@@ -93,17 +93,24 @@ def register(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="The .gguf file.", show_default=False)],
     name: Annotated[
-        str | None, typer.Option("--name", help="Model name (default: the file name without .gguf).")
+        str | None,
+        typer.Option("--name", help="Model name (default: the file name without .gguf)."),
     ] = None,
     version: Annotated[
-        str | None, typer.Option("--version", help="Version (default: one above the newest numbered).")
+        str | None,
+        typer.Option("--version", help="Version (default: one above the newest numbered)."),
     ] = None,
     alias: Annotated[
-        list[str] | None, typer.Option("--alias", help="Another name for this version (repeatable).")
+        list[str] | None,
+        typer.Option("--alias", help="Another name for this version (repeatable)."),
     ] = None,
     param: Annotated[
         list[str] | None,
-        typer.Option("--param", help="Default sampling parameter key=value (repeatable).", metavar="KEY=VALUE"),
+        typer.Option(
+            "--param",
+            help="Default sampling parameter key=value (repeatable).",
+            metavar="KEY=VALUE",
+        ),
     ] = None,
     default: Annotated[
         bool, typer.Option("--default", help="Make this the version that NAME alone means.")
@@ -157,7 +164,7 @@ def list_models(ctx: typer.Context, json: JsonFlag = False) -> None:
     """List registered models, newest version first."""
     want_json(ctx, json)
     with open_cli_registry(state(ctx).settings()) as registry:
-        records = registry.list()
+        records = registry.all()
     if json:
         print_json([_as_dict(r) for r in records])
         return
@@ -230,7 +237,8 @@ def alias(
             return
         if ref is None:
             raise InvalidInput(
-                "invalid_arguments", "which model should the alias point at?",
+                "invalid_arguments",
+                "which model should the alias point at?",
                 f"haifctl models alias {name} NAME[:VERSION]",
             )
         record = registry.set_alias(name, ref)
@@ -249,7 +257,9 @@ def set_default(ctx: typer.Context, ref: RefArg) -> None:
 def set_status(
     ctx: typer.Context,
     ref: RefArg,
-    status: Annotated[str, typer.Argument(help="One of: " + ", ".join(STATUSES) + ".", show_default=False)],
+    status: Annotated[
+        str, typer.Argument(help="One of: " + ", ".join(STATUSES) + ".", show_default=False)
+    ],
 ) -> None:
     """Set a model version's deployment status (registered, deployed, retired)."""
     with open_cli_registry(state(ctx).settings()) as registry:

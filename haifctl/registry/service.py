@@ -96,7 +96,9 @@ def parse_params(items: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise InvalidInput(
-                "invalid_param", f"--param {item!r} is not key=value", "e.g. --param temperature=0.7"
+                "invalid_param",
+                f"--param {item!r} is not key=value",
+                "e.g. --param temperature=0.7",
             )
         try:
             params[key.strip()] = json.loads(raw)
@@ -127,7 +129,9 @@ class Registry:
 
     # reading ---------------------------------------------------------------------------------
 
-    def _records(self, where: str = "", params: Mapping[str, Any] | None = None) -> list[ModelRecord]:
+    def _records(
+        self, where: str = "", params: Mapping[str, Any] | None = None
+    ) -> list[ModelRecord]:
         rows = self.backend.query(f"SELECT * FROM models {where}", params)
         alias_rows = self.backend.query("SELECT alias, name, version FROM aliases ORDER BY alias")
         aliases: dict[tuple[str, str], list[str]] = {}
@@ -160,7 +164,7 @@ class Registry:
         records.sort(key=lambda r: r.name.lower())
         return records
 
-    def list(self) -> list[ModelRecord]:
+    def all(self) -> list[ModelRecord]:
         """Every model version: by name, newest version first."""
         return self._records()
 
@@ -202,7 +206,7 @@ class Registry:
         return (live or versions)[0]
 
     def _unknown(self, ref: str) -> HaifError:
-        known = {r.name for r in self.list()}
+        known = {r.name for r in self.all()}
         known.update(row["alias"] for row in self.backend.query("SELECT alias FROM aliases"))
         close = difflib.get_close_matches(parse_ref(ref)[0], sorted(known), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -225,7 +229,9 @@ class Registry:
         facts: GGUFFacts | None = None,
         sha256: str | None = None,
     ) -> ModelRecord:
-        """Verify, describe, hash and record a GGUF file.  All or nothing: a failure writes no row."""
+        """Verify, describe, hash and record a GGUF file.
+
+        All or nothing: a failure writes no row."""
         check_name("name", name)
         aliases = [check_name("alias", a) for a in aliases]
         if version is not None:
@@ -300,9 +306,13 @@ class Registry:
                 "SELECT 1 FROM models WHERE name = :a", {"a": alias}
             ):
                 raise InvalidInput(
-                    "alias_taken", f"alias {alias!r} is already a model name", "choose another alias"
+                    "alias_taken",
+                    f"alias {alias!r} is already a model name",
+                    "choose another alias",
                 )
-            row = self.backend.query("SELECT name, version FROM aliases WHERE alias = :a", {"a": alias})
+            row = self.backend.query(
+                "SELECT name, version FROM aliases WHERE alias = :a", {"a": alias}
+            )
             if row:
                 raise InvalidInput(
                     "alias_taken",
@@ -323,7 +333,8 @@ class Registry:
                 raise InvalidInput(
                     "ambiguous_model_ref",
                     f"model {name!r} has {len(versions)} versions",
-                    f"name one ({name}:{versions[0].version}) or pass --all to remove every version",
+                    f"name one ({name}:{versions[0].version}), "
+                    "or pass --all to remove every version",
                 )
         else:
             versions = [self.resolve(ref)]
@@ -357,7 +368,9 @@ class Registry:
 
     def remove_alias(self, alias: str) -> None:
         if not self.backend.execute("DELETE FROM aliases WHERE alias = :a", {"a": alias}):
-            raise NotFound("alias_not_found", f"no alias {alias!r}", "`haifctl models list` shows aliases")
+            raise NotFound(
+                "alias_not_found", f"no alias {alias!r}", "`haifctl models list` shows aliases"
+            )
 
     def set_default(self, ref: str) -> ModelRecord:
         """Make one version what its bare NAME resolves to."""
@@ -400,7 +413,10 @@ class Registry:
         try:
             # The checksum is known: hashing the shipped file on first use would only cost time.
             return self.register(
-                path, name=DEFAULT_MODEL, version=BUILTIN_VERSION, builtin=True,
+                path,
+                name=DEFAULT_MODEL,
+                version=BUILTIN_VERSION,
+                builtin=True,
                 sha256=BUILTIN_SHA256,
             )
         except (InvalidInput, Conflict):

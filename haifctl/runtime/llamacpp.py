@@ -170,10 +170,7 @@ class LlamaCppModel:
                             break
             finally:
                 tokens.close()
-            if finish != "stop":
-                tail = scanner.flush() + decoder.decode(b"", final=True)
-            else:
-                tail = ""
+            tail = scanner.flush() + decoder.decode(b"", final=True) if finish != "stop" else ""
             yield TokenEvent(
                 text=tail,
                 finish_reason=finish,

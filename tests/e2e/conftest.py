@@ -17,8 +17,12 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 def haifctl(home: Path) -> Run:
     """Run the installed `haifctl` command as a user would, in the test's own home."""
 
-    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None,
-            check_clean: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        check_clean: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [HAIFCTL, *args],
             input=input,

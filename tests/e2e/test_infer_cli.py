@@ -44,8 +44,14 @@ def test_stop_and_sampling_flags(haifctl: Run) -> None:
     word = full.split()[5]
     stopped = json.loads(haifctl(*base, "--stop", word, "--stop", "NEVER").stdout)
     assert stopped["finish_reason"] == "stop"
-    assert full.startswith(stopped["text"]) and word not in stopped["text"]
-    for flags in (["--top-k", "1"], ["--top-p", "0.5"], ["--min-p", "0.2"], ["--repeat-penalty", "1.3"]):
+    assert full.startswith(stopped["text"])
+    assert word not in stopped["text"]
+    for flags in (
+        ["--top-k", "1"],
+        ["--top-p", "0.5"],
+        ["--min-p", "0.2"],
+        ["--repeat-penalty", "1.3"],
+    ):
         out = json.loads(haifctl("infer", "Once", "-n", "10", "-o", "json", *flags).stdout)
         assert out["usage"]["completion_tokens"] == 10
 
@@ -55,7 +61,9 @@ def test_json_payload_from_file_and_stdin(haifctl: Run, tmp_path: Path) -> None:
     path = tmp_path / "payload.json"
     path.write_text(json.dumps(payload))
     from_file = json.loads(haifctl("infer", "--json", str(path), "-o", "json").stdout)
-    from_stdin = json.loads(haifctl("infer", "--json", "-", "-o", "json", input=json.dumps(payload)).stdout)
+    from_stdin = json.loads(
+        haifctl("infer", "--json", "-", "-o", "json", input=json.dumps(payload)).stdout
+    )
     assert from_file["text"] == from_stdin["text"]
     assert from_file["usage"]["prompt_tokens"] == 5  # BOS + 4 tokens
     # a flag overrides the payload
@@ -63,17 +71,25 @@ def test_json_payload_from_file_and_stdin(haifctl: Run, tmp_path: Path) -> None:
     assert short["usage"]["completion_tokens"] == 3
 
 
-def test_messages_use_the_models_chat_template(haifctl: Run, tmp_path: Path, model_path: Path) -> None:
-    chat_model = copy_with_metadata(model_path, tmp_path / "chat.gguf", {"tokenizer.chat_template": CHATML})
+def test_messages_use_the_models_chat_template(
+    haifctl: Run, tmp_path: Path, model_path: Path
+) -> None:
+    chat_model = copy_with_metadata(
+        model_path, tmp_path / "chat.gguf", {"tokenizer.chat_template": CHATML}
+    )
     reg = haifctl("models", "register", str(chat_model), "--name", "chatty")
     assert reg.returncode == 0, reg.stderr
     payload = {"model": "chatty", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
-    out = json.loads(haifctl("infer", "--json", "-", "-o", "json", input=json.dumps(payload)).stdout)
+    out = json.loads(
+        haifctl("infer", "--json", "-", "-o", "json", input=json.dumps(payload)).stdout
+    )
     # <s> + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", tokenised by the model
     plain = json.loads(haifctl("infer", "Hi", "-m", "chatty", "-n", "5", "-o", "json").stdout)
     assert out["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 10
     # without a template the documented transcript fallback is used
-    fallback = json.loads(haifctl("infer", "Hi", "--system", "Be kind.", "-n", "5", "-o", "json").stdout)
+    fallback = json.loads(
+        haifctl("infer", "Hi", "--system", "Be kind.", "-n", "5", "-o", "json").stdout
+    )
     assert fallback["usage"]["completion_tokens"] == 5
 
 
@@ -82,15 +98,29 @@ def test_messages_use_the_models_chat_template(haifctl: Run, tmp_path: Path, mod
     [
         (["infer", "x", "-m", "nosuchmodel"], None, "error: unknown model 'nosuchmodel'", 2),
         (["infer", "x", "-m", "stories260K:9"], None, "has no version '9'", 2),
-        (["infer", "x", "-m", "/no/such/file.gguf"], None, "error: no such file: /no/such/file.gguf", 2),
+        (
+            ["infer", "x", "-m", "/no/such/file.gguf"],
+            None,
+            "error: no such file: /no/such/file.gguf",
+            2,
+        ),
         (["infer", "--json", "-"], "{not json", "error: stdin is not valid JSON", 2),
-        (["infer", "--json", "-"], '{"prompt": "x", "top_k": "many"}', "error: stdin: top_k: expected", 2),
+        (
+            ["infer", "--json", "-"],
+            '{"prompt": "x", "top_k": "many"}',
+            "error: stdin: top_k: expected",
+            2,
+        ),
         (["infer", "--json", "/no/payload.json"], None, "error: no such payload file", 2),
         (["infer"], None, "error: no prompt given", 2),
         (["infer", "x", "--json", "-"], "{}", "give a PROMPT or --json, not both", 2),
         (["--registry-url", "mysql://x/y", "models", "list"], None, "unsupported registry URL", 2),
-        (["--registry-url", "postgresql://u:pw@127.0.0.1:1/db", "models", "list"], None,
-         "error: cannot reach the Postgres registry at postgresql://u:********@127.0.0.1:1/db", 3),
+        (
+            ["--registry-url", "postgresql://u:pw@127.0.0.1:1/db", "models", "list"],
+            None,
+            "error: cannot reach the Postgres registry at postgresql://u:********@127.0.0.1:1/db",
+            3,
+        ),
     ],
 )
 def test_user_mistakes_get_one_error_line_and_a_hint(
@@ -101,7 +131,8 @@ def test_user_mistakes_get_one_error_line_and_a_hint(
     lines = proc.stderr.strip().splitlines()
     assert lines[0].startswith("error: ")
     assert message in lines[0]
-    assert len(lines) <= 2 and (len(lines) == 1 or lines[1].startswith("hint: "))
+    assert len(lines) <= 2
+    assert len(lines) == 1 or lines[1].startswith("hint: ")
     assert "pw" not in proc.stderr
 
 
@@ -110,7 +141,8 @@ def test_non_gguf_and_truncated_models(haifctl: Run, tmp_path: Path, model_path:
     text.write_text("not a model")
     proc = haifctl("infer", "x", "-m", str(text))
     assert proc.returncode == 2
-    assert "is not a GGUF file" in proc.stderr and "hint:" in proc.stderr
+    assert "is not a GGUF file" in proc.stderr
+    assert "hint:" in proc.stderr
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(model_path.read_bytes()[:700_000])
     proc = haifctl("infer", "x", "-m", str(cut))
@@ -123,13 +155,15 @@ def test_errors_in_json_mode_are_json(haifctl: Run) -> None:
     assert proc.returncode == 2
     error = json.loads(proc.stdout)["error"]
     assert error["code"] == "model_not_found"
-    assert "ghost" in error["message"] and error["hint"]
+    assert "ghost" in error["message"]
+    assert error["hint"]
 
 
 def test_oversized_prompt_is_refused_cleanly(haifctl: Run) -> None:
     proc = haifctl("infer", "-", input="once upon a time " * 2000)
     assert proc.returncode == 2
-    assert "error: the prompt is" in proc.stderr and "--n-ctx" in proc.stderr
+    assert "error: the prompt is" in proc.stderr
+    assert "--n-ctx" in proc.stderr
 
 
 def test_ctrl_c_stops_generation_cleanly(home: Path) -> None:
@@ -139,7 +173,9 @@ def test_ctrl_c_stops_generation_cleanly(home: Path) -> None:
     fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
     proc = subprocess.Popen(
         [HAIFCTL, "infer", "Once upon a time", "-n", "2000", "--ignore-eos", "--seed", "1"],
-        stdout=write_fd, stderr=subprocess.PIPE, text=True,
+        stdout=write_fd,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as reader:
@@ -161,7 +197,9 @@ def test_ctrl_c_stops_generation_cleanly(home: Path) -> None:
 def test_python_dash_m_and_version(haifctl: Run) -> None:
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "haifctl", "--version"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "haifctl", "--version"], capture_output=True, text=True
+    )
     assert proc.returncode == 0
     assert proc.stdout.startswith("haifctl ")
     assert haifctl("--help").returncode == 0

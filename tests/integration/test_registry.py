@@ -27,7 +27,7 @@ def gguf_copy(model_path: Path, tmp_path: Path) -> Path:
 
 
 def names(registry: Registry) -> list[str]:
-    return [r.ref for r in registry.list()]
+    return [r.ref for r in registry.all()]
 
 
 def test_register_records_file_facts_and_checksum(registry: Registry, gguf_copy: Path) -> None:
@@ -78,7 +78,9 @@ def test_unknown_models_get_suggestions(registry: Registry, gguf_copy: Path) -> 
     assert "versions: 1" in info.value.hint
 
 
-def test_a_failed_register_leaves_no_row(registry: Registry, gguf_copy: Path, tmp_path: Path) -> None:
+def test_a_failed_register_leaves_no_row(
+    registry: Registry, gguf_copy: Path, tmp_path: Path
+) -> None:
     registry.register(gguf_copy, name="first", aliases=["taken"])
     before = names(registry)
     with pytest.raises(InvalidInput, match="alias 'taken' already points at first:1"):

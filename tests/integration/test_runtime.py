@@ -41,7 +41,9 @@ def test_model_facts(model: LlamaCppModel, model_path: Path) -> None:
 
 
 def test_generation_streams_real_text(model: LlamaCppModel) -> None:
-    text, last, n_events = collect(model.generate("Once upon a time", SamplingParams(max_tokens=48, seed=1)))
+    text, last, n_events = collect(
+        model.generate("Once upon a time", SamplingParams(max_tokens=48, seed=1))
+    )
     assert last.finish_reason == "length"
     assert last.completion_tokens == 48
     assert last.prompt_tokens == model.count_tokens("Once upon a time") == 5
@@ -49,14 +51,21 @@ def test_generation_streams_real_text(model: LlamaCppModel) -> None:
     words = text.split()
     assert len(words) > 15
     # a model trained on children's stories writes English words, not noise
-    assert sum(w.strip('.,!?"').lower() in {"the", "a", "she", "he", "was", "and", "to"} for w in words) >= 3
+    assert (
+        sum(
+            w.strip('.,!?"').lower() in {"the", "a", "she", "he", "was", "and", "to"} for w in words
+        )
+        >= 3
+    )
 
 
 def test_seed_makes_output_repeatable(model: LlamaCppModel) -> None:
     params = SamplingParams(max_tokens=40, seed=1234, temperature=0.9)
     first = collect(model.generate("Once upon a time", params))[0]
     assert collect(model.generate("Once upon a time", params))[0] == first
-    other = collect(model.generate("Once upon a time", SamplingParams(max_tokens=40, seed=99, temperature=0.9)))[0]
+    other = collect(
+        model.generate("Once upon a time", SamplingParams(max_tokens=40, seed=99, temperature=0.9))
+    )[0]
     assert other != first
 
 
@@ -65,7 +74,10 @@ def test_stop_strings_end_the_text_before_them(model: LlamaCppModel) -> None:
     full = collect(model.generate("Once upon a time", params))[0]
     stop = full.split()[6]  # a word that the greedy completion certainly produces
     text, last, _ = collect(
-        model.generate("Once upon a time", SamplingParams(max_tokens=200, seed=5, temperature=0.0, stop=(stop,)))
+        model.generate(
+            "Once upon a time",
+            SamplingParams(max_tokens=200, seed=5, temperature=0.0, stop=(stop,)),
+        )
     )
     assert last.finish_reason == "stop"
     assert stop not in text
@@ -93,7 +105,7 @@ def test_closing_the_stream_frees_the_model(model: LlamaCppModel) -> None:
     events = model.generate("Once upon a time", SamplingParams(max_tokens=500))
     next(events)
     events.close()  # a client that goes away
-    text, last, _ = collect(model.generate("The dog", SamplingParams(max_tokens=8)))
+    _text, last, _ = collect(model.generate("The dog", SamplingParams(max_tokens=8)))
     assert last.completion_tokens == 8
 
 
@@ -101,7 +113,9 @@ def test_concurrent_callers_all_complete(model: LlamaCppModel) -> None:
     results: dict[int, TokenEvent] = {}
 
     def run(i: int) -> None:
-        results[i] = collect(model.generate("One day", SamplingParams(max_tokens=30 + i, seed=i)))[1]
+        results[i] = collect(model.generate("One day", SamplingParams(max_tokens=30 + i, seed=i)))[
+            1
+        ]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
@@ -121,7 +135,9 @@ def test_budget_is_capped_by_context(model: LlamaCppModel) -> None:
     prompt = "once " * 1010
     n_prompt = model.count_tokens(prompt)
     assert 2048 - 100 < n_prompt < 2048
-    _, last, _ = collect(model.generate(prompt, SamplingParams(max_tokens=500, seed=1, stop=("\x00",))))
+    _, last, _ = collect(
+        model.generate(prompt, SamplingParams(max_tokens=500, seed=1, stop=("\x00",)))
+    )
     assert last.completion_tokens <= 2048 - n_prompt
     assert last.finish_reason in ("length", "stop")
 

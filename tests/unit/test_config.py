@@ -50,8 +50,11 @@ def test_seed_names_are_understood(home: Path) -> None:
 
 
 def test_secrets_are_masked(home: Path) -> None:
-    env = {"HAIF_HOME": str(home), "HAIF_REGISTRY_URL": "postgresql://u:hunter2@h/db",
-           "POSTGRES_PASSWORD": "hunter2"}
+    env = {
+        "HAIF_HOME": str(home),
+        "HAIF_REGISTRY_URL": "postgresql://u:hunter2@h/db",
+        "POSTGRES_PASSWORD": "hunter2",
+    }
     settings = resolve(env=env)
     shown = [settings.display_value(s.name) for s in SETTINGS]
     assert not any("hunter2" in value for value in shown)

@@ -7,11 +7,17 @@ from haifctl.schema import decode_request, validate_request
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        (b'{"prompt": "x", "max_tokens": "5"}', "payload: max_tokens: expected `int | null`, got `str`"),
+        (
+            b'{"prompt": "x", "max_tokens": "5"}',
+            "payload: max_tokens: expected `int | null`, got `str`",
+        ),
         (b'{"prompt": "x", "temperature": 9}', "payload: temperature: expected `float` <= 5.0"),
         (b'{"prompt": "x", "colour": 1}', "unknown field `colour`"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}', "messages[0]: role must be one of"),
-        (b'{"messages": [{"role": "user"}]}', "messages[0]: object missing required field `content`"),
+        (
+            b'{"messages": [{"role": "user"}]}',
+            "messages[0]: object missing required field `content`",
+        ),
         (b'{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}', "exactly one of"),
         (b"{}", "exactly one of"),
         (b'{"messages": []}', "at least one message"),

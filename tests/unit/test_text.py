@@ -39,8 +39,12 @@ def test_earliest_of_several_stops_wins() -> None:
 
 
 def test_fallback_transcript() -> None:
-    messages = [Message("system", "Be kind."), Message("user", "Hi"), Message("assistant", "Hello"),
-                Message("user", "A story?")]
+    messages = [
+        Message("system", "Be kind."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello"),
+        Message("user", "A story?"),
+    ]
     assert fallback_prompt(messages) == (
         "Be kind.\n\nUser: Hi\nAssistant: Hello\nUser: A story?\nAssistant:"
     )

@@ -1,0 +1,37 @@
+# Two commands for newcomers: `make run` and `make test`.  Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= Once upon a time
+
+.PHONY: run test lint docs bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## run: install haifctl into .venv and stream a completion from the shipped model
+run: $(VENV)/.installed
+	$(BIN)/haifctl infer "$(PROMPT)"
+
+## test: lint, type-check and run the whole test suite
+test: lint
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff format --check haifctl tests scripts bench
+	$(BIN)/ruff check haifctl tests scripts bench
+	$(BIN)/mypy
+
+## docs: regenerate shell completions and man pages from the CLI
+docs: $(VENV)/.installed
+	$(BIN)/python scripts/gendocs.py
+
+## bench: print the foundation's figures (tokens/s, first token, registry latency)
+bench: $(VENV)/.installed
+	$(BIN)/python bench/foundation.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,74 @@
+"""Completions and man pages are generated from the Typer app; they must match it and work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is not installed (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def test_generated_files_match_the_code() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gendocs.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "man").glob("*.1")))
+def test_man_pages_render_without_warnings(page: str) -> None:
+    need("man")
+    proc = subprocess.run(
+        ["man", "--warnings", "-l", str(ROOT / "man" / page)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "haifctl" in proc.stdout
+    assert "SYNOPSIS" in proc.stdout
+
+
+def bash_complete(line: str) -> list[str]:
+    script = (
+        f"source {ROOT / 'completions' / 'haifctl.bash'}\n"
+        f"COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))\n"
+        "[[ $line == *' ' ]] && true\n"
+        "_haifctl; printf '%s\\n' \"${COMPREPLY[@]}\""
+    )
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_bash_completion_knows_commands_options_and_choices() -> None:
+    assert bash_complete("haifctl m") == ["models"]
+    assert bash_complete("haifctl models re") == ["register"]
+    assert set(bash_complete("haifctl infer --max")) == {"--max-tokens"}
+    assert bash_complete("haifctl infer --output j") == ["json"]
+    assert "--all" in bash_complete("haifctl models rm --")
+    assert bash_complete("haifctl config s") == ["show"]
+
+
+@pytest.mark.parametrize(("shell", "script"), [("zsh", "_haifctl"), ("fish", "haifctl.fish")])
+def test_other_shells_parse_their_scripts(shell: str, script: str) -> None:
+    exe = need(shell)
+    proc = subprocess.run([exe, "-n", str(ROOT / "completions" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
