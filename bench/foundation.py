@@ -52,16 +52,22 @@ def generation(runs: int) -> None:
             n += event.n_tokens
         rates.append(n / (time.perf_counter() - start))
     rates = rates[1:]  # the first run warms caches
-    row("in-process tokens/s (1 stream, 256 tokens)", f"{statistics.median(rates):,.0f}",
-        f"median of {runs}; best {max(rates):,.0f}; threads={model.device.threads}")
+    row(
+        "in-process tokens/s (1 stream, 256 tokens)",
+        f"{statistics.median(rates):,.0f}",
+        f"median of {runs}; best {max(rates):,.0f}; threads={model.device.threads}",
+    )
     llama = model._llama
     raw = []
     for _ in range(runs):
         start = time.perf_counter()
         out = llama.create_completion("Once upon a time", max_tokens=256, seed=1)
         raw.append(out["usage"]["completion_tokens"] / (time.perf_counter() - start))
-    row("  llama-cpp-python create_completion, same", f"{statistics.median(raw):,.0f}",
-        "reference: the bindings' own loop (stops at end-of-text)")
+    row(
+        "  llama-cpp-python create_completion, same",
+        f"{statistics.median(raw):,.0f}",
+        "reference: the bindings' own loop (stops at end-of-text)",
+    )
     model.close()
 
 
@@ -72,18 +78,25 @@ def cold_start(runs: int) -> None:
             with tempfile.TemporaryDirectory() as home:
                 env = {**os.environ, "HAIF_HOME": home}
                 if not first_use:
-                    subprocess.run([HAIFCTL, "models", "list"], env=env, check=True,
-                                   capture_output=True)
+                    subprocess.run(
+                        [HAIFCTL, "models", "list"], env=env, check=True, capture_output=True
+                    )
                 start = time.perf_counter()
-                proc = subprocess.Popen([HAIFCTL, "infer", "Once upon a time", "-n", "256"],
-                                        stdout=subprocess.PIPE, env=env)
+                proc = subprocess.Popen(
+                    [HAIFCTL, "infer", "Once upon a time", "-n", "256"],
+                    stdout=subprocess.PIPE,
+                    env=env,
+                )
                 assert proc.stdout is not None
                 proc.stdout.read(1)
                 samples.append(time.perf_counter() - start)
                 proc.communicate()
         label = "first use (creates registry)" if first_use else "registry exists"
-        row(f"haifctl infer start -> first token, {label}",
-            f"{statistics.median(samples) * 1000:,.0f} ms", f"median of {runs} cold processes")
+        row(
+            f"haifctl infer start -> first token, {label}",
+            f"{statistics.median(samples) * 1000:,.0f} ms",
+            f"median of {runs} cold processes",
+        )
 
 
 def registry(url: str, label: str, runs: int) -> None:
@@ -100,12 +113,21 @@ def registry(url: str, label: str, runs: int) -> None:
             for record in reg.all():
                 if record.name.startswith("bench-"):
                     reg.remove(record.ref)
-    row(f"registry register, {label}", f"{statistics.median(register) * 1000:.2f} ms",
-        f"median of {runs}; includes sha256 + GGUF read of a 1.2 MB file")
-    row(f"registry list ({n} models), {label}", f"{statistics.median(listing) * 1000:.2f} ms",
-        f"median of {runs}")
-    row(f"registry resolve NAME, {label}", f"{statistics.median(resolve) * 1000:.2f} ms",
-        f"median of {runs}")
+    row(
+        f"registry register, {label}",
+        f"{statistics.median(register) * 1000:.2f} ms",
+        f"median of {runs}; includes sha256 + GGUF read of a 1.2 MB file",
+    )
+    row(
+        f"registry list ({n} models), {label}",
+        f"{statistics.median(listing) * 1000:.2f} ms",
+        f"median of {runs}",
+    )
+    row(
+        f"registry resolve NAME, {label}",
+        f"{statistics.median(resolve) * 1000:.2f} ms",
+        f"median of {runs}",
+    )
 
 
 def main() -> None:

@@ -70,5 +70,7 @@ def test_bash_completion_knows_commands_options_and_choices() -> None:
 @pytest.mark.parametrize(("shell", "script"), [("zsh", "_haifctl"), ("fish", "haifctl.fish")])
 def test_other_shells_parse_their_scripts(shell: str, script: str) -> None:
     exe = need(shell)
-    proc = subprocess.run([exe, "-n", str(ROOT / "completions" / script)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [exe, "-n", str(ROOT / "completions" / script)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
