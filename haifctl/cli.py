@@ -11,6 +11,7 @@ import typer
 
 from haifctl import __version__
 from haifctl.commands import config as config_cmd
+from haifctl.commands import daemon as daemon_cmd
 from haifctl.commands import infer as infer_cmd
 from haifctl.commands import models as models_cmd
 from haifctl.commands._shared import CliState, HomeOpt, RegistryUrlOpt, report_error, state
@@ -27,6 +28,8 @@ app = typer.Typer(
 app.command()(infer_cmd.infer)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
+app.command()(daemon_cmd.worker)
+app.add_typer(daemon_cmd.app, name="daemon", hidden=True)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,96 @@
+"""A client of a haifctl cluster's gateway: ping, stats, and streamed inference."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import zmq
+
+from haifctl import wire
+from haifctl.errors import HaifError, Unavailable
+from haifctl.rpc import RpcClient
+
+
+class ClusterClient:
+    def __init__(self, address: str, key: str = "") -> None:
+        self.address = address
+        self.key = key
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.rpc = RpcClient(self.ctx, address, "gateway")
+
+    def close(self) -> None:
+        self.rpc.close()
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self) -> ClusterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ping(self, timeout: float = 1.0) -> wire.Pong:
+        answer = self.rpc.call(wire.Ping(), timeout)
+        if not isinstance(answer, wire.Pong):
+            raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
+        return answer
+
+    def stats(self, timeout: float = 2.0) -> wire.Stats:
+        answer = self.rpc.call(wire.StatsRequest(), timeout)
+        if isinstance(answer, wire.Error):
+            raise HaifError(answer.code, answer.message, answer.hint)
+        if not isinstance(answer, wire.Stats):
+            raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
+        return answer
+
+    def stream(
+        self,
+        request: dict[str, Any] | msgspec.Struct,
+        *,
+        timeout: float = 300.0,
+        request_id: str | None = None,
+    ) -> Iterator[wire.Chunk | wire.Done | wire.Error]:
+        """Send one request; yield its chunks, then one Done or Error.
+
+        Closing the iterator early cancels the generation on the worker.
+        """
+        body = request if isinstance(request, dict) else msgspec.to_builtins(request)
+        body = {k: v for k, v in body.items() if v is not None}
+        request_id = request_id or wire.new_id()
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        finished = False
+        try:
+            deadline = time.time() + timeout
+            sock.send(wire.encode(wire.Infer(request=body, client=self.key), request_id, deadline))
+            while True:
+                left = deadline + 1.0 - time.time()
+                if left <= 0 or not sock.poll(int(left * 1000), zmq.POLLIN):
+                    raise Unavailable(
+                        "gateway_timeout",
+                        f"no answer from the gateway at {self.address}",
+                        "is the cluster up? `haifctl status`",
+                    )
+                try:
+                    envelope = wire.decode(sock.recv())
+                except wire.BadFrame:
+                    continue
+                if envelope.id != request_id:
+                    continue
+                msg = envelope.msg
+                if isinstance(msg, wire.Chunk):
+                    yield msg
+                elif isinstance(msg, wire.Done | wire.Error):
+                    finished = True
+                    yield msg
+                    return
+        finally:
+            if not finished:
+                sock.send(wire.encode(wire.Cancel(), request_id))
+                # linger briefly so the cancel leaves before the socket closes
+                sock.close(linger=500)
+            else:
+                sock.close(linger=0)

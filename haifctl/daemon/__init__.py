@@ -1,0 +1,1 @@
+"""The cluster daemons (registry, orchestrator, gateway, worker) and their supervisor."""

@@ -1,0 +1,123 @@
+"""What every daemon shares: lifecycle flags, signal handling, sockets, JSON logs, counters.
+
+Shaped like uvicorn's ``Server``: ``start()`` binds, ``serve()`` loops until ``should_exit``,
+``stop()`` closes; signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from haifctl import __version__, wire
+
+LOOP_TICK_MS = 50
+
+
+def log(daemon: str, message: str, level: str = "info", **fields: Any) -> None:
+    """One JSON object per line on stdout: what log shippers (Promtail, Loki) expect."""
+    record = {"time": round(time.time(), 3), "level": level, "daemon": daemon, "msg": message}
+    record.update(fields)
+    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def bind(sock: zmq.Socket[bytes], address: str) -> str:
+    """Bind and return the real endpoint (``tcp://127.0.0.1:0`` picks a free port)."""
+    if address.startswith("tcp://") and address.endswith(":0"):
+        address = address[:-2] + ":*"
+    sock.bind(address)
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+    assert isinstance(endpoint, bytes)
+    return endpoint.decode()
+
+
+def socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Refuse oversized messages in libzmq itself, before Python ever sees them.
+    sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES + 4096)
+    return sock
+
+
+class Daemon:
+    """Base class: subclasses implement ``start``, ``tick`` and ``handle``-style methods."""
+
+    name = "daemon"
+
+    def __init__(self, ready_file: Path | None = None) -> None:
+        self.should_exit = False
+        self.force_exit = False
+        self.started = False
+        self.started_at = time.time()
+        self.counters: Counter[str] = Counter()
+        self.ready_file = ready_file
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.endpoints: dict[str, str] = {}
+
+    # lifecycle -------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.should_exit:
+            self.force_exit = True  # a second signal: stop draining
+        self.should_exit = True
+
+    def announce_ready(self) -> None:
+        """Tell whoever started us (the supervisor, a test) where we listen."""
+        self.started = True
+        info = {"daemon": self.name, "pid": os.getpid(), "endpoints": self.endpoints}
+        log(self.name, "ready", pid=info["pid"], endpoints=self.endpoints)
+        if self.ready_file is not None:
+            tmp = self.ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(self.ready_file)
+
+    def run(self) -> None:
+        self.install_signal_handlers()
+        try:
+            self.start()
+            self.announce_ready()
+            self.serve()
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def serve(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.ctx.destroy(linger=0)
+        log(self.name, "stopped")
+
+    # helpers ---------------------------------------------------------------------------------
+    def decode(self, frame: bytes) -> wire.Envelope | None:
+        """Decode a body frame, counting and dropping anything malformed."""
+        try:
+            return wire.decode(frame)
+        except wire.BadFrame as exc:
+            self.counters["malformed_frames"] += 1
+            log(self.name, "dropped malformed frame", level="warning", error=str(exc)[:200])
+            return None
+
+    def pong(self) -> wire.Pong:
+        return wire.Pong(daemon=self.name, pid=os.getpid(), version=__version__, ready=self.started)
+
+
+def split_router(frames: list[bytes]) -> tuple[bytes, bytes] | None:
+    """A ROUTER message from a DEALER peer is exactly [identity, body]."""
+    if len(frames) != 2:
+        return None
+    return frames[0], frames[1]

@@ -1,0 +1,229 @@
+"""The gateway: the cluster's RPC front door.
+
+Validates every request against the schema and the limits, rate-limits per client key (token
+bucket), attaches a deadline, forwards to the orchestrator and relays the token stream back.
+Invalid requests are answered with a typed error and never forwarded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from haifctl import wire
+from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket, split_router
+from haifctl.errors import HaifError
+from haifctl.schema import validate_request
+
+PING_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 256 * 1024
+    max_tokens_cap: int = 4096
+    request_timeout_s: float = 300.0
+    rate_per_s: float = 50.0  # per client key
+    burst: float = 100.0
+
+
+@dataclass
+class Route:
+    client: bytes
+    deadline: float
+    stats: bool = False
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str, now: float) -> float:
+        """0.0 if allowed, else the seconds until a token is available."""
+        tokens, last = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self.buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self.buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+class GatewayDaemon(Daemon):
+    name = "gateway"
+
+    def __init__(
+        self,
+        bind_address: str,
+        orchestrator: str,
+        *,
+        limits: Limits | None = None,
+        drain_grace_s: float = 30.0,
+        ready_file: Path | None = None,
+    ) -> None:
+        super().__init__(ready_file)
+        self.bind_address = bind_address
+        self.orchestrator = orchestrator
+        self.limits = limits or Limits()
+        self.drain_grace_s = drain_grace_s
+        self.routes: dict[str, Route] = {}
+        self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.burst)
+        self.last_orchestrator_pong = 0.0
+
+    def start(self) -> None:
+        self.router = socket(self.ctx, zmq.ROUTER)
+        self.endpoints["rpc"] = bind(self.router, self.bind_address)
+        self.dealer = socket(self.ctx, zmq.DEALER)
+        self.dealer.connect(self.orchestrator)
+
+    @property
+    def orchestrator_ok(self) -> bool:
+        return time.monotonic() - self.last_orchestrator_pong < 3 * PING_EVERY_S
+
+    def pong(self) -> wire.Pong:
+        pong = super().pong()
+        return wire.Pong(daemon=pong.daemon, pid=pong.pid, version=pong.version,
+                         ready=self.started and self.orchestrator_ok)
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        next_ping = 0.0
+        drain_until: float | None = None
+        while True:
+            now = time.monotonic()
+            if self.should_exit and drain_until is None:
+                drain_until = now + self.drain_grace_s
+                log(self.name, "draining", in_flight=len(self.routes))
+            if drain_until is not None and (not self.routes or self.force_exit or now > drain_until):
+                break
+            if now >= next_ping:
+                self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
+                next_ping = now + PING_EVERY_S
+            events = dict(poller.poll(LOOP_TICK_MS))
+            if self.router in events:
+                while True:
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.from_client(frames, accepting=drain_until is None)
+            if self.dealer in events:
+                while True:
+                    try:
+                        body = self.dealer.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.from_orchestrator(body)
+            self.sweep()
+
+    def to_client(self, identity: bytes, body: bytes) -> None:
+        try:
+            self.router.send_multipart([identity, body], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["undeliverable"] += 1
+
+    def from_client(self, frames: list[bytes], accepting: bool) -> None:
+        parts = split_router(frames)
+        if parts is None:
+            self.counters["malformed_frames"] += 1
+            return
+        identity, body = parts
+        envelope = self.decode(body)
+        if envelope is None:
+            return
+        msg = envelope.msg
+        if isinstance(msg, wire.Infer):
+            self.infer(identity, envelope, msg, accepting)
+        elif isinstance(msg, wire.Cancel):
+            route = self.routes.pop(envelope.id, None)
+            if route is not None and route.client == identity:
+                self.dealer.send(wire.encode(wire.Cancel(), envelope.id))
+        elif isinstance(msg, wire.Ping):
+            self.to_client(identity, wire.reply(envelope, self.pong()))
+        elif isinstance(msg, wire.StatsRequest):
+            if not envelope.id or envelope.id in self.routes:
+                return
+            self.routes[envelope.id] = Route(identity, time.monotonic() + 5.0, stats=True)
+            self.dealer.send(wire.encode(wire.StatsRequest(), envelope.id))
+        else:
+            self.counters["unexpected_messages"] += 1
+
+    def infer(self, identity: bytes, envelope: wire.Envelope, msg: wire.Infer,
+              accepting: bool) -> None:
+        def refuse(code: str, message: str, hint: str = "", retry_after: float | None = None) -> None:
+            self.counters[f"rejected_{code}"] += 1
+            error = wire.Error(code=code, message=message, hint=hint, retry_after=retry_after)
+            self.to_client(identity, wire.reply(envelope, error))
+
+        if not envelope.id or envelope.id in self.routes:
+            return refuse("invalid_request", "missing or duplicate request id")
+        if not accepting:
+            return refuse("unavailable", "the gateway is shutting down", retry_after=2.0)
+        try:
+            request = validate_request(msg.request, "request")
+        except HaifError as exc:
+            return refuse(exc.code, exc.message, exc.hint)
+        size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+        size += len(request.system or "")
+        if size > self.limits.max_prompt_chars:
+            return refuse("prompt_too_large",
+                          f"the prompt is {size} characters; the limit is "
+                          f"{self.limits.max_prompt_chars}", "shorten the prompt")
+        if request.max_tokens is not None and request.max_tokens > self.limits.max_tokens_cap:
+            return refuse("invalid_request",
+                          f"max_tokens: {request.max_tokens} is over the limit of "
+                          f"{self.limits.max_tokens_cap}")
+        key = msg.client or identity.hex()
+        wait = self.bucket.take(key, time.monotonic())
+        if wait > 0:
+            return refuse("rate_limited", f"too many requests for client {key[:16]}",
+                          "slow down", retry_after=round(wait, 3))
+        now = time.time()
+        deadline = now + self.limits.request_timeout_s
+        if envelope.deadline > 0:
+            deadline = min(deadline, envelope.deadline)
+        mono_deadline = time.monotonic() + (deadline - now)
+        self.routes[envelope.id] = Route(identity, mono_deadline)
+        forward = wire.Infer(request=msgspec.to_builtins(request), client=key)
+        self.dealer.send(wire.encode(forward, envelope.id, deadline, envelope.traceparent))
+        self.counters["forwarded"] += 1
+        return None
+
+    def from_orchestrator(self, body: bytes) -> None:
+        envelope = self.decode(body)
+        if envelope is None:
+            return
+        msg = envelope.msg
+        if isinstance(msg, wire.Pong) and envelope.id == "gateway-ping":
+            self.last_orchestrator_pong = time.monotonic()
+            return
+        route = self.routes.get(envelope.id)
+        if route is None:
+            self.counters["stray_replies"] += 1
+            return
+        if isinstance(msg, wire.Stats) and route.stats:
+            counters = {**msg.counters, **{f"gateway_{k}": v for k, v in self.counters.items()}}
+            merged = wire.Stats(daemon=msg.daemon, workers=msg.workers, queues=msg.queues,
+                                counters=counters)
+            body = wire.reply(envelope, merged)
+        if not isinstance(msg, wire.Chunk):
+            self.routes.pop(envelope.id, None)
+        self.to_client(route.client, body)
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for request_id, route in list(self.routes.items()):
+            if now > route.deadline + 0.5:
+                self.routes.pop(request_id)
+                self.counters["deadline_exceeded"] += 1
+                if not route.stats:
+                    self.dealer.send(wire.encode(wire.Cancel(), request_id))
+                error = wire.Error(code="deadline_exceeded", message="the request ran out of time")
+                self.to_client(route.client, wire.encode(error, request_id))

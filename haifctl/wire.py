@@ -1,0 +1,215 @@
+"""The wire protocol between haifctl daemons: typed, versioned msgpack messages over ZeroMQ.
+
+Every ZeroMQ message is ``[routing frames..., body]`` where ``body`` is one msgpack-encoded
+:class:`Envelope`.  The envelope carries the protocol version, the request id, an absolute deadline
+(Unix seconds; 0 = none), the W3C ``traceparent`` and one typed message.  Anything that does not
+decode into an envelope of this version is counted and dropped by the receiver; nothing on a
+socket can crash a daemon.  Never pickle.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1024 * 1024  # a body above this is dropped unread (prompts are capped lower)
+
+
+class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
+    """Base of every message; ``t`` (the class name) tags it on the wire."""
+
+
+# readiness and stats -----------------------------------------------------------------------
+class Ping(Msg, frozen=True, tag=True, kw_only=True):
+    pass
+
+
+class Pong(Msg, frozen=True, tag=True, kw_only=True):
+    daemon: str
+    pid: int
+    version: str
+    ready: bool = True
+
+
+class StatsRequest(Msg, frozen=True, tag=True, kw_only=True):
+    pass
+
+
+class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: str
+    models: list[str]
+    slots: int
+    busy: int
+    device: str
+    n_ctx: int
+    served: int
+    errors: int
+    tokens: int
+    last_seen_s: float
+    pid: int
+    host: str
+
+
+class Stats(Msg, frozen=True, tag=True, kw_only=True):
+    daemon: str
+    workers: list[WorkerState] = []
+    queues: dict[str, int] = {}
+    counters: dict[str, int] = {}
+
+
+# inference ----------------------------------------------------------------------------------
+class Infer(Msg, frozen=True, tag=True, kw_only=True):
+    """A validated inference request (``request`` is an InferenceRequest as a dict)."""
+
+    request: dict[str, Any]
+    client: str = ""  # the client's key identity, for rate limits and logs
+    model_ref: str = ""  # set by the orchestrator: the resolved NAME:VERSION
+    model_path: str = ""
+    model_params: dict[str, Any] = {}
+    n_ctx_train: int | None = None
+
+
+class Chunk(Msg, frozen=True, tag=True, kw_only=True):
+    """Streamed text; several tokens may be coalesced into one chunk."""
+
+    text: str
+    n_tokens: int
+
+
+class Done(Msg, frozen=True, tag=True, kw_only=True):
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    worker: str
+    time_to_first_token_ms: float | None
+    generation_ms: float
+    queue_ms: float = 0.0
+
+
+class Error(Msg, frozen=True, tag=True, kw_only=True):
+    code: str
+    message: str
+    hint: str = ""
+    retry_after: float | None = None
+
+
+class Cancel(Msg, frozen=True, tag=True, kw_only=True):
+    pass
+
+
+# workers ------------------------------------------------------------------------------------
+class Register(Msg, frozen=True, tag=True, kw_only=True):
+    worker_id: str
+    models: list[str]  # NAME:VERSION refs this worker has loaded
+    slots: int
+    device: str
+    gpu_name: str = ""
+    n_ctx: int
+    pid: int
+    host: str
+
+
+class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
+    worker_id: str
+    busy: int
+    served: int
+    errors: int
+    tokens: int
+    draining: bool = False
+
+
+class Ack(Msg, frozen=True, tag=True, kw_only=True):
+    """The orchestrator's answer to Register and Heartbeat; ``known`` False asks to re-register."""
+
+    known: bool = True
+
+
+class ResolveModel(Msg, frozen=True, tag=True, kw_only=True):
+    ref: str
+
+
+class ModelInfo(Msg, frozen=True, tag=True, kw_only=True):
+    ref: str
+    path: str
+    context_length: int | None
+    params: dict[str, Any] = {}
+
+
+# registry RPC -------------------------------------------------------------------------------
+class RegistryCall(Msg, frozen=True, tag=True, kw_only=True):
+    op: str  # "resolve", "list", "set_status"
+    args: dict[str, Any] = {}
+
+
+class RegistryReply(Msg, frozen=True, tag=True, kw_only=True):
+    result: Any = None
+
+
+Message = (
+    Ping
+    | Pong
+    | StatsRequest
+    | Stats
+    | Infer
+    | Chunk
+    | Done
+    | Error
+    | Cancel
+    | Register
+    | Heartbeat
+    | Ack
+    | ResolveModel
+    | ModelInfo
+    | RegistryCall
+    | RegistryReply
+)
+
+
+class Envelope(msgspec.Struct, frozen=True, array_like=True):
+    v: int
+    id: str
+    deadline: float
+    traceparent: str
+    msg: Message
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+class BadFrame(Exception):
+    """A frame that is not a valid envelope of this protocol version."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(msg: Msg, request_id: str = "", deadline: float = 0.0, traceparent: str = "") -> bytes:
+    return _encoder.encode(Envelope(PROTOCOL_VERSION, request_id, deadline, traceparent, msg))  # type: ignore[arg-type]
+
+
+def reply(to: Envelope, msg: Msg) -> bytes:
+    """Encode ``msg`` as an answer to ``to``: same request id, deadline and trace."""
+    return encode(msg, to.id, to.deadline, to.traceparent)
+
+
+def decode(frame: bytes) -> Envelope:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise BadFrame(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
+    try:
+        envelope = _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadFrame(str(exc)) from None
+    if envelope.v != PROTOCOL_VERSION:
+        raise BadFrame(f"protocol version {envelope.v}, expected {PROTOCOL_VERSION}")
+    return envelope
+
+
+def expired(envelope: Envelope, now: float | None = None) -> bool:
+    return envelope.deadline > 0 and (now or time.time()) > envelope.deadline

@@ -1,0 +1,143 @@
+"""Start real daemon processes on ephemeral loopback ports, for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from haifctl.client import ClusterClient
+from haifctl.errors import Unavailable
+
+HAIFCTL = str(Path(sys.executable).parent / "haifctl")
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], workdir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.args = args
+        self.ready_file = workdir / f"{name}.ready"
+        self.log_path = workdir / f"{name}.log"
+        self.ready_file.unlink(missing_ok=True)
+        self.log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [HAIFCTL, *args, "--ready-file", str(self.ready_file)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, object]:
+        """Probe the ready file the daemon writes once bound (no fixed sleeps)."""
+        end = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.popen.returncode}: {self.tail()}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"{self.name} not ready after {timeout}s: {self.tail()}")
+            time.sleep(0.01)  # polling interval of the probe, not a wait for readiness
+        info: dict[str, object] = json.loads(self.ready_file.read_text())
+        return info
+
+    def endpoint(self) -> str:
+        endpoints = self.wait_ready()["endpoints"]
+        assert isinstance(endpoints, dict)
+        return str(endpoints["rpc"])
+
+    def tail(self, n: int = 30) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def log_events(self) -> list[dict[str, object]]:
+        if not self.log.closed:
+            self.log.flush()
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.kill(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+        finally:
+            self.log.close()
+
+
+class Cluster:
+    """registry + orchestrator + gateway + N workers, each its own process."""
+
+    def __init__(self, workdir: Path, workers: int = 2, heartbeat_timeout: float = 2.0,
+                 queue_size: int = 64, gateway_args: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.env = {**os.environ, "HAIF_THREADS": "1"}
+        self.procs: dict[str, Proc] = {}
+        self.heartbeat_timeout = heartbeat_timeout
+        registry = self.start("registry", ["daemon", "registry"])
+        self.registry = registry.endpoint()
+        orch = self.start(
+            "orchestrator",
+            ["daemon", "orchestrator", "--registry", self.registry,
+             "--heartbeat-timeout", str(heartbeat_timeout), "--queue-size", str(queue_size)],
+        )
+        self.orchestrator = orch.endpoint()
+        gateway = self.start("gateway", ["daemon", "gateway", "--orchestrator", self.orchestrator,
+                                         *gateway_args])
+        self.gateway = gateway.endpoint()
+        for i in range(workers):
+            self.start_worker(f"worker-{i + 1}")
+        for i in range(workers):
+            self.procs[f"worker-{i + 1}"].wait_ready()
+        self.wait_workers(workers)
+
+    def start(self, name: str, args: list[str]) -> Proc:
+        proc = Proc(name, args, self.workdir, self.env)
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, name: str, orchestrator: str | None = None) -> Proc:
+        return self.start(
+            name,
+            ["worker", "--orchestrator", orchestrator or self.orchestrator, "--worker-id", name,
+             "--heartbeat", "0.2"],
+        )
+
+    def client(self) -> ClusterClient:
+        return ClusterClient(self.gateway)
+
+    def wait_workers(self, n: int, timeout: float = 60.0, ids: set[str] | None = None) -> None:
+        """Probe the orchestrator's worker table until it shows what we expect."""
+        end = time.monotonic() + timeout
+        with self.client() as client:
+            while True:
+                try:
+                    workers = {w.worker_id for w in client.stats().workers}
+                except Unavailable:
+                    workers = set()
+                if len(workers) == n and (ids is None or workers == ids):
+                    return
+                if time.monotonic() > end:
+                    raise TimeoutError(f"expected {n} workers, have {sorted(workers)}")
+                time.sleep(0.02)
+
+    def stop(self) -> dict[str, int]:
+        codes = {}
+        for name in [n for n in self.procs if n.startswith("worker")]:
+            codes[name] = self.procs[name].stop()
+        for name in ("gateway", "orchestrator", "registry"):
+            if name in self.procs:
+                codes[name] = self.procs[name].stop()
+        return codes
