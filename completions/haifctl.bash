@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":config"|":infer"|":models"|"config:path"|"config:show"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":config"|":infer"|":models"|":worker"|"config:path"|"config:show"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer models config'
+            opts='--home --registry-url --version --help -h'; cmds='infer worker models config'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -34,6 +34,16 @@ _haifctl() {
                 --n-ctx) COMPREPLY=(); return ;;
                 --n-gpu-layers) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "worker")
+            opts='--orchestrator --model -m --worker-id --heartbeat --ready-file --help -h'; cmds=''
+            case "$prev" in
+                --orchestrator) COMPREPLY=(); return ;;
+                --model|-m) COMPREPLY=(); return ;;
+                --worker-id) COMPREPLY=(); return ;;
+                --heartbeat) COMPREPLY=(); return ;;
+                --ready-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             ;;
         "models")

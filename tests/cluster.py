@@ -26,7 +26,9 @@ class Proc:
         self.log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
             [HAIFCTL, *args, "--ready-file", str(self.ready_file)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, object]:
@@ -67,6 +69,8 @@ class Proc:
             self.popen.send_signal(sig)
 
     def stop(self, timeout: float = 30.0) -> int:
+        if self.log.closed:
+            return self.popen.wait()
         self.kill(signal.SIGTERM)
         try:
             return self.popen.wait(timeout)
@@ -80,8 +84,14 @@ class Proc:
 class Cluster:
     """registry + orchestrator + gateway + N workers, each its own process."""
 
-    def __init__(self, workdir: Path, workers: int = 2, heartbeat_timeout: float = 2.0,
-                 queue_size: int = 64, gateway_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        workers: int = 2,
+        heartbeat_timeout: float = 2.0,
+        queue_size: int = 64,
+        gateway_args: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
         self.env = {**os.environ, "HAIF_THREADS": "1"}
         self.procs: dict[str, Proc] = {}
@@ -90,12 +100,21 @@ class Cluster:
         self.registry = registry.endpoint()
         orch = self.start(
             "orchestrator",
-            ["daemon", "orchestrator", "--registry", self.registry,
-             "--heartbeat-timeout", str(heartbeat_timeout), "--queue-size", str(queue_size)],
+            [
+                "daemon",
+                "orchestrator",
+                "--registry",
+                self.registry,
+                "--heartbeat-timeout",
+                str(heartbeat_timeout),
+                "--queue-size",
+                str(queue_size),
+            ],
         )
         self.orchestrator = orch.endpoint()
-        gateway = self.start("gateway", ["daemon", "gateway", "--orchestrator", self.orchestrator,
-                                         *gateway_args])
+        gateway = self.start(
+            "gateway", ["daemon", "gateway", "--orchestrator", self.orchestrator, *gateway_args]
+        )
         self.gateway = gateway.endpoint()
         for i in range(workers):
             self.start_worker(f"worker-{i + 1}")
@@ -104,6 +123,9 @@ class Cluster:
         self.wait_workers(workers)
 
     def start(self, name: str, args: list[str]) -> Proc:
+        old = self.procs.get(name)
+        if old is not None:
+            old.stop()  # reap the previous incarnation (killed or not)
         proc = Proc(name, args, self.workdir, self.env)
         self.procs[name] = proc
         return proc
@@ -111,8 +133,15 @@ class Cluster:
     def start_worker(self, name: str, orchestrator: str | None = None) -> Proc:
         return self.start(
             name,
-            ["worker", "--orchestrator", orchestrator or self.orchestrator, "--worker-id", name,
-             "--heartbeat", "0.2"],
+            [
+                "worker",
+                "--orchestrator",
+                orchestrator or self.orchestrator,
+                "--worker-id",
+                name,
+                "--heartbeat",
+                "0.2",
+            ],
         )
 
     def client(self) -> ClusterClient:

@@ -17,15 +17,20 @@ app = typer.Typer(
 BindOpt = Annotated[str, typer.Option("--bind", help="Address to listen on; port 0 picks one.")]
 ReadyOpt = Annotated[
     Path | None,
-    typer.Option("--ready-file", help="Write the bound addresses here once ready.", show_default=False),
+    typer.Option(
+        "--ready-file", help="Write the bound addresses here once ready.", show_default=False
+    ),
 ]
 HeartbeatTimeoutOpt = Annotated[
-    float, typer.Option("--heartbeat-timeout", help="Seconds of silence before a worker is dropped.")
+    float,
+    typer.Option("--heartbeat-timeout", help="Seconds of silence before a worker is dropped."),
 ]
 
 
 @app.command()
-def registry(ctx: typer.Context, bind: BindOpt = "tcp://127.0.0.1:0", ready_file: ReadyOpt = None) -> None:
+def registry(
+    ctx: typer.Context, bind: BindOpt = "tcp://127.0.0.1:0", ready_file: ReadyOpt = None
+) -> None:
     """Serve the model registry to the other daemons."""
     from haifctl.daemon.registry import RegistryDaemon
 
@@ -39,7 +44,9 @@ def orchestrator(
     registry: Annotated[str, typer.Option("--registry", help="The registry daemon's address.")],
     bind: BindOpt = "tcp://127.0.0.1:0",
     heartbeat_timeout: HeartbeatTimeoutOpt = 3.0,
-    queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Queued requests per model.")] = 64,
+    queue_size: Annotated[
+        int, typer.Option("--queue-size", min=0, help="Queued requests per model.")
+    ] = 64,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Keep the worker table and queues; schedule requests onto workers."""
@@ -47,34 +54,50 @@ def orchestrator(
 
     settings = state(ctx).settings()
     OrchestratorDaemon(
-        bind, registry, settings.model, heartbeat_timeout_s=heartbeat_timeout,
-        queue_size=queue_size, ready_file=ready_file,
+        bind,
+        registry,
+        settings.model,
+        heartbeat_timeout_s=heartbeat_timeout,
+        queue_size=queue_size,
+        ready_file=ready_file,
     ).run()
 
 
 @app.command()
 def gateway(
-    orchestrator: Annotated[str, typer.Option("--orchestrator", help="The orchestrator's address.")],
+    orchestrator: Annotated[
+        str, typer.Option("--orchestrator", help="The orchestrator's address.")
+    ],
     bind: BindOpt = "tcp://127.0.0.1:0",
-    rate: Annotated[float, typer.Option("--rate", help="Requests per second per client key.")] = 50.0,
-    burst: Annotated[float, typer.Option("--burst", help="Token-bucket burst per client key.")] = 100.0,
+    rate: Annotated[
+        float, typer.Option("--rate", help="Requests per second per client key.")
+    ] = 50.0,
+    burst: Annotated[
+        float, typer.Option("--burst", help="Token-bucket burst per client key.")
+    ] = 100.0,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Validate, rate-limit and forward requests; relay token streams."""
     from haifctl.daemon.gateway import GatewayDaemon, Limits
 
-    GatewayDaemon(bind, orchestrator, limits=Limits(rate_per_s=rate, burst=burst),
-                  ready_file=ready_file).run()
+    GatewayDaemon(
+        bind, orchestrator, limits=Limits(rate_per_s=rate, burst=burst), ready_file=ready_file
+    ).run()
 
 
 def worker(
     ctx: typer.Context,
     orchestrator: Annotated[
-        str, typer.Option("--orchestrator", help="The orchestrator's address, e.g. tcp://HOST:PORT.")
+        str,
+        typer.Option("--orchestrator", help="The orchestrator's address, e.g. tcp://HOST:PORT."),
     ],
     model: ModelOpt = None,
-    worker_id: Annotated[str | None, typer.Option("--worker-id", help="Stable name for this worker.")] = None,
-    heartbeat: Annotated[float, typer.Option("--heartbeat", help="Seconds between heartbeats.")] = 0.5,
+    worker_id: Annotated[
+        str | None, typer.Option("--worker-id", help="Stable name for this worker.")
+    ] = None,
+    heartbeat: Annotated[
+        float, typer.Option("--heartbeat", help="Seconds between heartbeats.")
+    ] = 0.5,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Run a worker that loads a model and joins an orchestrator (on this or another machine)."""
@@ -82,6 +105,11 @@ def worker(
 
     settings = state(ctx).settings(model=model)
     WorkerDaemon(
-        orchestrator, settings.model, settings, worker_id=worker_id, heartbeat_s=heartbeat,
-        orchestrator_timeout_s=max(3.0, 6 * heartbeat), ready_file=ready_file,
+        orchestrator,
+        settings.model,
+        settings,
+        worker_id=worker_id,
+        heartbeat_s=heartbeat,
+        orchestrator_timeout_s=max(3.0, 6 * heartbeat),
+        ready_file=ready_file,
     ).run()

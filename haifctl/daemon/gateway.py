@@ -87,8 +87,12 @@ class GatewayDaemon(Daemon):
 
     def pong(self) -> wire.Pong:
         pong = super().pong()
-        return wire.Pong(daemon=pong.daemon, pid=pong.pid, version=pong.version,
-                         ready=self.started and self.orchestrator_ok)
+        return wire.Pong(
+            daemon=pong.daemon,
+            pid=pong.pid,
+            version=pong.version,
+            ready=self.started and self.orchestrator_ok,
+        )
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -101,7 +105,9 @@ class GatewayDaemon(Daemon):
             if self.should_exit and drain_until is None:
                 drain_until = now + self.drain_grace_s
                 log(self.name, "draining", in_flight=len(self.routes))
-            if drain_until is not None and (not self.routes or self.force_exit or now > drain_until):
+            if drain_until is not None and (
+                not self.routes or self.force_exit or now > drain_until
+            ):
                 break
             if now >= next_ping:
                 self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
@@ -155,9 +161,12 @@ class GatewayDaemon(Daemon):
         else:
             self.counters["unexpected_messages"] += 1
 
-    def infer(self, identity: bytes, envelope: wire.Envelope, msg: wire.Infer,
-              accepting: bool) -> None:
-        def refuse(code: str, message: str, hint: str = "", retry_after: float | None = None) -> None:
+    def infer(
+        self, identity: bytes, envelope: wire.Envelope, msg: wire.Infer, accepting: bool
+    ) -> None:
+        def refuse(
+            code: str, message: str, hint: str = "", retry_after: float | None = None
+        ) -> None:
             self.counters[f"rejected_{code}"] += 1
             error = wire.Error(code=code, message=message, hint=hint, retry_after=retry_after)
             self.to_client(identity, wire.reply(envelope, error))
@@ -173,18 +182,26 @@ class GatewayDaemon(Daemon):
         size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
         size += len(request.system or "")
         if size > self.limits.max_prompt_chars:
-            return refuse("prompt_too_large",
-                          f"the prompt is {size} characters; the limit is "
-                          f"{self.limits.max_prompt_chars}", "shorten the prompt")
+            return refuse(
+                "prompt_too_large",
+                f"the prompt is {size} characters; the limit is {self.limits.max_prompt_chars}",
+                "shorten the prompt",
+            )
         if request.max_tokens is not None and request.max_tokens > self.limits.max_tokens_cap:
-            return refuse("invalid_request",
-                          f"max_tokens: {request.max_tokens} is over the limit of "
-                          f"{self.limits.max_tokens_cap}")
+            return refuse(
+                "invalid_request",
+                f"max_tokens: {request.max_tokens} is over the limit of "
+                f"{self.limits.max_tokens_cap}",
+            )
         key = msg.client or identity.hex()
         wait = self.bucket.take(key, time.monotonic())
         if wait > 0:
-            return refuse("rate_limited", f"too many requests for client {key[:16]}",
-                          "slow down", retry_after=round(wait, 3))
+            return refuse(
+                "rate_limited",
+                f"too many requests for client {key[:16]}",
+                "slow down",
+                retry_after=round(wait, 3),
+            )
         now = time.time()
         deadline = now + self.limits.request_timeout_s
         if envelope.deadline > 0:
@@ -210,8 +227,9 @@ class GatewayDaemon(Daemon):
             return
         if isinstance(msg, wire.Stats) and route.stats:
             counters = {**msg.counters, **{f"gateway_{k}": v for k, v in self.counters.items()}}
-            merged = wire.Stats(daemon=msg.daemon, workers=msg.workers, queues=msg.queues,
-                                counters=counters)
+            merged = wire.Stats(
+                daemon=msg.daemon, workers=msg.workers, queues=msg.queues, counters=counters
+            )
             body = wire.reply(envelope, merged)
         if not isinstance(msg, wire.Chunk):
             self.routes.pop(envelope.id, None)

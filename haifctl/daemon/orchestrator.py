@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from haifctl import wire
@@ -38,6 +39,7 @@ class WorkerRec:
     served: int = 0
     errors: int = 0
     tokens: int = 0
+    assigned: int = 0  # requests this orchestrator sent it: spreads ties across idle workers
     draining: bool = False
 
     @property
@@ -160,16 +162,28 @@ class OrchestratorDaemon(Daemon):
                 self.drop_worker(other, "replaced by a new connection")
         known = self.workers.get(identity)
         rec = WorkerRec(
-            identity=identity, worker_id=msg.worker_id, models=list(msg.models),
-            slots=max(1, msg.slots), device=msg.device, n_ctx=msg.n_ctx, pid=msg.pid,
-            host=msg.host, last_seen=time.monotonic(),
+            identity=identity,
+            worker_id=msg.worker_id,
+            models=list(msg.models),
+            slots=max(1, msg.slots),
+            device=msg.device,
+            n_ctx=msg.n_ctx,
+            pid=msg.pid,
+            host=msg.host,
+            last_seen=time.monotonic(),
         )
         if known is not None:
             rec.running = known.running
         self.workers[identity] = rec
         self.counters["registrations"] += 1
-        log(self.name, "worker registered", worker=msg.worker_id, models=msg.models,
-            slots=msg.slots, device=msg.device)
+        log(
+            self.name,
+            "worker registered",
+            worker=msg.worker_id,
+            models=msg.models,
+            slots=msg.slots,
+            device=msg.device,
+        )
         self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
         for ref in msg.models:
             self.set_status(ref, "deployed")
@@ -187,8 +201,14 @@ class OrchestratorDaemon(Daemon):
     def drop_worker(self, worker: WorkerRec, reason: str) -> None:
         self.workers.pop(worker.identity, None)
         self.counters["workers_dropped"] += 1
-        log(self.name, "worker dropped", level="warning", worker=worker.worker_id, reason=reason,
-            running=len(worker.running))
+        log(
+            self.name,
+            "worker dropped",
+            level="warning",
+            worker=worker.worker_id,
+            reason=reason,
+            running=len(worker.running),
+        )
         for request_id in list(worker.running):
             pending = self.pending.get(request_id)
             if pending is None:
@@ -232,8 +252,7 @@ class OrchestratorDaemon(Daemon):
             self.queues.setdefault(pending.model_ref, deque()).appendleft(envelope.id)
         elif isinstance(msg, wire.Done):
             queue_ms = round((time.monotonic() - pending.enqueued_at) * 1000 - msg.generation_ms, 3)
-            done = wire.Done(**{**_fields(msg), "queue_ms": max(0.0, queue_ms)})
-            self.finish(pending, done)
+            self.finish(pending, msgspec.structs.replace(msg, queue_ms=max(0.0, queue_ms)))
         else:
             self.finish(pending, msg)
         self.pump()
@@ -262,8 +281,10 @@ class OrchestratorDaemon(Daemon):
         if isinstance(reply, wire.RegistryReply) and isinstance(reply.result, dict):
             record = reply.result
             answer = wire.ModelInfo(
-                ref=f"{record['name']}:{record['version']}", path=record["path"],
-                context_length=record.get("context_length"), params=record.get("params") or {},
+                ref=f"{record['name']}:{record['version']}",
+                path=record["path"],
+                context_length=record.get("context_length"),
+                params=record.get("params") or {},
             )
         elif isinstance(reply, wire.Error):
             answer = reply
@@ -288,8 +309,11 @@ class OrchestratorDaemon(Daemon):
             self.send(gateway, wire.reply(envelope, error))
 
         if not accepting:
-            return refuse(wire.Error(code="unavailable", message="the orchestrator is shutting down",
-                                     retry_after=2.0))
+            return refuse(
+                wire.Error(
+                    code="unavailable", message="the orchestrator is shutting down", retry_after=2.0
+                )
+            )
         if wire.expired(envelope):
             return refuse(wire.Error(code="deadline_exceeded", message="the deadline had passed"))
         if envelope.id in self.pending:
@@ -307,11 +331,20 @@ class OrchestratorDaemon(Daemon):
                 )
             )
         infer = wire.Infer(
-            request=msg.request, client=msg.client, model_ref=info.ref, model_path=info.path,
-            model_params=info.params, n_ctx_train=info.context_length,
+            request=msg.request,
+            client=msg.client,
+            model_ref=info.ref,
+            model_path=info.path,
+            model_params=info.params,
+            n_ctx_train=info.context_length,
         )
-        pending = Pending(envelope=envelope, infer=infer, gateway=gateway, model_ref=info.ref,
-                          enqueued_at=time.monotonic())
+        pending = Pending(
+            envelope=envelope,
+            infer=infer,
+            gateway=gateway,
+            model_ref=info.ref,
+            enqueued_at=time.monotonic(),
+        )
         queue = self.queues.setdefault(info.ref, deque())
         if not queue and self.dispatch(pending):
             self.pending[envelope.id] = pending
@@ -338,12 +371,15 @@ class OrchestratorDaemon(Daemon):
         if not candidates:
             return False
         fresh = [w for w in candidates if w.identity not in pending.tried] or candidates
-        worker = min(fresh, key=lambda w: (len(w.running) / w.slots, w.served))
+        worker = min(fresh, key=lambda w: (len(w.running) / w.slots, w.assigned))
+        worker.assigned += 1
         pending.worker = worker.identity
         pending.attempts += 1
         worker.running.add(pending.envelope.id)
         env = pending.envelope
-        self.send(worker.identity, wire.encode(pending.infer, env.id, env.deadline, env.traceparent))
+        self.send(
+            worker.identity, wire.encode(pending.infer, env.id, env.deadline, env.traceparent)
+        )
         self.counters["dispatched"] += 1
         return True
 
@@ -356,8 +392,14 @@ class OrchestratorDaemon(Daemon):
                     continue
                 if pending.attempts >= self.max_attempts:
                     queue.popleft()
-                    self.finish(pending, wire.Error(code="unavailable", retry_after=2.0,
-                                                    message="no worker could run the request"))
+                    self.finish(
+                        pending,
+                        wire.Error(
+                            code="unavailable",
+                            retry_after=2.0,
+                            message="no worker could run the request",
+                        ),
+                    )
                     continue
                 if not self.dispatch(pending):
                     break
@@ -384,8 +426,12 @@ class OrchestratorDaemon(Daemon):
                 pending = self.pending[request_id]
                 if wire.expired(pending.envelope, wall):
                     self.counters["expired_in_queue"] += 1
-                    self.finish(pending, wire.Error(code="deadline_exceeded",
-                                                    message="the deadline passed in the queue"))
+                    self.finish(
+                        pending,
+                        wire.Error(
+                            code="deadline_exceeded", message="the deadline passed in the queue"
+                        ),
+                    )
 
     def stats(self) -> wire.Stats:
         now = time.monotonic()
@@ -393,9 +439,17 @@ class OrchestratorDaemon(Daemon):
             daemon=self.name,
             workers=[
                 wire.WorkerState(
-                    worker_id=w.worker_id, models=w.models, slots=w.slots, busy=len(w.running),
-                    device=w.device, n_ctx=w.n_ctx, served=w.served, errors=w.errors,
-                    tokens=w.tokens, last_seen_s=round(now - w.last_seen, 3), pid=w.pid,
+                    worker_id=w.worker_id,
+                    models=w.models,
+                    slots=w.slots,
+                    busy=len(w.running),
+                    device=w.device,
+                    n_ctx=w.n_ctx,
+                    served=w.served,
+                    errors=w.errors,
+                    tokens=w.tokens,
+                    last_seen_s=round(now - w.last_seen, 3),
+                    pid=w.pid,
                     host=w.host,
                 )
                 for w in self.workers.values()
@@ -407,7 +461,3 @@ class OrchestratorDaemon(Daemon):
     def stop(self) -> None:
         self.registry.close()
         super().stop()
-
-
-def _fields(msg: wire.Msg) -> dict[str, object]:
-    return {name: getattr(msg, name) for name in msg.__struct_fields__}

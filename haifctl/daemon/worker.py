@@ -89,7 +89,9 @@ class WorkerDaemon(Daemon):
         if not isinstance(answer, wire.ModelInfo):
             raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
         return ResolvedModel(
-            ref=answer.ref, path=answer.path, context_length=answer.context_length,
+            ref=answer.ref,
+            path=answer.path,
+            context_length=answer.context_length,
             params=answer.params,
         )
 
@@ -99,9 +101,15 @@ class WorkerDaemon(Daemon):
         self.model = self.resolve()
         started = time.perf_counter()
         self.loaded = load_model(self.settings, self.model)
-        log(self.name, "model loaded", model=self.model.ref, path=self.model.path,
+        log(
+            self.name,
+            "model loaded",
+            model=self.model.ref,
+            path=self.model.path,
             load_ms=round((time.perf_counter() - started) * 1000, 1),
-            device=self.loaded.device.backend, slots=self.loaded.slots)
+            device=self.loaded.device.backend,
+            slots=self.loaded.slots,
+        )
         self.connect()
         self.endpoints["orchestrator"] = self.orchestrator
 
@@ -117,7 +125,8 @@ class WorkerDaemon(Daemon):
         self.register()
 
     def register(self) -> None:
-        assert self.loaded is not None and self.model is not None
+        assert self.loaded is not None
+        assert self.model is not None
         self.dealer.send(
             wire.encode(
                 wire.Register(
@@ -145,7 +154,9 @@ class WorkerDaemon(Daemon):
                 drain_until = now + self.drain_grace_s
                 log(self.name, "draining", in_flight=len(self.threads))
                 next_beat = 0.0  # tell the orchestrator now
-            if drain_until is not None and (not self.threads or self.force_exit or now > drain_until):
+            if drain_until is not None and (
+                not self.threads or self.force_exit or now > drain_until
+            ):
                 for token in self.cancels.values():
                     token.cancel()
                 break
@@ -239,7 +250,8 @@ class WorkerDaemon(Daemon):
 
     # generation thread -----------------------------------------------------------------------
     def generate(self, envelope: wire.Envelope, msg: wire.Infer) -> None:
-        assert self.loaded is not None and self.model is not None
+        assert self.loaded is not None
+        assert self.model is not None
         push = socket(self.ctx, zmq.PUSH)
         push.connect(self.results_address)
         rid = envelope.id.encode()

@@ -1,0 +1,160 @@
+"""Failure is normal: dead workers, a restarted orchestrator, workers joining from elsewhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from haifctl import wire
+from tests.cluster import Cluster, Proc
+
+HEARTBEAT_TIMEOUT = 1.0
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+    monkeypatch.setenv("HAIF_HOME", str(tmp_path / "home"))
+    c = Cluster(tmp_path, workers=2, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    yield c
+    c.stop()
+
+
+def run_requests(
+    cluster: Cluster,
+    n: int,
+    max_tokens: int,
+    results: dict[int, list[wire.Msg]],
+    started: threading.Event | None = None,
+) -> list[threading.Thread]:
+    def one(i: int) -> None:
+        with cluster.client() as client:
+            msgs: list[wire.Msg] = []
+            for msg in client.stream(
+                {
+                    "prompt": "Once upon a time",
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                    "seed": i,
+                },
+                timeout=60,
+            ):
+                msgs.append(msg)
+            results[i] = msgs
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_kill_9_worker_mid_stream(cluster: Cluster) -> None:
+    results: dict[int, list[wire.Msg]] = {}
+    threads = run_requests(cluster, 12, 1500, results)
+    # Wait until both workers are generating (probe the orchestrator's table), then kill one.
+    with cluster.client() as client:
+        end = time.monotonic() + 30
+        while not all(w.busy for w in client.stats().workers):
+            assert time.monotonic() < end
+            time.sleep(0.005)
+        cluster.procs["worker-1"].kill(signal.SIGKILL)
+        killed_at = time.monotonic()
+        # the dead worker leaves the table within the heartbeat timeout (plus a loop tick)
+        while "worker-1" in {w.worker_id for w in client.stats().workers}:
+            assert time.monotonic() - killed_at < HEARTBEAT_TIMEOUT + 1.0
+            time.sleep(0.01)
+        dropped_after = time.monotonic() - killed_at
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 12  # nothing hung
+    lost = [m for m in results.values() if isinstance(m[-1], wire.Error)]
+    done = [m for m in results.values() if isinstance(m[-1], wire.Done)]
+    # at most the stream that worker-1 was running is lost, and it says so
+    assert len(lost) <= 1
+    for msgs in lost:
+        error = msgs[-1]
+        assert isinstance(error, wire.Error)
+        assert error.code == "worker_lost"
+        assert any(isinstance(m, wire.Chunk) for m in msgs)  # it had started streaming
+    for msgs in done:
+        final = msgs[-1]
+        assert isinstance(final, wire.Done)
+        assert final.completion_tokens == 1500
+    assert len(done) >= 11
+    assert dropped_after <= HEARTBEAT_TIMEOUT + 1.0
+    # a restarted worker registers again and serves
+    cluster.start_worker("worker-1").wait_ready()
+    cluster.wait_workers(2, ids={"worker-1", "worker-2"})
+
+
+def test_orchestrator_restart_workers_and_gateway_reconnect(cluster: Cluster) -> None:
+    orch = cluster.procs["orchestrator"]
+    orch.kill(signal.SIGKILL)
+    orch.popen.wait()
+    with cluster.client() as client:
+        end = time.monotonic() + 10
+        while client.ping().ready:  # the gateway notices its orchestrator is gone
+            assert time.monotonic() < end
+            time.sleep(0.05)
+    restarted = cluster.start(
+        "orchestrator",
+        [
+            "daemon",
+            "orchestrator",
+            "--registry",
+            cluster.registry,
+            "--bind",
+            cluster.orchestrator,
+            "--heartbeat-timeout",
+            str(HEARTBEAT_TIMEOUT),
+        ],
+    )
+    assert restarted.endpoint() == cluster.orchestrator
+    cluster.wait_workers(2, timeout=15)  # workers re-register on their own
+    with cluster.client() as client:
+        end = time.monotonic() + 10
+        while not client.ping().ready:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        msgs = list(client.stream({"prompt": "The cat", "max_tokens": 10}))
+    assert isinstance(msgs[-1], wire.Done)
+
+
+def test_remote_style_worker_joins_with_only_the_orchestrator_address(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Its own empty home: no registry, no config; the orchestrator's address is all it has.
+    env = {**cluster.env, "HAIF_HOME": str(tmp_path / "elsewhere")}
+    proc = Proc(
+        "remote-1",
+        [
+            "worker",
+            "--orchestrator",
+            cluster.orchestrator,
+            "--model",
+            "stories260K",
+            "--worker-id",
+            "remote-1",
+        ],
+        tmp_path,
+        env,
+    )
+    cluster.procs["remote-1"] = proc
+    proc.wait_ready()
+    cluster.wait_workers(3)
+    served_by = set()
+    with cluster.client() as client:
+        for i in range(6):
+            msgs = list(client.stream({"prompt": "Once", "max_tokens": 5, "seed": i}))
+            final = msgs[-1]
+            assert isinstance(final, wire.Done)
+            served_by.add(final.worker)
+    assert "remote-1" in served_by
+    assert not (tmp_path / "elsewhere" / "registry.db").exists()
+    assert proc.stop() == 0
+    cluster.wait_workers(2, timeout=HEARTBEAT_TIMEOUT + 5)
+    assert os.path.exists(proc.log_path)
