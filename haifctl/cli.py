@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from haifctl import __version__
+from haifctl.commands import cluster as cluster_cmd
 from haifctl.commands import config as config_cmd
 from haifctl.commands import daemon as daemon_cmd
 from haifctl.commands import infer as infer_cmd
@@ -26,6 +27,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(infer_cmd.infer)
+app.command()(cluster_cmd.up)
+app.command()(cluster_cmd.down)
+app.command()(cluster_cmd.status)
+app.command()(cluster_cmd.logs)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.command()(daemon_cmd.worker)

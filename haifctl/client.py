@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import msgspec
@@ -51,7 +51,7 @@ class ClusterClient:
         *,
         timeout: float = 300.0,
         request_id: str | None = None,
-    ) -> Iterator[wire.Chunk | wire.Done | wire.Error]:
+    ) -> Generator[wire.Chunk | wire.Done | wire.Error]:
         """Send one request; yield its chunks, then one Done or Error.
 
         Closing the iterator early cancels the generation on the worker.

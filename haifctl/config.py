@@ -58,6 +58,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("threads", ("HAIF_THREADS",), int, 0, "CPU threads for generation (0: automatic)."),
     Setting("max_tokens", ("HAIF_MAX_TOKENS",), int, 256, "Default completion length in tokens."),
+    Setting(
+        "gateway_url",
+        ("HAIF_GATEWAY_URL", "GATEWAY_URL"),
+        str,
+        "",
+        "A cluster gateway for `infer` (tcp://HOST:PORT); empty: a local cluster if one is up.",
+    ),
     Setting("postgres_user", ("POSTGRES_USER",), str, "", "Postgres user (builds registry_url)."),
     Setting(
         "postgres_password",
@@ -85,6 +92,7 @@ class Settings:
     n_gpu_layers: int
     threads: int
     max_tokens: int
+    gateway_url: str
     postgres_user: str
     postgres_password: str
     postgres_db: str

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import msgspec
 
 from haifctl.chat import build_prompt
 from haifctl.config import Settings
-from haifctl.errors import NotFound
+from haifctl.errors import HaifError, NotFound
 from haifctl.gguf_info import check_model_path, read_facts
 from haifctl.registry.service import Registry, open_registry
 from haifctl.runtime.base import CancelToken, LoadedModel, LoadOptions, TokenEvent
@@ -47,6 +47,7 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage
     timings: Timings
     served_by: str = "in-process"
+    worker: str | None = None
 
 
 def open_cli_registry(settings: Settings) -> Registry:
@@ -214,3 +215,83 @@ def start_generation(
         loaded.close()
         raise
     return generation, loaded
+
+
+def run_local(
+    settings: Settings, request: InferenceRequest, on_text: Callable[[str], None]
+) -> Completion:
+    """Generate in-process; Ctrl-C cancels and returns what was produced."""
+    generation, loaded = start_generation(settings, request)
+    try:
+        try:
+            for event in generation:
+                on_text(event.text)
+            result = generation.result
+        except KeyboardInterrupt:
+            result = generation.cancel()
+        assert result is not None
+        return result
+    finally:
+        loaded.close()
+
+
+def run_cluster(
+    address: str, settings: Settings, request: InferenceRequest, on_text: Callable[[str], None]
+) -> Completion:
+    """Generate through a cluster's gateway; Ctrl-C cancels the generation on the worker."""
+    from haifctl import wire
+    from haifctl.client import ClusterClient
+
+    body = msgspec.to_builtins(request)
+    assert isinstance(body, dict)
+    if request.model is None and settings.sources.get("model") != "default":
+        body["model"] = settings.model
+    if request.max_tokens is None:
+        body["max_tokens"] = settings.max_tokens
+    text: list[str] = []
+    n_tokens = 0
+    first: float | None = None
+    started = time.perf_counter()
+    final: wire.Done | None = None
+    with ClusterClient(address) as client:
+        stream = client.stream(body)
+        try:
+            for msg in stream:
+                if isinstance(msg, wire.Chunk):
+                    if first is None:
+                        first = time.perf_counter()
+                    n_tokens += msg.n_tokens
+                    text.append(msg.text)
+                    on_text(msg.text)
+                elif isinstance(msg, wire.Error):
+                    hint = msg.hint
+                    if msg.retry_after is not None:
+                        hint = (hint + "; " if hint else "") + f"retry after {msg.retry_after:g}s"
+                    raise HaifError(msg.code, msg.message, hint)
+                else:
+                    final = msg
+        except KeyboardInterrupt:
+            stream.close()  # sends the cancel to the worker
+    elapsed = time.perf_counter() - started
+    completion_tokens = final.completion_tokens if final else n_tokens
+    decode = elapsed - ((first or started) - started)
+    return Completion(
+        model=final.model if final else str(body.get("model") or settings.model),
+        text="".join(text),
+        finish_reason=final.finish_reason if final else "cancelled",
+        usage=Usage(
+            prompt_tokens=final.prompt_tokens if final else 0,
+            completion_tokens=completion_tokens,
+            total_tokens=(final.prompt_tokens if final else 0) + completion_tokens,
+        ),
+        timings=Timings(
+            load_ms=0.0,
+            time_to_first_token_ms=round((first - started) * 1000, 3) if first else None,
+            generation_ms=round(elapsed * 1000, 3),
+            tokens_per_second=round((completion_tokens - 1) / decode, 1)
+            if completion_tokens > 1 and decode > 0
+            else 0.0,
+        ),
+        served_by="cluster",
+        worker=final.worker if final else None,
+    )

@@ -164,7 +164,8 @@ class Cluster:
 
     def stop(self) -> dict[str, int]:
         codes = {}
-        for name in [n for n in self.procs if n.startswith("worker")]:
+        core = ("gateway", "orchestrator", "registry")
+        for name in [n for n in self.procs if n not in core]:
             codes[name] = self.procs[name].stop()
         for name in ("gateway", "orchestrator", "registry"):
             if name in self.procs:

@@ -113,3 +113,30 @@ def worker(
         orchestrator_timeout_s=max(3.0, 6 * heartbeat),
         ready_file=ready_file,
     ).run()
+
+
+@app.command()
+def supervise(
+    ctx: typer.Context,
+    workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+    model: Annotated[list[str] | None, typer.Option("--model")] = None,
+    orchestrator_bind: Annotated[str, typer.Option("--orchestrator-bind")] = "tcp://127.0.0.1:0",
+    gateway_bind: Annotated[str, typer.Option("--gateway-bind")] = "tcp://127.0.0.1:0",
+    restart: Annotated[str, typer.Option("--restart")] = "on-failure",
+    heartbeat_timeout: HeartbeatTimeoutOpt = 3.0,
+) -> None:
+    """Start and watch the whole cluster (what `haifctl up` runs in the background)."""
+    from haifctl.daemon.supervisor import Supervisor
+
+    settings = state(ctx).settings()
+    code = Supervisor(
+        settings.home,
+        workers=workers,
+        models=model or [settings.model],
+        registry_url=settings.registry_url,
+        orchestrator_bind=orchestrator_bind,
+        gateway_bind=gateway_bind,
+        restart=restart,
+        heartbeat_timeout_s=heartbeat_timeout,
+    ).run()
+    raise typer.Exit(code)

@@ -140,8 +140,22 @@ def infer(
     n_ctx: NCtxOpt = None,
     n_gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run in-process even when a cluster is up.")
+    ] = False,
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway",
+            help="A cluster gateway, tcp://HOST:PORT. [env: GATEWAY_URL]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Stream a completion of PROMPT from a model, in-process.
+    """Stream a completion of PROMPT from a model.
+
+    Goes through the cluster when one is up (`haifctl up`, or --gateway / GATEWAY_URL), and runs
+    in-process otherwise; --local forces in-process. The output is the same either way.
 
     Examples:
 
@@ -153,7 +167,12 @@ def infer(
     """
     as_json = want_json(ctx, output is OutputFormat.json)
     settings = state(ctx).settings(
-        model=model, max_tokens=max_tokens, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads
+        model=model,
+        max_tokens=max_tokens,
+        n_ctx=n_ctx,
+        n_gpu_layers=n_gpu_layers,
+        threads=threads,
+        gateway_url=gateway,
     )
 
     overrides: dict[str, Any] = {
@@ -197,25 +216,27 @@ def infer(
                 raise _too_big("stdin")
         request = validate_request({"prompt": prompt, **overrides})
 
-    from haifctl.inference import start_generation
-
-    generation, loaded = start_generation(settings, request)
     stream = request.stream and not as_json
     out = sys.stdout
-    try:
-        try:
-            for event in generation:
-                if stream and event.text:
-                    out.write(event.text)
-                    out.flush()
-            result = generation.result
-        except KeyboardInterrupt:
-            result = generation.cancel()
-            if not as_json:
-                stderr().print("\n[dim]stopped[/dim]")
-        assert result is not None
-    finally:
-        loaded.close()
+
+    def show(text: str) -> None:
+        if stream and text:
+            out.write(text)
+            out.flush()
+
+    from haifctl.commands.cluster import cluster_gateway
+
+    address = None if local else cluster_gateway(settings)
+    if address is not None:
+        from haifctl.inference import run_cluster
+
+        result = run_cluster(address, settings, request, show)
+    else:
+        from haifctl.inference import run_local
+
+        result = run_local(settings, request, show)
+    if result.finish_reason == "cancelled" and not as_json:
+        stderr().print("\n[dim]stopped[/dim]")
 
     if as_json:
         print_json(msgspec.to_builtins(result))
@@ -233,7 +254,8 @@ def infer(
                 else "-"
             )
             err.print(
-                f"[dim]{result.model} · {result.usage.completion_tokens} tokens · "
+                f"[dim]{result.model} · {result.worker or result.served_by} · "
+                f"{result.usage.completion_tokens} tokens · "
                 f"{t.tokens_per_second:.0f} tok/s · first token {ttft} · "
                 f"{result.finish_reason}[/dim]"
             )

@@ -1,0 +1,370 @@
+"""`haifctl up|down|status|logs`: the local cluster's lifecycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.table import Table
+
+from haifctl.commands._shared import JsonFlag, print_json, state, stderr, stdout, want_json
+from haifctl.config import Settings
+from haifctl.daemon.state import log_dir, pid_alive, read_state, run_dir
+from haifctl.errors import HaifError, InvalidInput, Unavailable
+
+
+class RestartPolicy(StrEnum):
+    always = "always"
+    on_failure = "on-failure"
+    never = "never"
+
+
+def running_state(home: Path) -> dict[str, Any] | None:
+    """The cluster's state file, if its supervisor is alive."""
+    data = read_state(home)
+    if data is None or not pid_alive(int(data.get("supervisor_pid", 0))):
+        return None
+    return data
+
+
+def daemon_endpoint(data: dict[str, Any], name: str) -> str:
+    for daemon in data.get("daemons", []):
+        if daemon.get("name") == name:
+            return str(daemon.get("endpoint", ""))
+    return ""
+
+
+def cluster_gateway(settings: Settings) -> str | None:
+    """Where `infer` should go: GATEWAY_URL / --gateway, else a local cluster that is up."""
+    if settings.gateway_url:
+        if not settings.gateway_url.startswith(("tcp://", "ipc://")):
+            raise InvalidInput(
+                "bad_gateway_url",
+                f"gateway address {settings.gateway_url!r} is not a ZeroMQ address",
+                "use tcp://HOST:PORT (see `haifctl status`)",
+            )
+        return settings.gateway_url
+    data = running_state(settings.home)
+    if data is None or data.get("state") != "ready":
+        return None
+    return daemon_endpoint(data, "gateway") or None
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except FileNotFoundError:
+        return []
+
+
+def _uptime(started: float) -> str:
+    seconds = int(time.time() - started)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def up(
+    ctx: typer.Context,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes.")] = 1,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model", "-m", help="Model for the workers (repeatable; workers take turns)."
+        ),
+    ] = None,
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Supervise from this terminal; Ctrl-C stops.")
+    ] = False,
+    orchestrator_bind: Annotated[
+        str,
+        typer.Option(
+            "--orchestrator-bind", help="Where workers join; tcp://0.0.0.0:PORT for remote ones."
+        ),
+    ] = "tcp://127.0.0.1:0",
+    gateway_bind: Annotated[
+        str, typer.Option("--gateway-bind", help="Where clients connect.")
+    ] = "tcp://127.0.0.1:0",
+    restart: Annotated[
+        RestartPolicy, typer.Option("--restart", help="Restart daemons that exit.")
+    ] = RestartPolicy.on_failure,
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option("--heartbeat-timeout", help="Seconds before a silent worker is dropped."),
+    ] = 3.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for readiness.")
+    ] = 120.0,
+) -> None:
+    """Start the local cluster: registry, orchestrator, gateway and workers.
+
+    Returns once every daemon is ready and every worker has joined. Running it again while the
+    cluster is up does nothing.
+    """
+    settings = state(ctx).settings()
+    home = settings.home
+    current = running_state(home)
+    if current is not None:
+        stdout().print(f"cluster already running (gateway {daemon_endpoint(current, 'gateway')})")
+        return
+    models = model or [settings.model]
+    from haifctl.inference import open_cli_registry
+
+    with open_cli_registry(settings) as registry:  # unknown models fail here, not in a worker
+        refs = [registry.resolve(m).ref for m in models]
+    args = [
+        sys.executable,
+        "-m",
+        "haifctl",
+        "--home",
+        str(home),
+        "--registry-url",
+        settings.registry_url,
+        "daemon",
+        "supervise",
+        "--workers",
+        str(workers),
+        "--orchestrator-bind",
+        orchestrator_bind,
+        "--gateway-bind",
+        gateway_bind,
+        "--restart",
+        restart.value,
+        "--heartbeat-timeout",
+        str(heartbeat_timeout),
+    ]
+    for ref in refs:
+        args += ["--model", ref]
+    if foreground:
+        os.execv(sys.executable, args)
+    log_dir(home).mkdir(parents=True, exist_ok=True)
+    run_dir(home).mkdir(parents=True, exist_ok=True)
+    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    with (log_dir(home) / "supervisor.log").open("ab") as logfile:
+        supervisor = subprocess.Popen(
+            args,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    data = _wait_ready(home, supervisor, timeout)
+    gateway = daemon_endpoint(data, "gateway")
+    _wait_workers(gateway, workers, time.monotonic() + timeout)
+    out = stdout()
+    out.print(f"cluster up: {workers} worker(s) serving {', '.join(refs)}")
+    out.print(f"  gateway       {gateway}")
+    out.print(
+        f"  orchestrator  {daemon_endpoint(data, 'orchestrator')}"
+        "  (remote workers: haifctl worker --orchestrator ADDRESS)"
+    )
+    out.print(f"  logs          {log_dir(home)}  (haifctl logs)")
+
+
+def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while True:
+        data = read_state(home)
+        if data is not None and data.get("supervisor_pid") == supervisor.pid:
+            if data.get("state") == "ready":
+                return data
+            if data.get("state") == "failed":
+                break
+        if supervisor.poll() is not None or time.monotonic() > end:
+            break
+        time.sleep(0.05)  # polling the supervisor's state file: a readiness probe
+    data = read_state(home) or {}
+    failed = str(data.get("failed") or "supervisor")
+    if supervisor.poll() is None:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(60)
+    err = stderr()
+    for line in _tail(log_dir(home) / f"{failed}.log", 12):
+        err.print(f"  {failed}| {line}", markup=False)
+    raise HaifError(
+        "cluster_failed",
+        f"the cluster did not start: {failed} failed",
+        f"its last log lines are above; all logs are in {log_dir(home)}",
+    )
+
+
+def _wait_workers(gateway: str, n: int, deadline: float) -> None:
+    from haifctl.client import ClusterClient
+
+    with ClusterClient(gateway) as client:
+        while True:
+            try:
+                if client.ping().ready and len(client.stats().workers) >= n:
+                    return
+            except Unavailable:
+                pass
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    "cluster_not_ready",
+                    f"fewer than {n} workers joined in time",
+                    "see `haifctl logs`",
+                )
+            time.sleep(0.05)
+
+
+def down(
+    ctx: typer.Context,
+    grace: Annotated[
+        float, typer.Option("--grace", help="Seconds to let in-flight requests finish.")
+    ] = 30.0,
+) -> None:
+    """Stop the cluster: drain in-flight requests, then stop every daemon."""
+    home = state(ctx).settings().home
+    data = read_state(home)
+    if data is None:
+        stdout().print("no cluster is running")
+        return
+    pid = int(data.get("supervisor_pid", 0))
+    daemons = [int(d.get("pid", 0)) for d in data.get("daemons", [])]
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + grace + 15
+        while pid_alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+    leftovers = [p for p in [pid, *daemons] if pid_alive(p)]
+    for p in leftovers:
+        os.kill(p, signal.SIGKILL)
+    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    message = "cluster stopped"
+    if leftovers:
+        message += f" ({len(leftovers)} process(es) did not drain in time and were killed)"
+    stdout().print(message)
+
+
+def status(ctx: typer.Context, json: JsonFlag = False) -> None:
+    """Show each daemon (pid, address, state, uptime, restarts) and each worker's load."""
+    want_json(ctx, json)
+    home = state(ctx).settings().home
+    data = running_state(home)
+    if data is None:
+        raise Unavailable("not_running", "no cluster is running", "start one with: haifctl up")
+    daemons = []
+    for d in data.get("daemons", []):
+        alive = pid_alive(int(d.get("pid", 0)))
+        daemons.append(
+            {
+                **d,
+                "state": d.get("state") if alive else "dead",
+                "uptime_s": round(time.time() - float(d.get("started_at", 0)), 1),
+            }
+        )
+    workers: list[dict[str, Any]] = []
+    queues: dict[str, int] = {}
+    gateway = daemon_endpoint(data, "gateway")
+    if gateway:
+        from haifctl.client import ClusterClient
+
+        try:
+            with ClusterClient(gateway) as client:
+                stats = client.stats(timeout=2.0)
+            workers = [msgspec.to_builtins(w) for w in stats.workers]
+            queues = stats.queues
+        except HaifError as exc:
+            stderr().print(f"warning: could not read worker stats: {exc.message}", markup=False)
+    if json:
+        print_json(
+            {
+                "state": data.get("state"),
+                "supervisor_pid": data.get("supervisor_pid"),
+                "daemons": daemons,
+                "workers": workers,
+                "queues": queues,
+            }
+        )
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("DAEMON", "PID", "ADDRESS", "STATE", "UPTIME", "RESTARTS"):
+        table.add_column(column)
+    for d in daemons:
+        table.add_row(
+            d["name"],
+            str(d["pid"]),
+            d.get("endpoint") or "-",
+            d["state"],
+            _uptime(float(d["started_at"])),
+            str(d["restarts"]),
+        )
+    out = stdout()
+    out.print(table)
+    wt = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("WORKER", "MODEL", "DEVICE", "LOAD", "SERVED", "TOKENS", "ERRORS", "HOST"):
+        wt.add_column(column)
+    for w in workers:
+        wt.add_row(
+            w["worker_id"],
+            ", ".join(w["models"]),
+            w["device"],
+            f"{w['busy']}/{w['slots']}",
+            str(w["served"]),
+            str(w["tokens"]),
+            str(w["errors"]),
+            w["host"],
+        )
+    out.print()
+    out.print(wt)
+    if any(queues.values()):
+        out.print("\nqueued: " + ", ".join(f"{k} {v}" for k, v in queues.items() if v))
+
+
+def logs(
+    ctx: typer.Context,
+    daemon: Annotated[
+        str | None, typer.Argument(help="gateway, orchestrator, registry, worker-N or supervisor.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of history.")] = 50,
+) -> None:
+    """Print the daemons' logs (JSON lines), like tail."""
+    directory = log_dir(state(ctx).settings().home)
+    files = sorted(directory.glob("*.log")) if directory.is_dir() else []
+    if daemon is not None:
+        files = [f for f in files if f.stem == daemon]
+        if not files:
+            known = ", ".join(f.stem for f in sorted(directory.glob("*.log"))) or "none yet"
+            raise InvalidInput("unknown_daemon", f"no log for {daemon!r}", f"logs: {known}")
+    if not files:
+        stdout().print(f"no logs yet in {directory}")
+        return
+    prefix = len(files) > 1
+    out = sys.stdout
+    for path in files:
+        for line in _tail(path, lines):
+            out.write(f"{path.stem}| {line}\n" if prefix else f"{line}\n")
+    out.flush()
+    if not follow:
+        return
+    handles = {path: path.open("r", errors="replace") for path in files}
+    for fh in handles.values():
+        fh.seek(0, os.SEEK_END)
+    try:
+        while True:
+            quiet = True
+            for path, fh in handles.items():
+                for line in fh.readlines():
+                    quiet = False
+                    out.write(f"{path.stem}| {line}" if prefix else line)
+            out.flush()
+            if quiet:
+                time.sleep(0.2)  # follow mode's polling interval
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for fh in handles.values():
+            fh.close()

@@ -1,0 +1,43 @@
+"""Where a local cluster keeps its state and logs (read by the CLI without importing ZeroMQ)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "cluster.json"
+
+
+def run_dir(home: Path) -> Path:
+    return home / "run"
+
+
+def log_dir(home: Path) -> Path:
+    return home / "logs"
+
+
+def read_state(home: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((run_dir(home) / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours still answers kill(0): look at its state
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True

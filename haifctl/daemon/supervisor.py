@@ -1,0 +1,261 @@
+"""The supervisor: starts the cluster's daemons in order, restarts the ones that die (with
+backoff), records their state in ``HOME/run/cluster.json`` and drains them on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from haifctl.daemon.base import log
+from haifctl.daemon.state import STATE_FILE, log_dir, run_dir
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 30.0  # a daemon up this long has its backoff reset
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]  # haifctl arguments, without --bind / --ready-file
+    bind: str | None  # None: the daemon does not listen (workers)
+    endpoint: str = ""
+    pid: int = 0
+    state: str = "starting"
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_START_S
+    next_start: float = 0.0
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        workers: int,
+        models: list[str],
+        registry_url: str,
+        orchestrator_bind: str = "tcp://127.0.0.1:0",
+        gateway_bind: str = "tcp://127.0.0.1:0",
+        restart: str = "on-failure",
+        heartbeat_timeout_s: float = 3.0,
+        drain_grace_s: float = 30.0,
+    ) -> None:
+        self.home = home
+        self.restart = restart
+        self.drain_grace_s = drain_grace_s
+        self.should_exit = False
+        self.ready = False
+        self.started_at = time.time()
+        common = ["--home", str(home), "--registry-url", registry_url]
+        self.children = [
+            Child("registry", [*common, "daemon", "registry"], "tcp://127.0.0.1:0"),
+            Child(
+                "orchestrator",
+                [
+                    *common,
+                    "daemon",
+                    "orchestrator",
+                    "--heartbeat-timeout",
+                    str(heartbeat_timeout_s),
+                ],
+                orchestrator_bind,
+            ),
+            Child("gateway", [*common, "daemon", "gateway"], gateway_bind),
+        ]
+        for i in range(workers):
+            model = models[i % len(models)]
+            self.children.append(
+                Child(
+                    f"worker-{i + 1}",
+                    [*common, "worker", "--model", model, "--worker-id", f"worker-{i + 1}"],
+                    None,
+                )
+            )
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    # lifecycle -------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.should_exit = True
+
+    def run(self) -> int:
+        self.install_signal_handlers()
+        run_dir(self.home).mkdir(parents=True, exist_ok=True)
+        log_dir(self.home).mkdir(parents=True, exist_ok=True)
+        try:
+            for child in self.children:
+                self.spawn(child)
+                if not self.wait_ready(child, timeout=120.0):
+                    self.write_state("failed", failed=child.name)
+                    return 1
+            self.ready = True
+            self.write_state("ready")
+            log(
+                "supervisor",
+                "cluster ready",
+                gateway=self.child("gateway").endpoint,
+                orchestrator=self.child("orchestrator").endpoint,
+            )
+            self.serve()
+            return 0
+        finally:
+            self.shutdown()
+
+    def args_for(self, child: Child) -> list[str]:
+        args = [sys.executable, "-m", "haifctl", *child.args]
+        if child.name == "orchestrator":
+            args += ["--registry", self.child("registry").endpoint]
+        elif child.name == "gateway" or child.name.startswith("worker"):
+            args += ["--orchestrator", self.child("orchestrator").endpoint]
+        if child.bind is not None:
+            # after the first start, keep the same port so that peers reconnect by themselves
+            args += ["--bind", child.endpoint or child.bind]
+        return [*args, "--ready-file", str(self.ready_file(child))]
+
+    def ready_file(self, child: Child) -> Path:
+        return run_dir(self.home) / f"{child.name}.ready"
+
+    def spawn(self, child: Child) -> None:
+        self.ready_file(child).unlink(missing_ok=True)
+        logfile = (log_dir(self.home) / f"{child.name}.log").open("ab")
+        child.popen = subprocess.Popen(
+            self.args_for(child),
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        logfile.close()
+        child.pid = child.popen.pid
+        child.started_at = time.time()
+        child.state = "starting"
+        log("supervisor", "started", target=child.name, pid=child.pid)
+
+    def wait_ready(self, child: Child, timeout: float) -> bool:
+        """Probe the daemon's ready file (written once it has bound its sockets)."""
+        end = time.monotonic() + timeout
+        path = self.ready_file(child)
+        assert child.popen is not None
+        while not path.exists():
+            if child.popen.poll() is not None or self.should_exit or time.monotonic() > end:
+                child.state = "failed"
+                log(
+                    "supervisor",
+                    "daemon failed to start",
+                    level="error",
+                    target=child.name,
+                    returncode=child.popen.poll(),
+                )
+                return False
+            time.sleep(0.02)  # the probe's polling interval
+        info = json.loads(path.read_text())
+        endpoints = info.get("endpoints", {})
+        if child.bind is not None:
+            child.endpoint = endpoints.get("rpc", child.endpoint)
+        child.state = "running"
+        return True
+
+    def serve(self) -> None:
+        while not self.should_exit:
+            now = time.monotonic()
+            changed = False
+            for child in self.children:
+                assert child.popen is not None
+                if child.state == "running" and time.time() - child.started_at > HEALTHY_AFTER_S:
+                    child.backoff = BACKOFF_START_S
+                if child.state in ("running", "starting") and child.popen.poll() is not None:
+                    code = child.popen.returncode
+                    log(
+                        "supervisor",
+                        "daemon exited",
+                        level="warning",
+                        target=child.name,
+                        returncode=code,
+                    )
+                    if self.restart == "never" or (self.restart == "on-failure" and code == 0):
+                        child.state = "exited"
+                    else:
+                        child.state = "backoff"
+                        child.next_start = now + child.backoff
+                        child.backoff = min(BACKOFF_MAX_S, child.backoff * 2)
+                    changed = True
+                elif child.state == "backoff" and now >= child.next_start:
+                    child.restarts += 1
+                    self.spawn(child)
+                    changed = True
+                elif child.state == "starting" and self.ready_file(child).exists():
+                    self.wait_ready(child, timeout=0)
+                    changed = True
+            if changed:
+                self.write_state("ready")
+            time.sleep(0.1)  # the supervision loop's tick
+
+    def shutdown(self) -> None:
+        """Drain: the gateway first (it finishes what it has in flight), then the rest."""
+        self.write_state("stopping")
+        order = [
+            ["gateway"],
+            [c.name for c in self.children if c.name.startswith("worker")],
+            ["orchestrator"],
+            ["registry"],
+        ]
+        for names in order:
+            group = [self.child(n) for n in names]
+            for child in group:
+                if child.popen is not None and child.popen.poll() is None:
+                    child.popen.send_signal(signal.SIGTERM)
+            end = time.monotonic() + self.drain_grace_s
+            for child in group:
+                if child.popen is None:
+                    continue
+                try:
+                    child.popen.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log(
+                        "supervisor",
+                        "daemon did not drain in time; killing",
+                        level="warning",
+                        target=child.name,
+                    )
+                    child.popen.kill()
+                    child.popen.wait()
+                child.state = "stopped"
+        (run_dir(self.home) / STATE_FILE).unlink(missing_ok=True)
+        for child in self.children:
+            self.ready_file(child).unlink(missing_ok=True)
+        log("supervisor", "cluster stopped")
+
+    def write_state(self, state: str, failed: str = "") -> None:
+        data = {
+            "state": state,
+            "failed": failed,
+            "supervisor_pid": os.getpid(),
+            "started_at": self.started_at,
+            "restart": self.restart,
+            "home": str(self.home),
+            "daemons": [
+                {
+                    k: getattr(c, k)
+                    for k in ("name", "pid", "endpoint", "state", "started_at", "restarts")
+                }
+                for c in self.children
+            ],
+        }
+        path = run_dir(self.home) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
