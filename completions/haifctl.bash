@@ -5,19 +5,19 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":config"|":infer"|":models"|":worker"|"config:path"|"config:show"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":config"|":down"|":infer"|":logs"|":models"|":status"|":up"|":worker"|"config:path"|"config:show"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer worker models config'
+            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs worker models config'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
             esac
             ;;
         "infer")
-            opts='--json --model -m --max-tokens -n --temperature -t --top-p --top-k --min-p --repeat-penalty --seed --stop --ignore-eos --system --output -o --n-ctx --n-gpu-layers --threads --help -h'; cmds=''
+            opts='--json --model -m --max-tokens -n --temperature -t --top-p --top-k --min-p --repeat-penalty --seed --stop --ignore-eos --system --output -o --n-ctx --n-gpu-layers --threads --local --gateway --help -h'; cmds=''
             case "$prev" in
                 --json) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --model|-m) COMPREPLY=(); return ;;
@@ -34,6 +34,34 @@ _haifctl() {
                 --n-ctx) COMPREPLY=(); return ;;
                 --n-gpu-layers) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --gateway) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "up")
+            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --timeout --help -h'; cmds=''
+            case "$prev" in
+                --workers|-w) COMPREPLY=(); return ;;
+                --model|-m) COMPREPLY=(); return ;;
+                --orchestrator-bind) COMPREPLY=(); return ;;
+                --gateway-bind) COMPREPLY=(); return ;;
+                --restart) COMPREPLY=($(compgen -W 'always on-failure never' -- "$cur")); return ;;
+                --heartbeat-timeout) COMPREPLY=(); return ;;
+                --timeout) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "down")
+            opts='--grace --help -h'; cmds=''
+            case "$prev" in
+                --grace) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "status")
+            opts='--json --help -h'; cmds=''
+            ;;
+        "logs")
+            opts='--follow -f --lines -n --help -h'; cmds=''
+            case "$prev" in
+                --lines|-n) COMPREPLY=(); return ;;
             esac
             ;;
         "worker")

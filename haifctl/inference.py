@@ -254,6 +254,7 @@ def run_cluster(
     started = time.perf_counter()
     final: wire.Done | None = None
     with ClusterClient(address) as client:
+        client.ping(timeout=2.0)  # fail fast when nothing answers there
         stream = client.stream(body)
         try:
             for msg in stream:

@@ -1,0 +1,117 @@
+"""`haifctl up / status / infer / logs / down` as a user runs them, with real daemons."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from haifctl.daemon.state import pid_alive
+from tests.e2e.conftest import HAIFCTL, Run
+
+
+def status(haifctl: Run) -> dict:
+    proc = haifctl("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_cluster_lifecycle(haifctl: Run, home: Path) -> None:
+    up = haifctl("up", "--workers", "2", "--heartbeat-timeout", "1")
+    assert up.returncode == 0, up.stderr + up.stdout
+    assert "cluster up: 2 worker(s) serving stories260K:1" in up.stdout
+    try:
+        again = haifctl("up")
+        assert again.returncode == 0
+        assert "already running" in again.stdout
+
+        info = status(haifctl)
+        names = [d["name"] for d in info["daemons"]]
+        assert names == ["registry", "orchestrator", "gateway", "worker-1", "worker-2"]
+        assert all(d["state"] == "running" and pid_alive(d["pid"]) for d in info["daemons"])
+        assert sorted(w["worker_id"] for w in info["workers"]) == ["worker-1", "worker-2"]
+        assert all(w["device"] == "cpu" and w["slots"] == 1 for w in info["workers"])
+        table = haifctl("status").stdout
+        assert "orchestrator" in table
+        assert "worker-2" in table
+        assert "0/1" in table
+
+        # infer goes through the cluster, and says which worker served it
+        served = json.loads(haifctl("infer", "Once upon a time", "-n", "16", "-o", "json").stdout)
+        assert served["served_by"] == "cluster"
+        assert served["worker"] in ("worker-1", "worker-2")
+        assert served["usage"]["completion_tokens"] == 16
+        local = json.loads(haifctl("infer", "Once", "-n", "4", "-o", "json", "--local").stdout)
+        assert local["served_by"] == "in-process"
+        # same seed, same text, either way
+        args = ("infer", "Once upon a time", "-n", "20", "--seed", "9", "-o", "json")
+        assert (
+            json.loads(haifctl(*args).stdout)["text"]
+            == json.loads(haifctl(*args, "--local").stdout)["text"]
+        )
+
+        # kill -9 a worker: the supervisor restarts it and it joins again
+        victim = next(d for d in info["daemons"] if d["name"] == "worker-1")
+        os.kill(victim["pid"], signal.SIGKILL)
+        end = time.monotonic() + 30
+        while True:
+            now = status(haifctl)
+            worker1 = next(d for d in now["daemons"] if d["name"] == "worker-1")
+            ids = sorted(w["worker_id"] for w in now["workers"])
+            if (
+                worker1["restarts"] == 1
+                and worker1["pid"] != victim["pid"]
+                and ids == ["worker-1", "worker-2"]
+                and worker1["state"] == "running"
+            ):
+                break
+            assert time.monotonic() < end, now
+            time.sleep(0.1)
+
+        logs = haifctl("logs", "worker-1", "-n", "200")
+        assert '"msg": "model loaded"' in logs.stdout
+        assert haifctl("logs", "nonesuch").returncode == 2
+        assert "supervisor|" in haifctl("logs").stdout
+
+        # SIGTERM drains: a stream under way when `down` starts still completes
+        reader = subprocess.Popen(
+            [HAIFCTL, "infer", "Once upon a time", "-n", "1900", "--ignore-eos"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "HAIF_HOME": str(home)},
+        )
+        assert reader.stdout is not None
+        assert reader.stdout.read(1)  # streaming has begun
+        pids = [d["pid"] for d in status(haifctl)["daemons"]]
+        down = haifctl("down")
+        rest, err = reader.communicate(timeout=60)
+        assert reader.returncode == 0, err
+        assert len(rest.split()) > 600  # the whole 1900-token story arrived
+    finally:
+        down = haifctl("down")
+    assert down.returncode == 0
+    assert not any(pid_alive(p) for p in pids)
+    stopped = haifctl("status")
+    assert stopped.returncode == 3
+    assert "no cluster is running" in stopped.stderr
+    after = json.loads(haifctl("infer", "Once", "-n", "4", "-o", "json").stdout)
+    assert after["served_by"] == "in-process"
+
+
+def test_up_fails_clearly_for_an_unknown_model(haifctl: Run) -> None:
+    proc = haifctl("up", "--model", "ghost")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown model 'ghost'")
+    assert haifctl("status").returncode == 3
+
+
+def test_gateway_url_must_be_a_zeromq_address(haifctl: Run) -> None:
+    proc = haifctl("infer", "x", env={"GATEWAY_URL": "http://localhost:8080"})
+    assert proc.returncode == 2
+    assert "not a ZeroMQ address" in proc.stderr
+    proc = haifctl("infer", "x", "--gateway", "tcp://127.0.0.1:1", "-n", "2")
+    assert proc.returncode == 3
+    assert "no answer from the gateway" in proc.stderr
