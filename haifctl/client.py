@@ -20,10 +20,22 @@ class ClusterClient:
         self.key = key
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.rpc = RpcClient(self.ctx, address, "gateway")
+        self._idle: zmq.Socket[bytes] | None = None  # kept connected between streams
 
     def close(self) -> None:
         self.rpc.close()
+        if self._idle is not None:
+            self._idle.close(linger=0)
         self.ctx.destroy(linger=0)
+
+    def _stream_socket(self) -> zmq.Socket[bytes]:
+        if self._idle is not None:
+            sock, self._idle = self._idle, None
+            return sock
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        return sock
 
     def __enter__(self) -> ClusterClient:
         return self
@@ -59,9 +71,7 @@ class ClusterClient:
         body = request if isinstance(request, dict) else msgspec.to_builtins(request)
         body = {k: v for k, v in body.items() if v is not None}
         request_id = request_id or wire.new_id()
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
+        sock = self._stream_socket()
         finished = False
         try:
             deadline = time.time() + timeout
@@ -92,5 +102,7 @@ class ClusterClient:
                 sock.send(wire.encode(wire.Cancel(), request_id))
                 # linger briefly so the cancel leaves before the socket closes
                 sock.close(linger=500)
+            elif self._idle is None:
+                self._idle = sock  # reuse the connection for the next stream
             else:
                 sock.close(linger=0)

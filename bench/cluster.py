@@ -1,0 +1,167 @@
+"""In-process versus through the cluster (gateway + orchestrator + worker), same workload.
+
+    python bench/cluster.py [--requests N] [--workers W]
+
+The shipped model, 128-token completions (end-of-text ignored so every run is the same length),
+one stream at a time and 8 concurrent streams.  The cluster is started with `haifctl up` in a
+temporary home, exactly as a user would, and stopped afterwards.  Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from haifctl import wire
+from haifctl.client import ClusterClient
+from haifctl.registry.service import builtin_model_path
+from haifctl.runtime.base import LoadOptions, SamplingParams
+from haifctl.runtime.llamacpp import LlamaCppRuntime
+
+HAIFCTL = str(Path(sys.executable).parent / "haifctl")
+TOKENS = 128
+PROMPT = "Once upon a time"
+
+# one request: returns (time to first token, total time), in seconds
+OneRequest = Callable[[int], tuple[float, float]]
+
+
+def local_runner() -> tuple[OneRequest, Callable[[], None]]:
+    model = LlamaCppRuntime().load(builtin_model_path(), LoadOptions())
+
+    def one(seed: int) -> tuple[float, float]:
+        params = SamplingParams(max_tokens=TOKENS, ignore_eos=True, seed=seed)
+        start = time.perf_counter()
+        first = None
+        for event in model.generate(PROMPT, params):
+            if first is None and event.n_tokens:
+                first = time.perf_counter() - start
+        return first or 0.0, time.perf_counter() - start
+
+    return one, model.close
+
+
+def cluster_runner(gateway: str) -> tuple[OneRequest, Callable[[], None]]:
+    local = threading.local()
+    clients: list[ClusterClient] = []
+
+    def one(seed: int) -> tuple[float, float]:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = ClusterClient(gateway)
+            clients.append(client)
+        request = {"prompt": PROMPT, "max_tokens": TOKENS, "ignore_eos": True, "seed": seed}
+        start = time.perf_counter()
+        first = None
+        for msg in client.stream(request):
+            if first is None and isinstance(msg, wire.Chunk):
+                first = time.perf_counter() - start
+            if isinstance(msg, wire.Error):
+                raise RuntimeError(msg.message)
+        return first or 0.0, time.perf_counter() - start
+
+    def close() -> None:
+        for client in clients:
+            client.close()
+
+    return one, close
+
+
+def measure(one: OneRequest, requests: int, concurrency: int) -> dict[str, float]:
+    for seed in range(3):  # warm up
+        one(seed)
+    results: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    per_thread = max(1, requests // concurrency)
+
+    def worker(base: int) -> None:
+        for i in range(per_thread):
+            r = one(base * 1000 + i)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ttfts = sorted(r[0] for r in results)
+    return {
+        "stream_tps": statistics.median(TOKENS / r[1] for r in results),
+        "aggregate_tps": TOKENS * len(results) / wall,
+        "ttft_p50_ms": statistics.median(ttfts) * 1000,
+        "ttft_p95_ms": ttfts[int(0.95 * (len(ttfts) - 1))] * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+
+    one, close = local_runner()
+    local1 = measure(one, args.requests, 1)
+    local8 = measure(one, args.requests, 8)
+    close()
+
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "HAIF_HOME": home}
+        subprocess.run(
+            [HAIFCTL, "up", "--workers", str(args.workers)],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            info = json.loads(
+                subprocess.run(
+                    [HAIFCTL, "status", "--json"],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            gateway = next(d["endpoint"] for d in info["daemons"] if d["name"] == "gateway")
+            one, close = cluster_runner(gateway)
+            cluster1 = measure(one, args.requests, 1)
+            cluster8 = measure(one, args.requests, 8)
+            close()
+        finally:
+            subprocess.run([HAIFCTL, "down"], env=env, check=True, stdout=subprocess.DEVNULL)
+
+    print(
+        f"workload: {TOKENS}-token completions of the shipped model, {args.requests} requests "
+        f"per row; cluster = gateway + orchestrator + {args.workers} worker(s) on loopback"
+    )
+    print(f"{'':<26}{'stream tok/s':>14}{'total tok/s':>14}{'TTFT p50 ms':>14}{'TTFT p95 ms':>14}")
+    for label, r in (
+        ("in-process, 1 stream", local1),
+        ("cluster, 1 stream", cluster1),
+        ("in-process, 8 streams", local8),
+        ("cluster, 8 streams", cluster8),
+    ):
+        print(
+            f"{label:<26}{r['stream_tps']:>14,.0f}{r['aggregate_tps']:>14,.0f}"
+            f"{r['ttft_p50_ms']:>14.2f}{r['ttft_p95_ms']:>14.2f}"
+        )
+    print(
+        f"cluster / in-process, 1 stream: {cluster1['stream_tps'] / local1['stream_tps']:.1%} "
+        f"of tokens/s; added TTFT p50 {cluster1['ttft_p50_ms'] - local1['ttft_p50_ms']:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
