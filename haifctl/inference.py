@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -14,6 +14,9 @@ from haifctl.config import Settings
 from haifctl.errors import HaifError, NotFound
 from haifctl.gguf_info import check_model_path, read_facts
 from haifctl.registry.service import Registry, open_registry
+
+if TYPE_CHECKING:
+    from haifctl.registry.remote import RemoteRegistry
 from haifctl.runtime.base import CancelToken, LoadedModel, LoadOptions, TokenEvent
 from haifctl.schema import InferenceRequest
 
@@ -50,8 +53,18 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     worker: str | None = None
 
 
-def open_cli_registry(settings: Settings) -> Registry:
-    """The registry, with the shipped model registered on first use."""
+def open_cli_registry(settings: Settings) -> Registry | RemoteRegistry:
+    """The registry, with the shipped model registered on first use.
+
+    While a local cluster that uses the same registry is up, go through its registry daemon.
+    """
+    from haifctl.daemon.state import cluster_registry
+
+    address = cluster_registry(settings.home, settings.registry_url)
+    if address:
+        from haifctl.registry.remote import RemoteRegistry
+
+        return RemoteRegistry(address)
     registry = open_registry(settings.registry_url)
     registry.ensure_builtin()
     return registry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import zmq
 from haifctl import wire
 from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket, split_router
 from haifctl.errors import HaifError
+from haifctl.gguf_info import GGUFFacts
 from haifctl.registry.service import Registry, open_registry
 
 
@@ -66,23 +68,48 @@ class RegistryDaemon(Daemon):
 
     def call(self, msg: wire.RegistryCall) -> wire.Msg:
         assert self.registry is not None
+        reg = self.registry
+        args = msg.args
         self.counters[f"calls_{msg.op}"] += 1
+        ops: dict[str, Callable[[], Any]] = {
+            "resolve": lambda: reg.resolve(str(args["ref"])),
+            "list": reg.all,
+            "ensure_builtin": reg.ensure_builtin,
+            "register": lambda: reg.register(
+                Path(str(args["path"])),
+                name=str(args["name"]),
+                version=args.get("version"),
+                aliases=[str(a) for a in args.get("aliases") or []],
+                params=dict(args.get("params") or {}),
+                make_default=bool(args.get("make_default")),
+                sha256=str(args["sha256"]),
+                facts=msgspec.convert(args["facts"], GGUFFacts),
+            ),
+            "remove": lambda: reg.remove(
+                str(args["ref"]), all_versions=bool(args.get("all_versions"))
+            ),
+            "set_alias": lambda: reg.set_alias(str(args["alias"]), str(args["ref"])),
+            "remove_alias": lambda: reg.remove_alias(str(args["alias"])),
+            "set_default": lambda: reg.set_default(str(args["ref"])),
+            "set_status": lambda: reg.set_status(str(args["ref"]), str(args["status"])),
+        }
+        op = ops.get(msg.op)
+        if op is None:
+            return wire.Error(code="unknown_op", message=f"unknown registry op {msg.op!r}")
         try:
-            result: Any
-            if msg.op == "resolve":
-                result = msgspec.to_builtins(self.registry.resolve(str(msg.args.get("ref", ""))))
-            elif msg.op == "list":
-                result = [msgspec.to_builtins(r) for r in self.registry.all()]
-            elif msg.op == "set_status":
-                record = self.registry.set_status(str(msg.args["ref"]), str(msg.args["status"]))
-                result = msgspec.to_builtins(record)
-            else:
-                return wire.Error(code="unknown_op", message=f"unknown registry op {msg.op!r}")
+            result = op()
+            if msg.op not in ("resolve", "list", "ensure_builtin"):
+                log(
+                    self.name,
+                    "registry write",
+                    op=msg.op,
+                    args={k: v for k, v in args.items() if k != "facts"},
+                )
         except HaifError as exc:
             return wire.Error(code=exc.code, message=exc.message, hint=exc.hint)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
             return wire.Error(code="invalid_request", message=f"bad arguments for {msg.op}: {exc}")
-        return wire.RegistryReply(result=result)
+        return wire.RegistryReply(result=msgspec.to_builtins(result))
 
     def stop(self) -> None:
         if self.registry is not None:

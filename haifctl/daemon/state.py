@@ -41,3 +41,16 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(") ", 1)[1][:1] != "Z"
     except (FileNotFoundError, IndexError):
         return True
+
+
+def cluster_registry(home: Path, registry_url: str) -> str | None:
+    """The registry daemon's address, if a cluster on this same registry is up."""
+    data = read_state(home)
+    if data is None or data.get("state") != "ready" or data.get("registry_url") != registry_url:
+        return None
+    if not pid_alive(int(data.get("supervisor_pid", 0))):
+        return None
+    for daemon in data.get("daemons", []):
+        if daemon.get("name") == "registry" and daemon.get("endpoint"):
+            return str(daemon["endpoint"])
+    return None

@@ -56,6 +56,7 @@ class Supervisor:
         self.should_exit = False
         self.ready = False
         self.started_at = time.time()
+        self.registry_url = registry_url
         common = ["--home", str(home), "--registry-url", registry_url]
         self.children = [
             Child("registry", [*common, "daemon", "registry"], "tcp://127.0.0.1:0"),
@@ -246,6 +247,7 @@ class Supervisor:
             "supervisor_pid": os.getpid(),
             "started_at": self.started_at,
             "restart": self.restart,
+            "registry_url": self.registry_url,
             "home": str(self.home),
             "daemons": [
                 {
@@ -258,4 +260,5 @@ class Supervisor:
         path = run_dir(self.home) / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
+        tmp.chmod(0o600)  # it names the registry URL, which may hold a password
         tmp.replace(path)

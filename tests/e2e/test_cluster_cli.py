@@ -19,7 +19,7 @@ def status(haifctl: Run) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_cluster_lifecycle(haifctl: Run, home: Path) -> None:
+def test_cluster_lifecycle(haifctl: Run, home: Path, model_path: Path) -> None:
     up = haifctl("up", "--workers", "2", "--heartbeat-timeout", "1")
     assert up.returncode == 0, up.stderr + up.stdout
     assert "cluster up: 2 worker(s) serving stories260K:1" in up.stdout
@@ -70,6 +70,17 @@ def test_cluster_lifecycle(haifctl: Run, home: Path) -> None:
                 break
             assert time.monotonic() < end, now
             time.sleep(0.1)
+
+        # while the cluster is up, `models` commands go through the registry daemon
+        reg = haifctl("models", "register", str(model_path), "--name", "via-daemon")
+        assert reg.returncode == 0, reg.stderr
+        listed = json.loads(haifctl("models", "list", "--json").stdout)
+        assert "via-daemon" in [m["name"] for m in listed]
+        assert haifctl("models", "rm", "via-daemon").returncode == 0
+        registry_log = haifctl("logs", "registry", "-n", "500").stdout
+        assert '"op": "register"' in registry_log
+        assert '"op": "remove"' in registry_log
+        assert haifctl("models", "show", "via-daemon").returncode == 2
 
         logs = haifctl("logs", "worker-1", "-n", "200")
         assert '"msg": "model loaded"' in logs.stdout
