@@ -23,6 +23,7 @@ from pathlib import Path
 
 from haifctl import wire
 from haifctl.client import ClusterClient
+from haifctl.config import resolve
 from haifctl.registry.service import builtin_model_path
 from haifctl.runtime.base import LoadOptions, SamplingParams
 from haifctl.runtime.llamacpp import LlamaCppRuntime
@@ -36,7 +37,9 @@ OneRequest = Callable[[int], tuple[float, float]]
 
 
 def local_runner() -> tuple[OneRequest, Callable[[], None]]:
-    model = LlamaCppRuntime().load(builtin_model_path(), LoadOptions())
+    settings = resolve()  # the same HAIF_THREADS etc. as the cluster's worker gets
+    options = LoadOptions(n_ctx=settings.n_ctx, threads=settings.threads)
+    model = LlamaCppRuntime().load(builtin_model_path(), options)
 
     def one(seed: int) -> tuple[float, float]:
         params = SamplingParams(max_tokens=TOKENS, ignore_eos=True, seed=seed)

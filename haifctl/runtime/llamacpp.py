@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import queue
 import random
 import threading
 from collections.abc import Iterator
@@ -88,10 +89,14 @@ class LlamaCppModel:
             threads=threads,
         )
         # One llama.cpp context holds one KV cache; until batched decoding lands, the model
-        # serves one sequence at a time and callers queue on this lock.
+        # serves one sequence at a time.  Every llama.cpp call runs on one engine thread: its
+        # OpenMP team stays warm, where a call from a fresh thread each time builds a new team
+        # and runs several times slower.
         self.slots = 1
-        self._lock = threading.Lock()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
+        self._engine = threading.Thread(target=self._engine_loop, name="llama-engine", daemon=True)
+        self._engine.start()
 
     def _tokenize(self, prompt: str) -> list[int]:
         bos = self.info.bos_token
@@ -128,67 +133,105 @@ class LlamaCppModel:
         budget: int,
         cancel: CancelToken | None,
     ) -> Iterator[TokenEvent]:
-        with self._lock:
-            llama = self._llama
-            llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            scanner = StopScanner(params.stop)
-            produced: list[int] = []
-            finish = "length"
-            tokens = llama.generate(
-                prompt_tokens,
-                top_k=params.top_k,
-                top_p=params.top_p,
-                min_p=params.min_p,
-                temp=params.temperature,
-                repeat_penalty=params.repeat_penalty,
-            )
+        job = _Job(prompt_tokens, params, budget, cancel)
+        self._jobs.put(job)
+        try:
+            while True:
+                item = job.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.abandoned = True  # the consumer left: stop at the next token
+
+    def _engine_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
             try:
-                if budget <= 0:
-                    finish = "length"
-                else:
-                    for token in tokens:
-                        if cancel is not None and cancel.cancelled:
-                            finish = "cancelled"
-                            break
-                        if not params.ignore_eos and self._eog(self._vocab, token):
-                            finish = "stop"
-                            break
-                        piece = llama.detokenize(
-                            [token], prev_tokens=prompt_tokens + produced, special=False
-                        )
-                        produced.append(token)
-                        text = scanner.feed(decoder.decode(piece))
-                        if scanner.stopped:
-                            finish = "stop"
-                            if text:
-                                yield TokenEvent(text=text, n_tokens=1)
-                            break
-                        if text:
-                            yield TokenEvent(text=text, n_tokens=1)
-                        if len(produced) >= budget:
-                            break
-            finally:
-                tokens.close()
-            tail = scanner.flush() + decoder.decode(b"", final=True) if finish != "stop" else ""
-            yield TokenEvent(
-                text=tail,
-                finish_reason=finish,
-                prompt_tokens=len(prompt_tokens),
-                completion_tokens=len(produced),
-            )
+                for event in self._run(job):
+                    job.events.put(event)
+            except BaseException as exc:  # handed to the consumer, never lost
+                job.events.put(exc)
+
+    def _run(self, job: _Job) -> Iterator[TokenEvent]:
+        llama = self._llama
+        params = job.params
+        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = StopScanner(params.stop)
+        history = list(job.prompt_tokens)  # prompt + output: context for detokenizing
+        produced = 0
+        finish = "length"
+        tokens = llama.generate(
+            job.prompt_tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+        )
+        try:
+            for token in tokens if job.budget > 0 else ():
+                if job.abandoned or (job.cancel is not None and job.cancel.cancelled):
+                    finish = "cancelled"
+                    break
+                if not params.ignore_eos and self._eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                piece = llama.detokenize([token], prev_tokens=history, special=False)
+                history.append(token)
+                produced += 1
+                text = scanner.feed(decoder.decode(piece))
+                if scanner.stopped:
+                    finish = "stop"
+                    if text:
+                        yield TokenEvent(text=text, n_tokens=1)
+                    break
+                if text:
+                    yield TokenEvent(text=text, n_tokens=1)
+                if produced >= job.budget:
+                    break
+        finally:
+            tokens.close()
+        tail = scanner.flush() + decoder.decode(b"", final=True) if finish != "stop" else ""
+        yield TokenEvent(
+            text=tail,
+            finish_reason=finish,
+            prompt_tokens=len(job.prompt_tokens),
+            completion_tokens=produced,
+        )
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            with self._lock:
-                self._llama.close()
+            self._jobs.put(None)
+            self._engine.join()
+            self._llama.close()
 
     def __enter__(self) -> LlamaCppModel:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Job:
+    """One generation handed to the engine thread, and the queue its events come back on."""
+
+    def __init__(
+        self,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        budget: int,
+        cancel: CancelToken | None,
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.budget = budget
+        self.cancel = cancel
+        self.abandoned = False
+        self.events: queue.Queue[TokenEvent | BaseException] = queue.Queue()
 
 
 class LlamaCppRuntime:
