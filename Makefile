@@ -29,9 +29,10 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(BIN)/python scripts/gendocs.py
 
-## bench: print the foundation's figures (tokens/s, first token, registry latency)
+## bench: print the figures (tokens/s, first token, registry latency, cluster overhead)
 bench: $(VENV)/.installed
 	$(BIN)/python bench/foundation.py
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
