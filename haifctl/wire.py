@@ -204,8 +204,9 @@ def decode(frame: bytes) -> Envelope:
         raise BadFrame(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
     try:
         envelope = _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadFrame(str(exc)) from None
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        # ValueError covers UnicodeDecodeError, which msgspec raises for invalid UTF-8 strings
+        raise BadFrame(f"{type(exc).__name__}: {exc}") from None
     if envelope.v != PROTOCOL_VERSION:
         raise BadFrame(f"protocol version {envelope.v}, expected {PROTOCOL_VERSION}")
     return envelope

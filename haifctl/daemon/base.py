@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,19 @@ class Daemon:
             self.counters["malformed_frames"] += 1
             log(self.name, "dropped malformed frame", level="warning", error=str(exc)[:200])
             return None
+
+    def safely(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run one message's handler; a bug triggered by one message must not stop the daemon."""
+        try:
+            handler(*args)
+        except Exception as exc:
+            self.counters["handler_errors"] += 1
+            log(
+                self.name,
+                "message handler failed",
+                level="error",
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     def pong(self) -> wire.Pong:
         return wire.Pong(daemon=self.name, pid=os.getpid(), version=__version__, ready=self.started)

@@ -39,12 +39,19 @@ class Route:
 
 
 class TokenBucket:
+    MAX_KEYS = 10_000
+
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
         self.buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, key: str, now: float) -> float:
         """0.0 if allowed, else the seconds until a token is available."""
+        if key not in self.buckets and len(self.buckets) >= self.MAX_KEYS:
+            # Forget clients whose buckets have refilled: they are indistinguishable from new
+            # ones, and keeping them would let many identities grow this without bound.
+            full_after = self.burst / self.rate
+            self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full_after}
         tokens, last = self.buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens >= 1.0:
@@ -119,14 +126,14 @@ class GatewayDaemon(Daemon):
                         frames = self.router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.from_client(frames, accepting=drain_until is None)
+                    self.safely(self.from_client, frames, drain_until is None)
             if self.dealer in events:
                 while True:
                     try:
                         body = self.dealer.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.from_orchestrator(body)
+                    self.safely(self.from_orchestrator, body)
             self.sweep()
 
     def to_client(self, identity: bytes, body: bytes) -> None:

@@ -114,7 +114,7 @@ class OrchestratorDaemon(Daemon):
                         frames = self.router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.handle(frames, accepting=drain_until is None)
+                    self.safely(self.handle, frames, drain_until is None)
             self.sweep()
 
     def send(self, identity: bytes, body: bytes) -> None:

@@ -42,7 +42,7 @@ class RegistryDaemon(Daemon):
                     frames = self.router.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self.handle(frames)
+                self.safely(self.handle, frames)
 
     def handle(self, frames: list[bytes]) -> None:
         parts = split_router(frames)

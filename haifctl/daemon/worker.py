@@ -173,7 +173,7 @@ class WorkerDaemon(Daemon):
             if self.results in events:
                 self.drain_results()
             if self.dealer in events:
-                self.drain_orchestrator(accepting=drain_until is None)
+                self.safely(self.drain_orchestrator, drain_until is None)
 
     def heartbeat(self, draining: bool) -> None:
         self.dealer.send(

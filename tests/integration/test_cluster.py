@@ -185,6 +185,29 @@ def test_full_queue_is_refused_at_once_with_a_retry_hint(tmp_path: Path) -> None
             stats = client.stats()
         assert stats.queues == {"stories260K:1": 2}
         assert stats.counters["rejected_overloaded"] == 3
+
+        # A flood of requests is answered at once (refused), and memory stays flat.
+        def rss_kib(pid: int) -> int:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+            raise AssertionError("no VmRSS")
+
+        pids = {n: small.procs[n].popen.pid for n in ("gateway", "orchestrator")}
+        before = {n: rss_kib(p) for n, p in pids.items()}
+        flood = [wire.new_id() for _ in range(3000)]
+        for request_id in flood:
+            sock.send(wire.encode(wire.Infer(request=request), request_id, time.time() + 60))
+        answered: dict[str, str] = {}
+        while len(answered) < len(flood) and sock.poll(5000, zmq.POLLIN):
+            envelope = wire.decode(sock.recv())
+            if envelope.id in flood and isinstance(envelope.msg, wire.Error):
+                answered[envelope.id] = envelope.msg.code
+        assert len(answered) == len(flood)
+        assert set(answered.values()) <= {"overloaded", "rate_limited"}
+        for name, pid in pids.items():
+            grown = rss_kib(pid) - before[name]
+            assert grown < 20 * 1024, f"{name} grew by {grown} KiB"
         for request_id in ids:
             sock.send(wire.encode(wire.Cancel(), request_id))
         sock.close()

@@ -158,3 +158,22 @@ def test_remote_style_worker_joins_with_only_the_orchestrator_address(
     assert proc.stop() == 0
     cluster.wait_workers(2, timeout=HEARTBEAT_TIMEOUT + 5)
     assert os.path.exists(proc.log_path)
+
+
+def test_sigterm_to_a_worker_finishes_its_stream_first(cluster: Cluster) -> None:
+    with cluster.client() as client:
+        stream = client.stream(
+            {"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True}
+        )
+        first = next(stream)
+        assert isinstance(first, wire.Chunk)
+        worker = client.stats().workers
+        busy = next(w.worker_id for w in worker if w.busy)
+        cluster.procs[busy].kill(signal.SIGTERM)
+        rest = list(stream)
+    final = rest[-1]
+    assert isinstance(final, wire.Done), final
+    assert final.completion_tokens == 1900
+    assert cluster.procs[busy].popen.wait(timeout=30) == 0
+    # the orchestrator stops sending it work as soon as it says it is draining
+    cluster.wait_workers(1, timeout=HEARTBEAT_TIMEOUT + 5)
