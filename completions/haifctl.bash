@@ -38,7 +38,7 @@ _haifctl() {
             esac
             ;;
         "up")
-            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --timeout --help -h'; cmds=''
+            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --registry-url --timeout --help -h'; cmds=''
             case "$prev" in
                 --workers|-w) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
@@ -46,6 +46,7 @@ _haifctl() {
                 --gateway-bind) COMPREPLY=(); return ;;
                 --restart) COMPREPLY=($(compgen -W 'always on-failure never' -- "$cur")); return ;;
                 --heartbeat-timeout) COMPREPLY=(); return ;;
+                --registry-url) COMPREPLY=(); return ;;
                 --timeout) COMPREPLY=(); return ;;
             esac
             ;;

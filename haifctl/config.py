@@ -65,6 +65,43 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "A cluster gateway for `infer` (tcp://HOST:PORT); empty: a local cluster if one is up.",
     ),
+    Setting(
+        "heartbeat_timeout",
+        ("HAIF_HEARTBEAT_TIMEOUT",),
+        float,
+        3.0,
+        "Seconds of silence before the orchestrator drops a worker.",
+    ),
+    Setting("queue_size", ("HAIF_QUEUE_SIZE",), int, 64, "Queued requests per model, at most."),
+    Setting(
+        "rate_limit",
+        ("HAIF_RATE_LIMIT",),
+        float,
+        50.0,
+        "Requests per second per client key at the gateway.",
+    ),
+    Setting("rate_burst", ("HAIF_RATE_BURST",), float, 100.0, "Burst size of that rate limit."),
+    Setting(
+        "max_prompt_chars",
+        ("HAIF_MAX_PROMPT_CHARS",),
+        int,
+        262144,
+        "Longest prompt the gateway accepts, in characters.",
+    ),
+    Setting(
+        "max_tokens_cap",
+        ("HAIF_MAX_TOKENS_CAP",),
+        int,
+        4096,
+        "Largest max_tokens the gateway accepts.",
+    ),
+    Setting(
+        "request_timeout",
+        ("HAIF_REQUEST_TIMEOUT",),
+        float,
+        300.0,
+        "Deadline the gateway gives a request, in seconds.",
+    ),
     Setting("postgres_user", ("POSTGRES_USER",), str, "", "Postgres user (builds registry_url)."),
     Setting(
         "postgres_password",
@@ -93,6 +130,13 @@ class Settings:
     threads: int
     max_tokens: int
     gateway_url: str
+    heartbeat_timeout: float
+    queue_size: int
+    rate_limit: float
+    rate_burst: float
+    max_prompt_chars: int
+    max_tokens_cap: int
+    request_timeout: float
     postgres_user: str
     postgres_password: str
     postgres_db: str
@@ -128,6 +172,15 @@ def default_home() -> Path:
 def _coerce(setting: Setting, raw: Any, origin: str) -> Any:
     if setting.type is Path:
         return Path(str(raw)).expanduser()
+    if setting.type is float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise InvalidInput(
+                "invalid_setting",
+                f"{origin}: expected a number, got {raw!r}",
+                f"set {setting.name} to a number",
+            ) from None
     if setting.type is int:
         if isinstance(raw, bool):
             raise InvalidInput("invalid_setting", f"{origin}: expected an integer, got {raw!r}")

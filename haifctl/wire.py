@@ -45,6 +45,8 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     slots: int
     busy: int
     device: str
+    gpu_name: str = ""
+    gpu_memory_mb: int = 0
     n_ctx: int
     served: int
     errors: int
@@ -109,6 +111,7 @@ class Register(Msg, frozen=True, tag=True, kw_only=True):
     slots: int
     device: str
     gpu_name: str = ""
+    gpu_memory_mb: int = 0
     n_ctx: int
     pid: int
     host: str

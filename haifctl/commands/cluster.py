@@ -99,9 +99,20 @@ def up(
         RestartPolicy, typer.Option("--restart", help="Restart daemons that exit.")
     ] = RestartPolicy.on_failure,
     heartbeat_timeout: Annotated[
-        float,
-        typer.Option("--heartbeat-timeout", help="Seconds before a silent worker is dropped."),
-    ] = 3.0,
+        float | None,
+        typer.Option(
+            "--heartbeat-timeout",
+            help="Seconds before a silent worker is dropped. [env: HAIF_HEARTBEAT_TIMEOUT]",
+        ),
+    ] = None,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(
+            "--registry-url",
+            help="The registry the cluster serves. [env: HAIF_REGISTRY_URL]",
+            show_default=False,
+        ),
+    ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for readiness.")
     ] = 120.0,
@@ -111,7 +122,7 @@ def up(
     Returns once every daemon is ready and every worker has joined. Running it again while the
     cluster is up does nothing.
     """
-    settings = state(ctx).settings()
+    settings = state(ctx).settings(registry_url=registry_url, heartbeat_timeout=heartbeat_timeout)
     home = settings.home
     current = running_state(home)
     if current is not None:
@@ -141,7 +152,7 @@ def up(
         "--restart",
         restart.value,
         "--heartbeat-timeout",
-        str(heartbeat_timeout),
+        str(settings.heartbeat_timeout),
     ]
     for ref in refs:
         args += ["--model", ref]
@@ -183,11 +194,12 @@ def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float)
         if supervisor.poll() is not None or time.monotonic() > end:
             break
         time.sleep(0.05)  # polling the supervisor's state file: a readiness probe
-    data = read_state(home) or {}
-    failed = str(data.get("failed") or "supervisor")
     if supervisor.poll() is None:
         supervisor.send_signal(signal.SIGTERM)
         supervisor.wait(60)
+    data = read_state(home) or {}
+    failed = str(data.get("failed") or "supervisor")
+    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
     err = stderr()
     for line in _tail(log_dir(home) / f"{failed}.log", 12):
         err.print(f"  {failed}| {line}", markup=False)

@@ -22,7 +22,7 @@ ReadyOpt = Annotated[
     ),
 ]
 HeartbeatTimeoutOpt = Annotated[
-    float,
+    float | None,
     typer.Option("--heartbeat-timeout", help="Seconds of silence before a worker is dropped."),
 ]
 
@@ -43,46 +43,53 @@ def orchestrator(
     ctx: typer.Context,
     registry: Annotated[str, typer.Option("--registry", help="The registry daemon's address.")],
     bind: BindOpt = "tcp://127.0.0.1:0",
-    heartbeat_timeout: HeartbeatTimeoutOpt = 3.0,
+    heartbeat_timeout: HeartbeatTimeoutOpt = None,
     queue_size: Annotated[
-        int, typer.Option("--queue-size", min=0, help="Queued requests per model.")
-    ] = 64,
+        int | None, typer.Option("--queue-size", min=0, help="Queued requests per model.")
+    ] = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Keep the worker table and queues; schedule requests onto workers."""
     from haifctl.daemon.orchestrator import OrchestratorDaemon
 
-    settings = state(ctx).settings()
+    settings = state(ctx).settings(heartbeat_timeout=heartbeat_timeout, queue_size=queue_size)
     OrchestratorDaemon(
         bind,
         registry,
         settings.model,
-        heartbeat_timeout_s=heartbeat_timeout,
-        queue_size=queue_size,
+        heartbeat_timeout_s=settings.heartbeat_timeout,
+        queue_size=settings.queue_size,
         ready_file=ready_file,
     ).run()
 
 
 @app.command()
 def gateway(
+    ctx: typer.Context,
     orchestrator: Annotated[
         str, typer.Option("--orchestrator", help="The orchestrator's address.")
     ],
     bind: BindOpt = "tcp://127.0.0.1:0",
     rate: Annotated[
-        float, typer.Option("--rate", help="Requests per second per client key.")
-    ] = 50.0,
+        float | None, typer.Option("--rate", help="Requests per second per client key.")
+    ] = None,
     burst: Annotated[
-        float, typer.Option("--burst", help="Token-bucket burst per client key.")
-    ] = 100.0,
+        float | None, typer.Option("--burst", help="Token-bucket burst per client key.")
+    ] = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Validate, rate-limit and forward requests; relay token streams."""
     from haifctl.daemon.gateway import GatewayDaemon, Limits
 
-    GatewayDaemon(
-        bind, orchestrator, limits=Limits(rate_per_s=rate, burst=burst), ready_file=ready_file
-    ).run()
+    settings = state(ctx).settings(rate_limit=rate, rate_burst=burst)
+    limits = Limits(
+        max_prompt_chars=settings.max_prompt_chars,
+        max_tokens_cap=settings.max_tokens_cap,
+        request_timeout_s=settings.request_timeout,
+        rate_per_s=settings.rate_limit,
+        burst=settings.rate_burst,
+    )
+    GatewayDaemon(bind, orchestrator, limits=limits, ready_file=ready_file).run()
 
 
 def worker(
@@ -123,12 +130,12 @@ def supervise(
     orchestrator_bind: Annotated[str, typer.Option("--orchestrator-bind")] = "tcp://127.0.0.1:0",
     gateway_bind: Annotated[str, typer.Option("--gateway-bind")] = "tcp://127.0.0.1:0",
     restart: Annotated[str, typer.Option("--restart")] = "on-failure",
-    heartbeat_timeout: HeartbeatTimeoutOpt = 3.0,
+    heartbeat_timeout: HeartbeatTimeoutOpt = None,
 ) -> None:
     """Start and watch the whole cluster (what `haifctl up` runs in the background)."""
     from haifctl.daemon.supervisor import Supervisor
 
-    settings = state(ctx).settings()
+    settings = state(ctx).settings(heartbeat_timeout=heartbeat_timeout)
     code = Supervisor(
         settings.home,
         workers=workers,
@@ -137,6 +144,6 @@ def supervise(
         orchestrator_bind=orchestrator_bind,
         gateway_bind=gateway_bind,
         restart=restart,
-        heartbeat_timeout_s=heartbeat_timeout,
+        heartbeat_timeout_s=settings.heartbeat_timeout,
     ).run()
     raise typer.Exit(code)

@@ -21,6 +21,7 @@ import zmq
 from haifctl import __version__, wire
 
 LOOP_TICK_MS = 50
+HWM = 100_000
 
 
 def log(daemon: str, message: str, level: str = "info", **fields: Any) -> None:
@@ -46,6 +47,11 @@ def socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
     sock.setsockopt(zmq.LINGER, 0)
     # Refuse oversized messages in libzmq itself, before Python ever sees them.
     sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES + 4096)
+    # ZeroMQ's default high-water mark (1000 messages) makes a ROUTER drop replies silently to a
+    # peer that reads slowly; a burst of refusals must still reach its client.  Messages are
+    # small and bounded in size, so a deeper pipe stays a bounded amount of memory.
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
     return sock
 
 

@@ -35,6 +35,8 @@ class WorkerRec:
     pid: int
     host: str
     last_seen: float
+    gpu_name: str = ""
+    gpu_memory_mb: int = 0
     running: set[str] = field(default_factory=set)
     served: int = 0
     errors: int = 0
@@ -171,6 +173,8 @@ class OrchestratorDaemon(Daemon):
             pid=msg.pid,
             host=msg.host,
             last_seen=time.monotonic(),
+            gpu_name=msg.gpu_name,
+            gpu_memory_mb=msg.gpu_memory_mb,
         )
         if known is not None:
             rec.running = known.running
@@ -444,6 +448,8 @@ class OrchestratorDaemon(Daemon):
                     slots=w.slots,
                     busy=len(w.running),
                     device=w.device,
+                    gpu_name=w.gpu_name,
+                    gpu_memory_mb=w.gpu_memory_mb,
                     n_ctx=w.n_ctx,
                     served=w.served,
                     errors=w.errors,

@@ -55,6 +55,7 @@ class Supervisor:
         self.drain_grace_s = drain_grace_s
         self.should_exit = False
         self.ready = False
+        self.failed = ""
         self.started_at = time.time()
         self.registry_url = registry_url
         common = ["--home", str(home), "--registry-url", registry_url]
@@ -102,7 +103,7 @@ class Supervisor:
             for child in self.children:
                 self.spawn(child)
                 if not self.wait_ready(child, timeout=120.0):
-                    self.write_state("failed", failed=child.name)
+                    self.failed = child.name
                     return 1
             self.ready = True
             self.write_state("ready")
@@ -235,7 +236,10 @@ class Supervisor:
                     child.popen.kill()
                     child.popen.wait()
                 child.state = "stopped"
-        (run_dir(self.home) / STATE_FILE).unlink(missing_ok=True)
+        if self.failed:
+            self.write_state("failed", failed=self.failed)  # `up` reads it, then removes it
+        else:
+            (run_dir(self.home) / STATE_FILE).unlink(missing_ok=True)
         for child in self.children:
             self.ready_file(child).unlink(missing_ok=True)
         log("supervisor", "cluster stopped")

@@ -8,7 +8,9 @@ heartbeats, re-registers when the orchestrator forgets it, and drains on SIGTERM
 from __future__ import annotations
 
 import os
+import shutil
 import socket as pysocket
+import subprocess
 import threading
 import time
 import uuid
@@ -110,6 +112,7 @@ class WorkerDaemon(Daemon):
             device=self.loaded.device.backend,
             slots=self.loaded.slots,
         )
+        self.gpu = self.gpu_facts()
         self.connect()
         self.endpoints["orchestrator"] = self.orchestrator
 
@@ -124,6 +127,24 @@ class WorkerDaemon(Daemon):
         self.last_ack = time.monotonic()
         self.register()
 
+    def gpu_facts(self) -> tuple[str, int]:
+        """GPU name and memory (MiB) for the registration, when nvidia-smi can tell."""
+        assert self.loaded is not None
+        if self.loaded.device.backend != "cuda" or shutil.which("nvidia-smi") is None:
+            return "", 0
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.splitlines()[0]
+            name, memory = (part.strip() for part in out.split(","))
+            return name, int(float(memory))
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return "", 0
+
     def register(self) -> None:
         assert self.loaded is not None
         assert self.model is not None
@@ -134,6 +155,8 @@ class WorkerDaemon(Daemon):
                     models=[self.model.ref],
                     slots=self.loaded.slots,
                     device=self.loaded.device.backend,
+                    gpu_name=self.gpu[0],
+                    gpu_memory_mb=self.gpu[1],
                     n_ctx=self.loaded.info.n_ctx,
                     pid=os.getpid(),
                     host=pysocket.gethostname(),

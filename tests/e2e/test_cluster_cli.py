@@ -126,3 +126,20 @@ def test_gateway_url_must_be_a_zeromq_address(haifctl: Run) -> None:
     proc = haifctl("infer", "x", "--gateway", "tcp://127.0.0.1:1", "-n", "2")
     assert proc.returncode == 3
     assert "no answer from the gateway" in proc.stderr
+
+
+def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = haifctl("up", "--gateway-bind", f"tcp://127.0.0.1:{port}", "--timeout", "60")
+    assert proc.returncode == 1
+    assert "error: the cluster did not start: gateway failed" in proc.stderr
+    assert "gateway| " in proc.stderr  # its last log lines are shown
+    assert "Address already in use" in proc.stderr
+    assert haifctl("status").returncode == 3
+    state = home / "run" / "cluster.json"
+    assert not state.exists()

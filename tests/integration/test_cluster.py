@@ -160,6 +160,7 @@ def test_full_queue_is_refused_at_once_with_a_retry_hint(tmp_path: Path) -> None
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.connect(small.gateway)
         request = {"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True}
         ids = [wire.new_id() for _ in range(6)]
