@@ -14,6 +14,7 @@ from haifctl.commands import cluster as cluster_cmd
 from haifctl.commands import config as config_cmd
 from haifctl.commands import daemon as daemon_cmd
 from haifctl.commands import infer as infer_cmd
+from haifctl.commands import keys as keys_cmd
 from haifctl.commands import models as models_cmd
 from haifctl.commands._shared import CliState, HomeOpt, RegistryUrlOpt, report_error, state
 from haifctl.errors import HaifError
@@ -33,6 +34,7 @@ app.command()(cluster_cmd.status)
 app.command()(cluster_cmd.logs)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(keys_cmd.app, name="keys")
 app.command()(daemon_cmd.worker)
 app.add_typer(daemon_cmd.app, name="daemon", hidden=True)
 

@@ -66,6 +66,13 @@ SETTINGS: tuple[Setting, ...] = (
         "A cluster gateway for `infer` (tcp://HOST:PORT); empty: a local cluster if one is up.",
     ),
     Setting(
+        "bridge_bind",
+        ("HAIF_BRIDGE_BIND",),
+        str,
+        "127.0.0.1:8080",
+        "HOST:PORT of the HTTP bridge that `haifctl up` starts (port 0: any free port).",
+    ),
+    Setting(
         "heartbeat_timeout",
         ("HAIF_HEARTBEAT_TIMEOUT",),
         float,
@@ -130,6 +137,7 @@ class Settings:
     threads: int
     max_tokens: int
     gateway_url: str
+    bridge_bind: str
     heartbeat_timeout: float
     queue_size: int
     rate_limit: float

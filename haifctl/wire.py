@@ -63,6 +63,23 @@ class Stats(Msg, frozen=True, tag=True, kw_only=True):
     counters: dict[str, int] = {}
 
 
+class ListModels(Msg, frozen=True, tag=True, kw_only=True):
+    pass
+
+
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
+    ref: str
+    name: str
+    aliases: list[str]
+    created_at: str
+    status: str
+    workers: int
+
+
+class ModelList(Msg, frozen=True, tag=True, kw_only=True):
+    models: list[ModelEntry]
+
+
 # inference ----------------------------------------------------------------------------------
 class Infer(Msg, frozen=True, tag=True, kw_only=True):
     """A validated inference request (``request`` is an InferenceRequest as a dict)."""
@@ -158,6 +175,8 @@ Message = (
     | Pong
     | StatsRequest
     | Stats
+    | ListModels
+    | ModelList
     | Infer
     | Chunk
     | Done

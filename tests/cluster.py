@@ -91,6 +91,7 @@ class Cluster:
         heartbeat_timeout: float = 2.0,
         queue_size: int = 64,
         gateway_args: tuple[str, ...] = (),
+        bridge_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.env = {**os.environ, "HAIF_THREADS": "1"}
@@ -116,6 +117,12 @@ class Cluster:
             "gateway", ["daemon", "gateway", "--orchestrator", self.orchestrator, *gateway_args]
         )
         self.gateway = gateway.endpoint()
+        self.bridge = ""
+        if bridge_env is not None:
+            bridge = Proc("bridge", ["daemon", "bridge", "--gateway", self.gateway, "--bind",
+                                     "127.0.0.1:0"], workdir, {**self.env, **bridge_env})
+            self.procs["bridge"] = bridge
+            self.bridge = bridge.endpoint()
         for i in range(workers):
             self.start_worker(f"worker-{i + 1}")
         for i in range(workers):
@@ -164,10 +171,10 @@ class Cluster:
 
     def stop(self) -> dict[str, int]:
         codes = {}
-        core = ("gateway", "orchestrator", "registry")
+        core = ("bridge", "gateway", "orchestrator", "registry")
         for name in [n for n in self.procs if n not in core]:
             codes[name] = self.procs[name].stop()
-        for name in ("gateway", "orchestrator", "registry"):
+        for name in ("bridge", "gateway", "orchestrator", "registry"):
             if name in self.procs:
                 codes[name] = self.procs[name].stop()
         return codes

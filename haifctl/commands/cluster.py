@@ -105,6 +105,14 @@ def up(
             help="Seconds before a silent worker is dropped. [env: HAIF_HEARTBEAT_TIMEOUT]",
         ),
     ] = None,
+    bridge_bind: Annotated[
+        str | None,
+        typer.Option(
+            "--bridge-bind",
+            help="HOST:PORT for the HTTP bridge. [env: HAIF_BRIDGE_BIND]",
+            show_default=False,
+        ),
+    ] = None,
     registry_url: Annotated[
         str | None,
         typer.Option(
@@ -122,7 +130,9 @@ def up(
     Returns once every daemon is ready and every worker has joined. Running it again while the
     cluster is up does nothing.
     """
-    settings = state(ctx).settings(registry_url=registry_url, heartbeat_timeout=heartbeat_timeout)
+    settings = state(ctx).settings(
+        registry_url=registry_url, heartbeat_timeout=heartbeat_timeout, bridge_bind=bridge_bind
+    )
     home = settings.home
     current = running_state(home)
     if current is not None:
@@ -153,6 +163,8 @@ def up(
         restart.value,
         "--heartbeat-timeout",
         str(settings.heartbeat_timeout),
+        "--bridge-bind",
+        settings.bridge_bind,
     ]
     for ref in refs:
         args += ["--model", ref]
@@ -174,12 +186,22 @@ def up(
     _wait_workers(gateway, workers, time.monotonic() + timeout)
     out = stdout()
     out.print(f"cluster up: {workers} worker(s) serving {', '.join(refs)}")
+    out.print(
+        f"  http          {daemon_endpoint(data, 'bridge')}  (OpenAI API under /v1, chat page at /)"
+    )
     out.print(f"  gateway       {gateway}")
     out.print(
         f"  orchestrator  {daemon_endpoint(data, 'orchestrator')}"
         "  (remote workers: haifctl worker --orchestrator ADDRESS)"
     )
     out.print(f"  logs          {log_dir(home)}  (haifctl logs)")
+    from haifctl.keys import KeyStore
+
+    if not KeyStore(home).enabled:
+        out.print(
+            "no API keys configured: the HTTP API is open, on loopback only "
+            "(haifctl keys create to require keys)"
+        )
 
 
 def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:

@@ -92,6 +92,33 @@ def gateway(
     GatewayDaemon(bind, orchestrator, limits=limits, ready_file=ready_file).run()
 
 
+@app.command()
+def bridge(
+    ctx: typer.Context,
+    gateway: Annotated[str, typer.Option("--gateway", help="The gateway's address.")],
+    bind: Annotated[
+        str | None,
+        typer.Option("--bind", help="HOST:PORT to serve HTTP on. [env: HAIF_BRIDGE_BIND]"),
+    ] = None,
+    ready_file: ReadyOpt = None,
+) -> None:
+    """Serve the HTTP API (REST, OpenAI-compatible) and the chat page."""
+    from haifctl.daemon.bridge import BridgeDaemon, parse_http_bind
+    from haifctl.errors import InvalidInput
+    from haifctl.keys import KeyStore
+
+    settings = state(ctx).settings(bridge_bind=bind)
+    keys = KeyStore(settings.home)
+    host, _ = parse_http_bind(settings.bridge_bind)
+    if not keys.enabled and host not in ("127.0.0.1", "localhost", "::1"):
+        raise InvalidInput(
+            "bridge_needs_keys",
+            f"no API keys are configured, so the bridge only listens on loopback, not {host}",
+            "create one with `haifctl keys create`, or bind to 127.0.0.1",
+        )
+    BridgeDaemon(gateway, settings.bridge_bind, keys, ready_file).run()
+
+
 def worker(
     ctx: typer.Context,
     orchestrator: Annotated[
@@ -131,11 +158,12 @@ def supervise(
     gateway_bind: Annotated[str, typer.Option("--gateway-bind")] = "tcp://127.0.0.1:0",
     restart: Annotated[str, typer.Option("--restart")] = "on-failure",
     heartbeat_timeout: HeartbeatTimeoutOpt = None,
+    bridge_bind: Annotated[str | None, typer.Option("--bridge-bind")] = None,
 ) -> None:
     """Start and watch the whole cluster (what `haifctl up` runs in the background)."""
     from haifctl.daemon.supervisor import Supervisor
 
-    settings = state(ctx).settings(heartbeat_timeout=heartbeat_timeout)
+    settings = state(ctx).settings(heartbeat_timeout=heartbeat_timeout, bridge_bind=bridge_bind)
     code = Supervisor(
         settings.home,
         workers=workers,
@@ -145,5 +173,6 @@ def supervise(
         gateway_bind=gateway_bind,
         restart=restart,
         heartbeat_timeout_s=settings.heartbeat_timeout,
+        bridge_bind=settings.bridge_bind,
     ).run()
     raise typer.Exit(code)

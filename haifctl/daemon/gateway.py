@@ -160,11 +160,11 @@ class GatewayDaemon(Daemon):
                 self.dealer.send(wire.encode(wire.Cancel(), envelope.id))
         elif isinstance(msg, wire.Ping):
             self.to_client(identity, wire.reply(envelope, self.pong()))
-        elif isinstance(msg, wire.StatsRequest):
+        elif isinstance(msg, wire.StatsRequest | wire.ListModels):
             if not envelope.id or envelope.id in self.routes:
                 return
             self.routes[envelope.id] = Route(identity, time.monotonic() + 5.0, stats=True)
-            self.dealer.send(wire.encode(wire.StatsRequest(), envelope.id))
+            self.dealer.send(wire.encode(msg, envelope.id))
         else:
             self.counters["unexpected_messages"] += 1
 

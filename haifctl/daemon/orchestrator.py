@@ -154,6 +154,8 @@ class OrchestratorDaemon(Daemon):
             self.send(identity, wire.reply(envelope, self.pong()))
         elif isinstance(msg, wire.StatsRequest):
             self.send(identity, wire.reply(envelope, self.stats()))
+        elif isinstance(msg, wire.ListModels):
+            self.send(identity, wire.reply(envelope, self.list_models()))
         else:
             self.counters["unexpected_messages"] += 1
 
@@ -436,6 +438,33 @@ class OrchestratorDaemon(Daemon):
                             code="deadline_exceeded", message="the deadline passed in the queue"
                         ),
                     )
+
+    def list_models(self) -> wire.Msg:
+        """Registered models, with how many live workers serve each."""
+        try:
+            reply = self.registry.call(wire.RegistryCall(op="list"), 2.0)
+        except HaifError as exc:
+            return wire.Error(code=exc.code, message=exc.message, hint=exc.hint, retry_after=2.0)
+        if not isinstance(reply, wire.RegistryReply) or not isinstance(reply.result, list):
+            return (
+                reply
+                if isinstance(reply, wire.Error)
+                else wire.Error(code="protocol_error", message="unexpected registry answer")
+            )
+        models = []
+        for record in reply.result:
+            ref = f"{record['name']}:{record['version']}"
+            models.append(
+                wire.ModelEntry(
+                    ref=ref,
+                    name=record["name"],
+                    aliases=list(record.get("aliases") or []),
+                    created_at=str(record.get("created_at", "")),
+                    status=str(record.get("status", "")),
+                    workers=sum(ref in w.models for w in self.workers.values()),
+                )
+            )
+        return wire.ModelList(models=models)
 
     def stats(self) -> wire.Stats:
         now = time.monotonic()

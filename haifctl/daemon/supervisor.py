@@ -49,6 +49,7 @@ class Supervisor:
         restart: str = "on-failure",
         heartbeat_timeout_s: float = 3.0,
         drain_grace_s: float = 30.0,
+        bridge_bind: str | None = "127.0.0.1:8080",
     ) -> None:
         self.home = home
         self.restart = restart
@@ -74,6 +75,8 @@ class Supervisor:
             ),
             Child("gateway", [*common, "daemon", "gateway"], gateway_bind),
         ]
+        if bridge_bind is not None:
+            self.children.append(Child("bridge", [*common, "daemon", "bridge"], bridge_bind))
         for i in range(workers):
             model = models[i % len(models)]
             self.children.append(
@@ -124,6 +127,8 @@ class Supervisor:
             args += ["--registry", self.child("registry").endpoint]
         elif child.name == "gateway" or child.name.startswith("worker"):
             args += ["--orchestrator", self.child("orchestrator").endpoint]
+        elif child.name == "bridge":
+            args += ["--gateway", self.child("gateway").endpoint]
         if child.bind is not None:
             # after the first start, keep the same port so that peers reconnect by themselves
             args += ["--bind", child.endpoint or child.bind]
@@ -210,6 +215,7 @@ class Supervisor:
         """Drain: the gateway first (it finishes what it has in flight), then the rest."""
         self.write_state("stopping")
         order = [
+            [c.name for c in self.children if c.name == "bridge"],  # HTTP first: it drains too
             ["gateway"],
             [c.name for c in self.children if c.name.startswith("worker")],
             ["orchestrator"],

@@ -1,0 +1,58 @@
+"""`haifctl keys`: API keys for the HTTP bridge."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from haifctl.commands._shared import JsonFlag, print_json, state, stdout, want_json
+from haifctl.keys import KeyStore
+
+app = typer.Typer(
+    no_args_is_help=True, help="Create, list and revoke API keys for the HTTP bridge."
+)
+
+
+@app.command()
+def create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "default",
+    json: JsonFlag = False,
+) -> None:
+    """Create a key; it is printed once and stored only as a hash."""
+    want_json(ctx, json)
+    key, record = KeyStore(state(ctx).settings().home).create(name)
+    if json:
+        print_json({"key": key, **{k: v for k, v in record.items() if k != "hash"}})
+        return
+    out = stdout()
+    out.print(key, markup=False)
+    out.print(f"[dim]{record['id']} ({name}); store it now: it is not shown again[/dim]")
+
+
+@app.command("list")
+def list_keys(ctx: typer.Context, json: JsonFlag = False) -> None:
+    """List keys (ids, names and prefixes; never the keys)."""
+    want_json(ctx, json)
+    keys = KeyStore(state(ctx).settings().home).list()
+    if json:
+        print_json(keys)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "NAME", "PREFIX", "CREATED"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(k["id"], k["name"], k["prefix"] + "…", k["created_at"])
+    stdout().print(table)
+
+
+@app.command()
+def revoke(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="The key's id or name.", show_default=False)],
+) -> None:
+    """Revoke a key; the bridge refuses it from the next request on."""
+    record = KeyStore(state(ctx).settings().home).revoke(key)
+    stdout().print(f"revoked {record['id']} ({record['name']})")

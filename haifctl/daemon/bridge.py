@@ -1,0 +1,700 @@
+"""The HTTP bridge: REST ``/infer``, an OpenAI-compatible API with SSE streaming, and the web chat
+page, all translated to gateway RPCs.  No business logic lives here: validation, limits and
+scheduling are the gateway's and the orchestrator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import socket as pysocket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import zmq
+import zmq.asyncio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from haifctl import __version__, wire
+from haifctl.daemon.base import log
+from haifctl.keys import KeyStore
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+REQUEST_TIMEOUT_S = 300.0
+
+STATUS = {
+    "invalid_request": 400,
+    "invalid_json": 400,
+    "prompt_too_long": 400,
+    "chat_template_error": 400,
+    "invalid_model_params": 400,
+    "unsupported": 400,
+    "unauthorized": 401,
+    "model_not_found": 404,
+    "not_found": 404,
+    "prompt_too_large": 413,
+    "body_too_large": 413,
+    "rate_limited": 429,
+    "overloaded": 429,
+    "unavailable": 503,
+    "gateway_unreachable": 503,
+    "gateway_timeout": 503,
+    "worker_lost": 503,
+    "deadline_exceeded": 504,
+}
+
+
+class ClosingStream(StreamingResponse):
+    """Closes its body iterator however the response ends, so that a client that disconnects
+    mid-stream cancels the generation on the worker right away (not when GC gets to it)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class HTTPError(Exception):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param, self.retry_after = code, message, param, retry_after
+        self.status = status or STATUS.get(code, 500)
+
+    @classmethod
+    def from_wire(cls, error: wire.Error) -> HTTPError:
+        return cls(
+            error.code,
+            error.message + (f" ({error.hint})" if error.hint else ""),
+            retry_after=error.retry_after,
+        )
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 401:
+            kind = "authentication_error"
+        elif self.status == 429:
+            kind = "rate_limit_error"
+        headers = {}
+        if self.retry_after is not None or self.status in (429, 503):
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after or 1)))
+        body = {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# --- the gateway link ----------------------------------------------------------------------
+
+
+class GatewayLink:
+    """One DEALER to the gateway, shared by every HTTP request; replies routed by request id."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.connect(address)
+        self.waiting: dict[str, asyncio.Queue[wire.Msg]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.sock.recv()
+            try:
+                envelope = wire.decode(frame)
+            except wire.BadFrame:
+                continue
+            queue = self.waiting.get(envelope.id)
+            if queue is not None:
+                queue.put_nowait(envelope.msg)
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def open(
+        self, msg: wire.Msg, deadline: float = 0.0, traceparent: str = ""
+    ) -> tuple[str, asyncio.Queue[wire.Msg]]:
+        request_id = wire.new_id()
+        queue: asyncio.Queue[wire.Msg] = asyncio.Queue()
+        self.waiting[request_id] = queue
+        self.sock.send(wire.encode(msg, request_id, deadline, traceparent), zmq.NOBLOCK)
+        return request_id, queue
+
+    def done(self, request_id: str) -> None:
+        self.waiting.pop(request_id, None)
+
+    async def call(self, msg: wire.Msg, timeout: float = 2.0) -> wire.Msg:
+        request_id, queue = self.open(msg)
+        try:
+            return await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            raise HTTPError(
+                "gateway_unreachable", "the gateway did not answer", retry_after=2.0
+            ) from None
+        finally:
+            self.done(request_id)
+
+    async def stream(
+        self, request: dict[str, Any], client: str, traceparent: str = ""
+    ) -> AsyncIterator[wire.Msg]:
+        """Yield Chunk messages then one Done; raise HTTPError for an Error.  Leaving early
+        (the HTTP client disconnected) cancels the generation on the worker."""
+        deadline = time.time() + REQUEST_TIMEOUT_S
+        request_id, queue = self.open(
+            wire.Infer(request=request, client=client), deadline, traceparent
+        )
+        finished = False
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), deadline + 1 - time.time())
+                except TimeoutError:
+                    raise HTTPError("deadline_exceeded", "the request ran out of time") from None
+                if isinstance(msg, wire.Error):
+                    finished = True
+                    raise HTTPError.from_wire(msg)
+                if isinstance(msg, wire.Done):
+                    finished = True
+                yield msg
+                if finished:
+                    return
+        finally:
+            self.done(request_id)
+            if not finished:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.send(wire.encode(wire.Cancel(), request_id), zmq.NOBLOCK)
+
+
+# --- request bodies --------------------------------------------------------------------------
+
+Stop = str | list[str] | None
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stop: Stop = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise HTTPError(
+                    "unsupported", "only text content parts are supported", param="messages"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class InferBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    params: Sampling | None = None
+    stream: bool = False
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIBase(BaseModel):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    user: str | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class CompletionBody(OpenAIBase):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class ChatBody(OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+
+
+def _stop(stop: Stop) -> list[str] | None:
+    if stop is None:
+        return None
+    return [stop] if isinstance(stop, str) else stop
+
+
+def _sampling(body: OpenAIBase) -> dict[str, Any]:
+    if body.n != 1:
+        raise HTTPError("unsupported", "n: only 1 is supported", param="n")
+    out: dict[str, Any] = {
+        "model": body.model or None,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stop": _stop(body.stop),
+    }
+    if body.presence_penalty or body.frequency_penalty:
+        # llama.cpp's repeat penalty is the nearest knob; map a positive penalty onto it.
+        out["repeat_penalty"] = (
+            1.0 + max(body.presence_penalty or 0, body.frequency_penalty or 0) / 2
+        )
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# --- the application -------------------------------------------------------------------------
+
+
+def create_app(
+    gateway: str, keys: KeyStore, *, ready_file: Path | None = None, endpoint: str = ""
+) -> FastAPI:
+    link: GatewayLink | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal link
+        link = GatewayLink(gateway)
+        link.start()
+        if ready_file is not None:
+            info = {"daemon": "bridge", "pid": os.getpid(), "endpoints": {"rpc": endpoint}}
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(ready_file)
+        log(
+            "bridge",
+            "ready",
+            pid=os.getpid(),
+            endpoints={"http": endpoint},
+            gateway=gateway,
+            auth="keys" if keys.enabled else "open (loopback only)",
+        )
+        yield
+        await link.close()
+        log("bridge", "stopped")
+
+    app = FastAPI(
+        title="haifctl bridge",
+        version=__version__,
+        description="REST and OpenAI-compatible access to a haifctl cluster.",
+        lifespan=lifespan,
+    )
+
+    def gw() -> GatewayLink:
+        assert link is not None
+        return link
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
+        return HTTPError("invalid_request", message, param=where or None).response()
+
+    @app.middleware("http")
+    async def _limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return HTTPError(
+                "body_too_large", f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB"
+            ).response()
+        return await call_next(request)
+
+    async def client_key(request: Request) -> str:
+        if not keys.enabled:
+            return "local"
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        key_id = keys.verify(token.strip()) if scheme.lower() == "bearer" and token else None
+        if key_id is None:
+            raise HTTPError(
+                "unauthorized",
+                "missing or invalid API key (send Authorization: Bearer KEY)",
+                status=401,
+            )
+        return key_id
+
+    # health --------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The bridge is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "Not ready"}})
+    async def readyz() -> Response:
+        """Ready when the gateway answers and at least one worker serves a model."""
+        try:
+            pong = await gw().call(wire.Ping(), 1.0)
+            stats = await gw().call(wire.StatsRequest(), 2.0)
+        except HTTPError as exc:
+            return JSONResponse({"status": "unavailable", "reason": exc.message}, 503)
+        workers = len(stats.workers) if isinstance(stats, wire.Stats) else 0
+        ready = isinstance(pong, wire.Pong) and pong.ready and workers > 0
+        body = {"status": "ready" if ready else "unavailable", "workers": workers}
+        return JSONResponse(body, 200 if ready else 503)
+
+    # models --------------------------------------------------------------------------------
+    @app.get("/v1/models", tags=["openai"])
+    async def list_models(key: str = Depends(client_key)) -> dict[str, Any]:
+        """The registered models (an alias is listed as a model too), served or not."""
+        answer = await gw().call(wire.ListModels(), 5.0)
+        if isinstance(answer, wire.Error):
+            raise HTTPError.from_wire(answer)
+        if not isinstance(answer, wire.ModelList):
+            raise HTTPError("unavailable", "unexpected gateway answer")
+        data = []
+        for m in answer.models:
+            created = _epoch(m.created_at)
+            for model_id in (m.ref, *m.aliases):
+                data.append(
+                    {
+                        "id": model_id,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "haifctl",
+                        "status": m.status,
+                        "workers": m.workers,
+                    }
+                )
+        return {"object": "list", "data": data}
+
+    # inference -----------------------------------------------------------------------------
+    async def run(request: dict[str, Any], key: str, tp: str) -> tuple[str, wire.Done]:
+        text: list[str] = []
+        done: wire.Done | None = None
+        async for msg in gw().stream(request, key, tp):
+            if isinstance(msg, wire.Chunk):
+                text.append(msg.text)
+            elif isinstance(msg, wire.Done):
+                done = msg
+        assert done is not None
+        return "".join(text), done
+
+    def usage(done: wire.Done) -> dict[str, int]:
+        return {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
+
+    def finish(reason: str) -> str:
+        return "length" if reason == "length" else "stop"
+
+    async def first_then_rest(
+        request: dict[str, Any], key: str, tp: str
+    ) -> tuple[wire.Msg, AsyncIterator[wire.Msg]]:
+        """Start streaming; errors before the first token become a proper HTTP status."""
+        stream = gw().stream(request, key, tp).__aiter__()
+        first = await stream.__anext__()
+        return first, stream
+
+    def sse(data: Any, event: str | None = None) -> bytes:
+        prefix = f"event: {event}\n" if event else ""
+        return f"{prefix}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+    async def guarded(
+        gen: AsyncGenerator[bytes], rest: AsyncIterator[wire.Msg]
+    ) -> AsyncIterator[bytes]:
+        """A stream cut after headers were sent ends with an error event, not a hang; leaving
+        early closes the gateway stream, which cancels the generation."""
+        try:
+            async for chunk in gen:
+                yield chunk
+        except HTTPError as exc:
+            yield sse({"error": {"message": exc.message, "code": exc.code}})
+        finally:
+            await gen.aclose()
+            aclose = getattr(rest, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    @app.post("/infer", tags=["haifctl"])
+    async def infer(body: InferBody, request: Request, key: str = Depends(client_key)) -> Response:
+        """Run one request: a prompt or chat messages; SSE token events with "stream": true."""
+        fields: dict[str, Any] = {"model": body.model, "prompt": body.prompt}
+        if body.messages is not None:
+            fields["messages"] = [
+                {"role": _role(m.role), "content": m.text()} for m in body.messages
+            ]
+            fields.pop("prompt")
+        if body.params is not None:
+            fields.update(body.params.model_dump(exclude_none=True))
+            if "stop" in fields:
+                fields["stop"] = _stop(fields["stop"])
+        fields = {k: v for k, v in fields.items() if v is not None}
+        tp = request.headers.get("traceparent", "")
+        request_id = "inf-" + wire.new_id()[:24]
+
+        def final(done: wire.Done, output: str) -> dict[str, Any]:
+            return {
+                "id": request_id,
+                "model": done.model,
+                "output": output,
+                "usage": usage(done),
+                "finish_reason": done.finish_reason,
+                "worker": done.worker,
+                "timings": {
+                    "time_to_first_token_ms": done.time_to_first_token_ms,
+                    "generation_ms": done.generation_ms,
+                    "queue_ms": done.queue_ms,
+                },
+            }
+
+        if not body.stream:
+            output, done = await run(fields, key, tp)
+            return JSONResponse(final(done, output))
+        first, rest = await first_then_rest(fields, key, tp)
+
+        async def events() -> AsyncGenerator[bytes]:
+            parts: list[str] = []
+            msg: wire.Msg | None = first
+            while msg is not None:
+                if isinstance(msg, wire.Chunk):
+                    parts.append(msg.text)
+                    yield sse({"text": msg.text, "tokens": msg.n_tokens}, "token")
+                elif isinstance(msg, wire.Done):
+                    yield sse(final(msg, "".join(parts)), "done")
+                    return
+                msg = await anext(rest, None)
+
+        return ClosingStream(guarded(events(), rest), media_type="text/event-stream")
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(
+        body: CompletionBody, request: Request, key: str = Depends(client_key)
+    ) -> Response:
+        """OpenAI text completions."""
+        if body.echo or body.logprobs is not None or body.suffix is not None:
+            raise HTTPError(
+                "unsupported", "echo, logprobs and suffix are not supported", param="echo"
+            )
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise HTTPError(
+                    "unsupported", "prompt: give one prompt per request", param="prompt"
+                )
+            prompt = prompt[0]
+        fields = {**_sampling(body), "prompt": prompt, "max_tokens": body.max_tokens or 16}
+        return await openai_response(fields, body, request, key, chat=False)
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(
+        body: ChatBody, request: Request, key: str = Depends(client_key)
+    ) -> Response:
+        """OpenAI chat completions; messages use the model's chat template."""
+        if body.logprobs:
+            raise HTTPError("unsupported", "logprobs are not supported", param="logprobs")
+        fields = {
+            **_sampling(body),
+            "messages": [{"role": _role(m.role), "content": m.text()} for m in body.messages],
+        }
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is not None:
+            fields["max_tokens"] = max_tokens
+        return await openai_response(fields, body, request, key, chat=True)
+
+    async def openai_response(
+        fields: dict[str, Any], body: OpenAIBase, request: Request, key: str, *, chat: bool
+    ) -> Response:
+        tp = request.headers.get("traceparent", "")
+        created = int(time.time())
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        response_id = prefix + wire.new_id()[:24]
+        model_name = body.model or ""
+        if not body.stream:
+            text, done = await run(fields, key, tp)
+            choice: dict[str, Any] = {
+                "index": 0,
+                "finish_reason": finish(done.finish_reason),
+                "logprobs": None,
+            }
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            return JSONResponse(
+                {
+                    "id": response_id,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": created,
+                    "model": done.model,
+                    "choices": [choice],
+                    "usage": usage(done),
+                    "system_fingerprint": f"haifctl-{__version__}",
+                }
+            )
+        first, rest = await first_then_rest(fields, key, tp)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(piece: str | None, reason: str | None, role: bool = False) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+            if chat:
+                delta: dict[str, Any] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if piece is not None:
+                    delta["content"] = piece
+                c["delta"] = delta
+            else:
+                c["text"] = piece or ""
+            out = {
+                "id": response_id,
+                "object": obj,
+                "created": created,
+                "model": model_name or "",
+                "choices": [c],
+            }
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        def data(obj: Any) -> bytes:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+        async def events() -> AsyncGenerator[bytes]:
+            if chat:
+                yield data(chunk("", None, role=True))
+            msg: wire.Msg | None = first
+            while msg is not None:
+                if isinstance(msg, wire.Chunk):
+                    yield data(chunk(msg.text, None))
+                elif isinstance(msg, wire.Done):
+                    yield data(chunk(None if chat else "", finish(msg.finish_reason)))
+                    if include_usage:
+                        last = {
+                            "id": response_id,
+                            "object": obj,
+                            "created": created,
+                            "model": model_name or msg.model,
+                            "choices": [],
+                            "usage": usage(msg),
+                        }
+                        yield data(last)
+                    yield b"data: [DONE]\n\n"
+                    return
+                msg = await anext(rest, None)
+
+        return ClosingStream(guarded(events(), rest), media_type="text/event-stream")
+
+    # the chat page -------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = (resources.files("haifctl") / "web" / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html)
+
+    return app
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def _epoch(iso: str) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0
+
+
+def parse_http_bind(bind: str) -> tuple[str, int]:
+    bind = bind.removeprefix("http://")
+    host, _, port = bind.rpartition(":")
+    return (host or "127.0.0.1").strip("[]"), int(port or 8080)
+
+
+class BridgeDaemon:
+    """Runs the app on uvicorn; SIGTERM lets in-flight responses finish (graceful shutdown)."""
+
+    name = "bridge"
+
+    def __init__(self, gateway: str, bind: str, keys: KeyStore, ready_file: Path | None) -> None:
+        self.gateway = gateway
+        self.host, self.port = parse_http_bind(bind)
+        self.keys = keys
+        self.ready_file = ready_file
+
+    def run(self) -> None:
+        import uvicorn
+
+        family = pysocket.AF_INET6 if ":" in self.host else pysocket.AF_INET
+        sock = pysocket.socket(family, pysocket.SOCK_STREAM)
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(2048)
+        host, port = sock.getsockname()[:2]
+        endpoint = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        app = create_app(self.gateway, self.keys, ready_file=self.ready_file, endpoint=endpoint)
+        # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with a
+        # handler of ours in place that re-raise is a no-op and the process exits with 0.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, lambda *_: None)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on"
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+__all__ = ["BridgeDaemon", "create_app", "msgspec"]
