@@ -79,6 +79,33 @@ def cluster_runner(gateway: str) -> tuple[OneRequest, Callable[[], None]]:
     return one, close
 
 
+def bridge_runner(url: str) -> tuple[OneRequest, Callable[[], None]]:
+    import openai
+
+    local = threading.local()
+
+    def one(seed: int) -> tuple[float, float]:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+        start = time.perf_counter()
+        first = None
+        stream = client.completions.create(
+            model="stories260K",
+            prompt=PROMPT,
+            max_tokens=TOKENS,
+            seed=seed,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - start
+        return first or 0.0, time.perf_counter() - start
+
+    return one, lambda: None
+
+
 def measure(one: OneRequest, requests: int, concurrency: int) -> dict[str, float]:
     for seed in range(3):  # warm up
         one(seed)
@@ -137,11 +164,14 @@ def main() -> None:
                     text=True,
                 ).stdout
             )
-            gateway = next(d["endpoint"] for d in info["daemons"] if d["name"] == "gateway")
-            one, close = cluster_runner(gateway)
+            endpoints = {d["name"]: d["endpoint"] for d in info["daemons"]}
+            one, close = cluster_runner(endpoints["gateway"])
             cluster1 = measure(one, args.requests, 1)
             cluster8 = measure(one, args.requests, 8)
             close()
+            one, close = bridge_runner(endpoints["bridge"])
+            bridge1 = measure(one, args.requests, 1)
+            bridge8 = measure(one, args.requests, 8)
         finally:
             subprocess.run([HAIFCTL, "down"], env=env, check=True, stdout=subprocess.DEVNULL)
 
@@ -150,20 +180,24 @@ def main() -> None:
         f"per row; cluster = gateway + orchestrator + {args.workers} worker(s) on loopback"
     )
     print(f"{'':<26}{'stream tok/s':>14}{'total tok/s':>14}{'TTFT p50 ms':>14}{'TTFT p95 ms':>14}")
-    for label, r in (
+    rows = (
         ("in-process, 1 stream", local1),
-        ("cluster, 1 stream", cluster1),
+        ("gateway, 1 stream", cluster1),
+        ("bridge + OpenAI SDK, 1", bridge1),
         ("in-process, 8 streams", local8),
-        ("cluster, 8 streams", cluster8),
-    ):
+        ("gateway, 8 streams", cluster8),
+        ("bridge + OpenAI SDK, 8", bridge8),
+    )
+    for label, r in rows:
         print(
             f"{label:<26}{r['stream_tps']:>14,.0f}{r['aggregate_tps']:>14,.0f}"
             f"{r['ttft_p50_ms']:>14.2f}{r['ttft_p95_ms']:>14.2f}"
         )
-    print(
-        f"cluster / in-process, 1 stream: {cluster1['stream_tps'] / local1['stream_tps']:.1%} "
-        f"of tokens/s; added TTFT p50 {cluster1['ttft_p50_ms'] - local1['ttft_p50_ms']:.2f} ms"
-    )
+    for label, r in (("gateway", cluster1), ("bridge", bridge1)):
+        print(
+            f"{label} / in-process, 1 stream: {r['stream_tps'] / local1['stream_tps']:.1%} of "
+            f"tokens/s; added TTFT p50 {r['ttft_p50_ms'] - local1['ttft_p50_ms']:.2f} ms"
+        )
 
 
 if __name__ == "__main__":

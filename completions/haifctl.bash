@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":config"|":down"|":infer"|":logs"|":models"|":status"|":up"|":worker"|"config:path"|"config:show"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":config"|":down"|":infer"|":keys"|":logs"|":models"|":status"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs worker models config'
+            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs worker models config keys'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -38,7 +38,7 @@ _haifctl() {
             esac
             ;;
         "up")
-            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --registry-url --timeout --help -h'; cmds=''
+            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --bridge-bind --registry-url --timeout --help -h'; cmds=''
             case "$prev" in
                 --workers|-w) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
@@ -46,6 +46,7 @@ _haifctl() {
                 --gateway-bind) COMPREPLY=(); return ;;
                 --restart) COMPREPLY=($(compgen -W 'always on-failure never' -- "$cur")); return ;;
                 --heartbeat-timeout) COMPREPLY=(); return ;;
+                --bridge-bind) COMPREPLY=(); return ;;
                 --registry-url) COMPREPLY=(); return ;;
                 --timeout) COMPREPLY=(); return ;;
             esac
@@ -112,6 +113,21 @@ _haifctl() {
             opts='--json --help -h'; cmds=''
             ;;
         "config path")
+            opts='--help -h'; cmds=''
+            ;;
+        "keys")
+            opts='--help -h'; cmds='create list revoke'
+            ;;
+        "keys create")
+            opts='--name --json --help -h'; cmds=''
+            case "$prev" in
+                --name) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "keys list")
+            opts='--json --help -h'; cmds=''
+            ;;
+        "keys revoke")
             opts='--help -h'; cmds=''
             ;;
     esac

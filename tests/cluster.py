@@ -119,8 +119,12 @@ class Cluster:
         self.gateway = gateway.endpoint()
         self.bridge = ""
         if bridge_env is not None:
-            bridge = Proc("bridge", ["daemon", "bridge", "--gateway", self.gateway, "--bind",
-                                     "127.0.0.1:0"], workdir, {**self.env, **bridge_env})
+            bridge = Proc(
+                "bridge",
+                ["daemon", "bridge", "--gateway", self.gateway, "--bind", "127.0.0.1:0"],
+                workdir,
+                {**self.env, **bridge_env},
+            )
             self.procs["bridge"] = bridge
             self.bridge = bridge.endpoint()
         for i in range(workers):

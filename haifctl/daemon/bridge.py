@@ -257,6 +257,9 @@ class OpenAIBase(BaseModel):
     user: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    # extensions, as llama.cpp's server has them
+    top_k: int | None = Field(None, ge=0)
+    ignore_eos: bool = False
 
 
 class CompletionBody(OpenAIBase):
@@ -287,6 +290,8 @@ def _sampling(body: OpenAIBase) -> dict[str, Any]:
         "top_p": body.top_p,
         "seed": body.seed,
         "stop": _stop(body.stop),
+        "top_k": body.top_k,
+        "ignore_eos": body.ignore_eos or None,
     }
     if body.presence_penalty or body.frequency_penalty:
         # llama.cpp's repeat penalty is the nearest knob; map a positive penalty onto it.

@@ -20,7 +20,7 @@ def status(haifctl: Run) -> dict:
 
 
 def test_cluster_lifecycle(haifctl: Run, home: Path, model_path: Path) -> None:
-    up = haifctl("up", "--workers", "2", "--heartbeat-timeout", "1")
+    up = haifctl("up", "--workers", "2", "--heartbeat-timeout", "1", "--bridge-bind", "127.0.0.1:0")
     assert up.returncode == 0, up.stderr + up.stdout
     assert "cluster up: 2 worker(s) serving stories260K:1" in up.stdout
     try:
@@ -30,7 +30,10 @@ def test_cluster_lifecycle(haifctl: Run, home: Path, model_path: Path) -> None:
 
         info = status(haifctl)
         names = [d["name"] for d in info["daemons"]]
-        assert names == ["registry", "orchestrator", "gateway", "worker-1", "worker-2"]
+        assert names == ["registry", "orchestrator", "gateway", "bridge", "worker-1", "worker-2"]
+        bridge = next(d["endpoint"] for d in info["daemons"] if d["name"] == "bridge")
+        assert bridge.startswith("http://127.0.0.1:")
+        assert "no API keys configured" in up.stdout
         assert all(d["state"] == "running" and pid_alive(d["pid"]) for d in info["daemons"])
         assert sorted(w["worker_id"] for w in info["workers"]) == ["worker-1", "worker-2"]
         assert all(w["device"] == "cpu" and w["slots"] == 1 for w in info["workers"])
@@ -113,7 +116,7 @@ def test_cluster_lifecycle(haifctl: Run, home: Path, model_path: Path) -> None:
 
 
 def test_up_fails_clearly_for_an_unknown_model(haifctl: Run) -> None:
-    proc = haifctl("up", "--model", "ghost")
+    proc = haifctl("up", "--model", "ghost", "--bridge-bind", "127.0.0.1:0")
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown model 'ghost'")
     assert haifctl("status").returncode == 3
@@ -135,7 +138,15 @@ def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = haifctl("up", "--gateway-bind", f"tcp://127.0.0.1:{port}", "--timeout", "60")
+        proc = haifctl(
+            "up",
+            "--gateway-bind",
+            f"tcp://127.0.0.1:{port}",
+            "--timeout",
+            "60",
+            "--bridge-bind",
+            "127.0.0.1:0",
+        )
     assert proc.returncode == 1
     assert "error: the cluster did not start: gateway failed" in proc.stderr
     assert "gateway| " in proc.stderr  # its last log lines are shown
@@ -143,3 +154,16 @@ def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path
     assert haifctl("status").returncode == 3
     state = home / "run" / "cluster.json"
     assert not state.exists()
+
+
+def test_keys_create_list_revoke(haifctl: Run, home: Path) -> None:
+    created = json.loads(haifctl("keys", "create", "--name", "ci", "--json").stdout)
+    assert created["key"].startswith("haif-")
+    listed = json.loads(haifctl("keys", "list", "--json").stdout)
+    assert [k["name"] for k in listed] == ["ci"]
+    assert "hash" not in listed[0]
+    assert created["key"] not in (home / "keys.json").read_text()  # stored hashed
+    assert haifctl("keys", "create", "--name", "ci").returncode == 2
+    assert "revoked" in haifctl("keys", "revoke", "ci").stdout
+    assert json.loads(haifctl("keys", "list", "--json").stdout) == []
+    assert haifctl("keys", "revoke", "ci").returncode == 2

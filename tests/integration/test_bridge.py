@@ -45,31 +45,40 @@ def auth() -> dict[str, str]:
 
 
 def test_openai_completions(client: openai.OpenAI) -> None:
-    done = client.completions.create(model="stories260K", prompt="Once upon a time",
-                                     max_tokens=24, seed=5)
+    done = client.completions.create(
+        model="stories260K", prompt="Once upon a time", max_tokens=24, seed=5
+    )
     assert done.object == "text_completion"
     assert done.model == "stories260K:1"
     assert len(done.choices[0].text.split()) > 3
     assert done.choices[0].finish_reason in ("length", "stop")
     assert done.usage is not None
     assert done.usage.prompt_tokens == 5
-    streamed = client.completions.create(model="stories260K", prompt="Once upon a time",
-                                         max_tokens=24, seed=5, stream=True)
+    streamed = client.completions.create(
+        model="stories260K", prompt="Once upon a time", max_tokens=24, seed=5, stream=True
+    )
     pieces = [c.choices[0].text for c in streamed if c.choices]
     assert len(pieces) > 1
     assert "".join(pieces) == done.choices[0].text  # same seed, same text, streamed or not
 
 
 def test_openai_chat_completions(client: openai.OpenAI) -> None:
-    messages = [{"role": "system", "content": "Tell stories."},
-                {"role": "user", "content": "A story about a cat"}]
-    done = client.chat.completions.create(model="stories260K", messages=messages,
-                                          max_tokens=20, seed=2)
+    messages = [
+        {"role": "system", "content": "Tell stories."},
+        {"role": "user", "content": "A story about a cat"},
+    ]
+    done = client.chat.completions.create(
+        model="stories260K", messages=messages, max_tokens=20, seed=2
+    )
     assert done.object == "chat.completion"
     assert done.choices[0].message.role == "assistant"
     assert done.choices[0].message.content
     stream = client.chat.completions.create(
-        model="stories260K", messages=messages, max_tokens=20, seed=2, stream=True,
+        model="stories260K",
+        messages=messages,
+        max_tokens=20,
+        seed=2,
+        stream=True,
         stream_options={"include_usage": True},
     )
     text, usage = [], None
@@ -105,8 +114,9 @@ def test_infer_plain_and_sse(cluster: Cluster) -> None:
     assert set(result) >= {"id", "model", "output", "usage", "worker", "timings"}
     assert result["usage"]["completion_tokens"] == 16
     events = []
-    with httpx.stream("POST", f"{cluster.bridge}/infer", json={**body, "stream": True},
-                      headers=auth(), timeout=30) as response:
+    with httpx.stream(
+        "POST", f"{cluster.bridge}/infer", json={**body, "stream": True}, headers=auth(), timeout=30
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         kind = None
         for line in response.iter_lines():
@@ -135,19 +145,22 @@ def test_health_routes_stay_open(cluster: Cluster) -> None:
         ("/v1/completions", {"prompt": "x", "max_tokens": -1}, None, 400, "invalid_request"),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, None, 400, "invalid_request"),
         ("/v1/chat/completions", {"messages": []}, None, 400, "invalid_request"),
-        ("/infer", {"prompt": "x", "params": {"max_tokens": 100000}}, None, 400,
-         "invalid_request"),
-        ("/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer nope"}, 401,
-         "unauthorized"),
+        ("/infer", {"prompt": "x", "params": {"max_tokens": 100000}}, None, 400, "invalid_request"),
+        ("/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer nope"}, 401, "unauthorized"),
         ("/v1/completions", {"prompt": "x"}, {}, 401, "unauthorized"),
         ("/v1/completions", {"model": "ghost", "prompt": "x"}, None, 404, "model_not_found"),
         ("/infer", {"prompt": "x" * 300_000}, None, 413, "prompt_too_large"),
     ],
 )
-def test_error_statuses(cluster: Cluster, path: str, body: dict, headers: dict | None,
-                        status: int, code: str) -> None:
-    response = httpx.post(f"{cluster.bridge}{path}", json=body,
-                          headers=auth() if headers is None else headers, timeout=30)
+def test_error_statuses(
+    cluster: Cluster, path: str, body: dict, headers: dict | None, status: int, code: str
+) -> None:
+    response = httpx.post(
+        f"{cluster.bridge}{path}",
+        json=body,
+        headers=auth() if headers is None else headers,
+        timeout=30,
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code
@@ -156,16 +169,21 @@ def test_error_statuses(cluster: Cluster, path: str, body: dict, headers: dict |
 
 
 def test_oversized_body_is_413(cluster: Cluster) -> None:
-    response = httpx.post(f"{cluster.bridge}/infer", content=b"{" + b" " * (5 * 1024 * 1024),
-                          headers={**auth(), "content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        f"{cluster.bridge}/infer",
+        content=b"{" + b" " * (5 * 1024 * 1024),
+        headers={**auth(), "content-type": "application/json"},
+        timeout=30,
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
 
 
 def test_client_disconnect_frees_the_worker(cluster: Cluster) -> None:
     body = {"prompt": "Once upon a time", "max_tokens": 1900, "stream": True}
-    with httpx.stream("POST", f"{cluster.bridge}/v1/completions", json=body, headers=auth(),
-                      timeout=30) as response:
+    with httpx.stream(
+        "POST", f"{cluster.bridge}/v1/completions", json=body, headers=auth(), timeout=30
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 break  # one chunk, then hang up
@@ -175,7 +193,9 @@ def test_client_disconnect_frees_the_worker(cluster: Cluster) -> None:
             assert time.monotonic() < end
             time.sleep(0.01)
     cancelled = [
-        e for name in ("worker-1", "worker-2") for e in cluster.procs[name].log_events()
+        e
+        for name in ("worker-1", "worker-2")
+        for e in cluster.procs[name].log_events()
         if e.get("msg") == "cancelled"
     ]
     assert cancelled
@@ -187,8 +207,13 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("tight")
     os.environ["HAIF_REQUEST_TIMEOUT"] = "0.2"
     try:
-        c = Cluster(workdir, workers=1, queue_size=3, gateway_args=("--rate", "3", "--burst", "6"),
-                    bridge_env={})
+        c = Cluster(
+            workdir,
+            workers=1,
+            queue_size=3,
+            gateway_args=("--rate", "3", "--burst", "6"),
+            bridge_env={},
+        )
     finally:
         os.environ.pop("HAIF_REQUEST_TIMEOUT")
     yield c
@@ -202,8 +227,13 @@ def test_429_with_retry_after_and_504(tight: Cluster) -> None:
     results: list[httpx.Response] = []
 
     def post(body: dict) -> None:
-        results.append(httpx.post(f"{tight.bridge}/infer", json={"prompt": body["prompt"],
-                                  "params": {"max_tokens": 2000}}, timeout=30))
+        results.append(
+            httpx.post(
+                f"{tight.bridge}/infer",
+                json={"prompt": body["prompt"], "params": {"max_tokens": 2000}},
+                timeout=30,
+            )
+        )
 
     threads = [threading.Thread(target=post, args=(long,)) for _ in range(6)]
     for t in threads:
@@ -221,8 +251,12 @@ def test_429_with_retry_after_and_504(tight: Cluster) -> None:
         if r.status_code == 504:
             assert r.json()["error"]["code"] == "deadline_exceeded"
     # the rate limit: a burst of quick requests beyond 6 gets 429 rate_limited
-    codes = [httpx.post(f"{tight.bridge}/infer", json={"prompt": "x", "params": {
-        "max_tokens": 1}}, timeout=30) for _ in range(10)]
+    codes = [
+        httpx.post(
+            f"{tight.bridge}/infer", json={"prompt": "x", "params": {"max_tokens": 1}}, timeout=30
+        )
+        for _ in range(10)
+    ]
     limited = [r for r in codes if r.status_code == 429]
     assert limited
     assert limited[0].json()["error"]["code"] == "rate_limited"
@@ -245,3 +279,40 @@ def test_bad_frames_do_not_reach_http_clients(cluster: Cluster) -> None:
     assert isinstance(wire.Ping(), wire.Msg)  # the bridge speaks the same typed wire
     ok = httpx.get(f"{cluster.bridge}/readyz")
     assert ok.status_code == 200
+
+
+def test_fuzzing_from_the_openapi_document_finds_no_server_errors(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    schemathesis = str(Path(sys.executable).parent / "schemathesis")
+    proc = subprocess.run(
+        [
+            schemathesis,
+            "run",
+            f"{cluster.bridge}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "20",
+            "--generation-deterministic",
+            "--header",
+            f"Authorization: Bearer {KEY}",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout
+    # and the cluster still serves
+    after = httpx.post(
+        f"{cluster.bridge}/infer",
+        json={"prompt": "Once", "params": {"max_tokens": 4}},
+        headers=auth(),
+        timeout=30,
+    )
+    assert after.status_code == 200
