@@ -38,7 +38,7 @@ _haifctl() {
             esac
             ;;
         "up")
-            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --bridge-bind --registry-url --timeout --help -h'; cmds=''
+            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --bridge-bind --registry-url --metrics-base-port --timeout --help -h'; cmds=''
             case "$prev" in
                 --workers|-w) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
@@ -48,6 +48,7 @@ _haifctl() {
                 --heartbeat-timeout) COMPREPLY=(); return ;;
                 --bridge-bind) COMPREPLY=(); return ;;
                 --registry-url) COMPREPLY=(); return ;;
+                --metrics-base-port) COMPREPLY=(); return ;;
                 --timeout) COMPREPLY=(); return ;;
             esac
             ;;
@@ -67,12 +68,13 @@ _haifctl() {
             esac
             ;;
         "worker")
-            opts='--orchestrator --model -m --worker-id --heartbeat --ready-file --help -h'; cmds=''
+            opts='--orchestrator --model -m --worker-id --heartbeat --metrics-port --ready-file --help -h'; cmds=''
             case "$prev" in
                 --orchestrator) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
                 --worker-id) COMPREPLY=(); return ;;
                 --heartbeat) COMPREPLY=(); return ;;
+                --metrics-port) COMPREPLY=(); return ;;
                 --ready-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             ;;

@@ -73,6 +73,20 @@ SETTINGS: tuple[Setting, ...] = (
         "HOST:PORT of the HTTP bridge that `haifctl up` starts (port 0: any free port).",
     ),
     Setting(
+        "metrics_port",
+        ("HAIF_METRICS_PORT", "OTEL_PROMETHEUS_PORT"),
+        int,
+        9464,
+        "Port of a daemon's /metrics (haifctl up gives each daemon its own; 0: any free port).",
+    ),
+    Setting(
+        "metrics_host",
+        ("HAIF_METRICS_HOST",),
+        str,
+        "127.0.0.1",
+        "Address /metrics listens on (0.0.0.0 in containers).",
+    ),
+    Setting(
         "heartbeat_timeout",
         ("HAIF_HEARTBEAT_TIMEOUT",),
         float,
@@ -138,6 +152,8 @@ class Settings:
     max_tokens: int
     gateway_url: str
     bridge_bind: str
+    metrics_port: int
+    metrics_host: str
     heartbeat_timeout: float
     queue_size: int
     rate_limit: float

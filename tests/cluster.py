@@ -25,7 +25,7 @@ class Proc:
         self.ready_file.unlink(missing_ok=True)
         self.log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            [HAIFCTL, *args, "--ready-file", str(self.ready_file)],
+            [HAIFCTL, *args, "--metrics-port", "0", "--ready-file", str(self.ready_file)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -121,6 +121,14 @@ def up(
             show_default=False,
         ),
     ] = None,
+    metrics_base_port: Annotated[
+        int,
+        typer.Option(
+            "--metrics-base-port",
+            min=0,
+            help="Give the daemons /metrics ports BASE, BASE+1, ... (0: any free ports).",
+        ),
+    ] = 0,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for readiness.")
     ] = 120.0,
@@ -165,6 +173,8 @@ def up(
         str(settings.heartbeat_timeout),
         "--bridge-bind",
         settings.bridge_bind,
+        "--metrics-base-port",
+        str(metrics_base_port),
     ]
     for ref in refs:
         args += ["--model", ref]
@@ -322,13 +332,14 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
         )
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("DAEMON", "PID", "ADDRESS", "STATE", "UPTIME", "RESTARTS"):
+    for column in ("DAEMON", "PID", "ADDRESS", "METRICS", "STATE", "UPTIME", "RESTARTS"):
         table.add_column(column)
     for d in daemons:
         table.add_row(
             d["name"],
             str(d["pid"]),
             d.get("endpoint") or "-",
+            d.get("metrics") or "-",
             d["state"],
             _uptime(float(d["started_at"])),
             str(d["restarts"]),

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from haifctl.commands._shared import ModelOpt, state
+
+if TYPE_CHECKING:
+    from haifctl.config import Settings
+    from haifctl.daemon.base import Daemon
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -21,6 +25,14 @@ ReadyOpt = Annotated[
         "--ready-file", help="Write the bound addresses here once ready.", show_default=False
     ),
 ]
+MetricsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        help="Port for /metrics (0: any free port). [env: OTEL_PROMETHEUS_PORT, HAIF_METRICS_PORT]",
+        show_default=False,
+    ),
+]
 HeartbeatTimeoutOpt = Annotated[
     float | None,
     typer.Option("--heartbeat-timeout", help="Seconds of silence before a worker is dropped."),
@@ -29,13 +41,22 @@ HeartbeatTimeoutOpt = Annotated[
 
 @app.command()
 def registry(
-    ctx: typer.Context, bind: BindOpt = "tcp://127.0.0.1:0", ready_file: ReadyOpt = None
+    ctx: typer.Context,
+    bind: BindOpt = "tcp://127.0.0.1:0",
+    metrics_port: MetricsOpt = None,
+    ready_file: ReadyOpt = None,
 ) -> None:
     """Serve the model registry to the other daemons."""
     from haifctl.daemon.registry import RegistryDaemon
 
-    settings = state(ctx).settings()
-    RegistryDaemon(settings.registry_url, bind, ready_file=ready_file).run()
+    settings = state(ctx).settings(metrics_port=metrics_port)
+    _run(RegistryDaemon(settings.registry_url, bind, ready_file=ready_file), settings)
+
+
+def _run(daemon: Daemon, settings: Settings) -> None:
+    daemon.metrics_port = settings.metrics_port
+    daemon.metrics_host = settings.metrics_host
+    daemon.run()
 
 
 @app.command()
@@ -47,20 +68,24 @@ def orchestrator(
     queue_size: Annotated[
         int | None, typer.Option("--queue-size", min=0, help="Queued requests per model.")
     ] = None,
+    metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Keep the worker table and queues; schedule requests onto workers."""
     from haifctl.daemon.orchestrator import OrchestratorDaemon
 
-    settings = state(ctx).settings(heartbeat_timeout=heartbeat_timeout, queue_size=queue_size)
-    OrchestratorDaemon(
+    settings = state(ctx).settings(
+        heartbeat_timeout=heartbeat_timeout, queue_size=queue_size, metrics_port=metrics_port
+    )
+    daemon = OrchestratorDaemon(
         bind,
         registry,
         settings.model,
         heartbeat_timeout_s=settings.heartbeat_timeout,
         queue_size=settings.queue_size,
         ready_file=ready_file,
-    ).run()
+    )
+    _run(daemon, settings)
 
 
 @app.command()
@@ -76,12 +101,13 @@ def gateway(
     burst: Annotated[
         float | None, typer.Option("--burst", help="Token-bucket burst per client key.")
     ] = None,
+    metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Validate, rate-limit and forward requests; relay token streams."""
     from haifctl.daemon.gateway import GatewayDaemon, Limits
 
-    settings = state(ctx).settings(rate_limit=rate, rate_burst=burst)
+    settings = state(ctx).settings(rate_limit=rate, rate_burst=burst, metrics_port=metrics_port)
     limits = Limits(
         max_prompt_chars=settings.max_prompt_chars,
         max_tokens_cap=settings.max_tokens_cap,
@@ -89,7 +115,7 @@ def gateway(
         rate_per_s=settings.rate_limit,
         burst=settings.rate_burst,
     )
-    GatewayDaemon(bind, orchestrator, limits=limits, ready_file=ready_file).run()
+    _run(GatewayDaemon(bind, orchestrator, limits=limits, ready_file=ready_file), settings)
 
 
 @app.command()
@@ -100,6 +126,7 @@ def bridge(
         str | None,
         typer.Option("--bind", help="HOST:PORT to serve HTTP on. [env: HAIF_BRIDGE_BIND]"),
     ] = None,
+    metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Serve the HTTP API (REST, OpenAI-compatible) and the chat page."""
@@ -107,7 +134,7 @@ def bridge(
     from haifctl.errors import InvalidInput
     from haifctl.keys import KeyStore
 
-    settings = state(ctx).settings(bridge_bind=bind)
+    settings = state(ctx).settings(bridge_bind=bind, metrics_port=metrics_port)
     keys = KeyStore(settings.home)
     host, _ = parse_http_bind(settings.bridge_bind)
     if not keys.enabled and host not in ("127.0.0.1", "localhost", "::1"):
@@ -116,7 +143,14 @@ def bridge(
             f"no API keys are configured, so the bridge only listens on loopback, not {host}",
             "create one with `haifctl keys create`, or bind to 127.0.0.1",
         )
-    BridgeDaemon(gateway, settings.bridge_bind, keys, ready_file).run()
+    BridgeDaemon(
+        gateway,
+        settings.bridge_bind,
+        keys,
+        ready_file,
+        metrics_port=settings.metrics_port,
+        metrics_host=settings.metrics_host,
+    ).run()
 
 
 def worker(
@@ -132,13 +166,14 @@ def worker(
     heartbeat: Annotated[
         float, typer.Option("--heartbeat", help="Seconds between heartbeats.")
     ] = 0.5,
+    metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Run a worker that loads a model and joins an orchestrator (on this or another machine)."""
     from haifctl.daemon.worker import WorkerDaemon
 
-    settings = state(ctx).settings(model=model)
-    WorkerDaemon(
+    settings = state(ctx).settings(model=model, metrics_port=metrics_port)
+    daemon = WorkerDaemon(
         orchestrator,
         settings.model,
         settings,
@@ -146,7 +181,8 @@ def worker(
         heartbeat_s=heartbeat,
         orchestrator_timeout_s=max(3.0, 6 * heartbeat),
         ready_file=ready_file,
-    ).run()
+    )
+    _run(daemon, settings)
 
 
 @app.command()
@@ -159,6 +195,7 @@ def supervise(
     restart: Annotated[str, typer.Option("--restart")] = "on-failure",
     heartbeat_timeout: HeartbeatTimeoutOpt = None,
     bridge_bind: Annotated[str | None, typer.Option("--bridge-bind")] = None,
+    metrics_base: Annotated[int, typer.Option("--metrics-base-port", min=0)] = 0,
 ) -> None:
     """Start and watch the whole cluster (what `haifctl up` runs in the background)."""
     from haifctl.daemon.supervisor import Supervisor
@@ -174,5 +211,6 @@ def supervise(
         restart=restart,
         heartbeat_timeout_s=settings.heartbeat_timeout,
         bridge_bind=settings.bridge_bind,
+        metrics_base_port=metrics_base,
     ).run()
     raise typer.Exit(code)

@@ -19,6 +19,8 @@ from typing import Any
 import zmq
 
 from haifctl import __version__, wire
+from haifctl.errors import HaifError
+from haifctl.telemetry import Metrics
 
 LOOP_TICK_MS = 50
 HWM = 100_000
@@ -56,9 +58,11 @@ def socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
 
 
 class Daemon:
-    """Base class: subclasses implement ``start``, ``tick`` and ``handle``-style methods."""
+    """Base class: subclasses implement ``start`` and ``serve``."""
 
     name = "daemon"
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    metrics_host = "127.0.0.1"
 
     def __init__(self, ready_file: Path | None = None) -> None:
         self.should_exit = False
@@ -69,6 +73,7 @@ class Daemon:
         self.ready_file = ready_file
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.endpoints: dict[str, str] = {}
+        self.metrics = Metrics(self.name)
 
     # lifecycle -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -94,6 +99,17 @@ class Daemon:
         self.install_signal_handlers()
         try:
             self.start()
+            if self.metrics_port is not None:
+                try:
+                    port = self.metrics.serve(self.metrics_port, self.metrics_host)
+                except OSError as exc:
+                    raise HaifError(
+                        "metrics_port_unavailable",
+                        f"cannot serve /metrics on {self.metrics_host}:{self.metrics_port}: "
+                        f"{exc.strerror}",
+                        "pick another with --metrics-port or OTEL_PROMETHEUS_PORT (0: any free)",
+                    ) from None
+                self.endpoints["metrics"] = f"http://{self.metrics_host}:{port}/metrics"
             self.announce_ready()
             self.serve()
         finally:
@@ -110,12 +126,16 @@ class Daemon:
         log(self.name, "stopped")
 
     # helpers ---------------------------------------------------------------------------------
+    def count_malformed(self) -> None:
+        self.counters["malformed_frames"] += 1
+        self.metrics.malformed.labels(self.name).inc()
+
     def decode(self, frame: bytes) -> wire.Envelope | None:
         """Decode a body frame, counting and dropping anything malformed."""
         try:
             return wire.decode(frame)
         except wire.BadFrame as exc:
-            self.counters["malformed_frames"] += 1
+            self.count_malformed()
             log(self.name, "dropped malformed frame", level="warning", error=str(exc)[:200])
             return None
 

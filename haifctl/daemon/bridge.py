@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from haifctl import __version__, wire
 from haifctl.daemon.base import log
 from haifctl.keys import KeyStore
+from haifctl.telemetry import Metrics
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 300.0
@@ -305,7 +306,13 @@ def _sampling(body: OpenAIBase) -> dict[str, Any]:
 
 
 def create_app(
-    gateway: str, keys: KeyStore, *, ready_file: Path | None = None, endpoint: str = ""
+    gateway: str,
+    keys: KeyStore,
+    *,
+    ready_file: Path | None = None,
+    endpoint: str = "",
+    metrics: Metrics | None = None,
+    metrics_endpoint: str = "",
 ) -> FastAPI:
     link: GatewayLink | None = None
 
@@ -315,7 +322,10 @@ def create_app(
         link = GatewayLink(gateway)
         link.start()
         if ready_file is not None:
-            info = {"daemon": "bridge", "pid": os.getpid(), "endpoints": {"rpc": endpoint}}
+            endpoints = {"rpc": endpoint}
+            if metrics_endpoint:
+                endpoints["metrics"] = metrics_endpoint
+            info = {"daemon": "bridge", "pid": os.getpid(), "endpoints": endpoints}
             tmp = ready_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(ready_file)
@@ -355,6 +365,19 @@ def create_app(
 
     @app.middleware("http")
     async def _limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if metrics is None:
+            return await limited(request, call_next)
+        started = time.monotonic()
+        response = await limited(request, call_next)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "other")
+        metrics.requests.labels("bridge", path, str(response.status_code)).inc()
+        metrics.request_duration.labels("bridge", path).observe(time.monotonic() - started)
+        return response
+
+    async def limited(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         length = request.headers.get("content-length")
@@ -675,7 +698,17 @@ class BridgeDaemon:
 
     name = "bridge"
 
-    def __init__(self, gateway: str, bind: str, keys: KeyStore, ready_file: Path | None) -> None:
+    def __init__(
+        self,
+        gateway: str,
+        bind: str,
+        keys: KeyStore,
+        ready_file: Path | None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+    ) -> None:
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
         self.gateway = gateway
         self.host, self.port = parse_http_bind(bind)
         self.keys = keys
@@ -691,7 +724,19 @@ class BridgeDaemon:
         sock.listen(2048)
         host, port = sock.getsockname()[:2]
         endpoint = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        app = create_app(self.gateway, self.keys, ready_file=self.ready_file, endpoint=endpoint)
+        metrics = Metrics("bridge")
+        metrics_endpoint = ""
+        if self.metrics_port is not None:
+            port = metrics.serve(self.metrics_port, self.metrics_host)
+            metrics_endpoint = f"http://{self.metrics_host}:{port}/metrics"
+        app = create_app(
+            self.gateway,
+            self.keys,
+            ready_file=self.ready_file,
+            endpoint=endpoint,
+            metrics=metrics,
+            metrics_endpoint=metrics_endpoint,
+        )
         # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with a
         # handler of ours in place that re-raise is a no-op and the process exits with 0.
         signal.signal(signal.SIGTERM, lambda *_: None)

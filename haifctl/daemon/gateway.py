@@ -36,6 +36,8 @@ class Route:
     client: bytes
     deadline: float
     stats: bool = False
+    started: float = 0.0
+    first: float = 0.0
 
 
 class TokenBucket:
@@ -145,7 +147,7 @@ class GatewayDaemon(Daemon):
     def from_client(self, frames: list[bytes], accepting: bool) -> None:
         parts = split_router(frames)
         if parts is None:
-            self.counters["malformed_frames"] += 1
+            self.count_malformed()
             return
         identity, body = parts
         envelope = self.decode(body)
@@ -175,6 +177,8 @@ class GatewayDaemon(Daemon):
             code: str, message: str, hint: str = "", retry_after: float | None = None
         ) -> None:
             self.counters[f"rejected_{code}"] += 1
+            self.metrics.rejected.labels(self.name, code).inc()
+            self.metrics.requests.labels(self.name, "infer", code).inc()
             error = wire.Error(code=code, message=message, hint=hint, retry_after=retry_after)
             self.to_client(identity, wire.reply(envelope, error))
 
@@ -214,7 +218,7 @@ class GatewayDaemon(Daemon):
         if envelope.deadline > 0:
             deadline = min(deadline, envelope.deadline)
         mono_deadline = time.monotonic() + (deadline - now)
-        self.routes[envelope.id] = Route(identity, mono_deadline)
+        self.routes[envelope.id] = Route(identity, mono_deadline, started=time.monotonic())
         forward = wire.Infer(request=msgspec.to_builtins(request), client=key)
         self.dealer.send(wire.encode(forward, envelope.id, deadline, envelope.traceparent))
         self.counters["forwarded"] += 1
@@ -238,9 +242,24 @@ class GatewayDaemon(Daemon):
                 daemon=msg.daemon, workers=msg.workers, queues=msg.queues, counters=counters
             )
             body = wire.reply(envelope, merged)
-        if not isinstance(msg, wire.Chunk):
+        if isinstance(msg, wire.Chunk):
+            if not route.first:
+                route.first = time.monotonic()
+        else:
             self.routes.pop(envelope.id, None)
+            if not route.stats:
+                self.observe(route, msg)
         self.to_client(route.client, body)
+
+    def observe(self, route: Route, msg: wire.Msg) -> None:
+        now = time.monotonic()
+        outcome = "ok" if isinstance(msg, wire.Done) else getattr(msg, "code", "error")
+        self.metrics.requests.labels(self.name, "infer", outcome).inc()
+        self.metrics.request_duration.labels(self.name, "infer").observe(now - route.started)
+        if isinstance(msg, wire.Done) and route.first:
+            self.metrics.ttft.labels(self.name, msg.model).observe(route.first - route.started)
+        elif isinstance(msg, wire.Error):
+            self.metrics.rejected.labels(self.name, msg.code).inc()
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -248,6 +267,8 @@ class GatewayDaemon(Daemon):
             if now > route.deadline + 0.5:
                 self.routes.pop(request_id)
                 self.counters["deadline_exceeded"] += 1
+                if not route.stats:
+                    self.observe(route, wire.Error(code="deadline_exceeded", message=""))
                 if not route.stats:
                     self.dealer.send(wire.encode(wire.Cancel(), request_id))
                 error = wire.Error(code="deadline_exceeded", message="the request ran out of time")

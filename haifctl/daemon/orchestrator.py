@@ -7,6 +7,7 @@ stream ends with a ``worker_lost`` error instead of a silent retry.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ class OrchestratorDaemon(Daemon):
     def handle(self, frames: list[bytes], accepting: bool) -> None:
         parts = split_router(frames)
         if parts is None:
-            self.counters["malformed_frames"] += 1
+            self.count_malformed()
             return
         identity, body = parts
         envelope = self.decode(body)
@@ -206,6 +207,9 @@ class OrchestratorDaemon(Daemon):
 
     def drop_worker(self, worker: WorkerRec, reason: str) -> None:
         self.workers.pop(worker.identity, None)
+        for kind in ("busy", "total"):
+            with contextlib.suppress(KeyError):
+                self.metrics.slots.remove(worker.worker_id, kind)
         self.counters["workers_dropped"] += 1
         log(
             self.name,
@@ -221,6 +225,7 @@ class OrchestratorDaemon(Daemon):
                 continue
             if pending.streamed:
                 self.counters["streams_lost"] += 1
+                self.metrics.streams_lost.inc()
                 self.finish(
                     pending,
                     wire.Error(
@@ -232,6 +237,7 @@ class OrchestratorDaemon(Daemon):
                 )
             else:
                 self.counters["failovers"] += 1
+                self.metrics.failovers.inc()
                 pending.worker = None
                 pending.tried.add(worker.identity)
                 self.queues.setdefault(pending.model_ref, deque()).appendleft(request_id)
@@ -255,6 +261,7 @@ class OrchestratorDaemon(Daemon):
             pending.worker = None
             pending.tried.add(worker.identity)
             self.counters["retries"] += 1
+            self.metrics.retries.inc()
             self.queues.setdefault(pending.model_ref, deque()).appendleft(envelope.id)
         elif isinstance(msg, wire.Done):
             queue_ms = round((time.monotonic() - pending.enqueued_at) * 1000 - msg.generation_ms, 3)
@@ -312,6 +319,7 @@ class OrchestratorDaemon(Daemon):
     ) -> None:
         def refuse(error: wire.Error) -> None:
             self.counters["rejected_" + error.code] += 1
+            self.metrics.rejected.labels(self.name, error.code).inc()
             self.send(gateway, wire.reply(envelope, error))
 
         if not accepting:
@@ -379,6 +387,9 @@ class OrchestratorDaemon(Daemon):
         fresh = [w for w in candidates if w.identity not in pending.tried] or candidates
         worker = min(fresh, key=lambda w: (len(w.running) / w.slots, w.assigned))
         worker.assigned += 1
+        self.metrics.queue_wait.labels(pending.model_ref).observe(
+            time.monotonic() - pending.enqueued_at
+        )
         pending.worker = worker.identity
         pending.attempts += 1
         worker.running.add(pending.envelope.id)
@@ -421,7 +432,20 @@ class OrchestratorDaemon(Daemon):
         else:
             self.send(pending.worker, wire.encode(wire.Cancel(), request_id))
 
+    def gauges(self) -> None:
+        states = {"ready": 0, "busy": 0, "draining": 0}
+        for w in self.workers.values():
+            state = "draining" if w.draining else ("busy" if w.free == 0 else "ready")
+            states[state] += 1
+            self.metrics.slots.labels(w.worker_id, "busy").set(len(w.running))
+            self.metrics.slots.labels(w.worker_id, "total").set(w.slots)
+        for state, n in states.items():
+            self.metrics.workers.labels(state).set(n)
+        for ref, queue in self.queues.items():
+            self.metrics.queue_depth.labels(ref).set(len(queue))
+
     def sweep(self) -> None:
+        self.gauges()
         now = time.monotonic()
         for worker in list(self.workers.values()):
             if now - worker.last_seen > self.heartbeat_timeout_s:

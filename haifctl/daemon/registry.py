@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class RegistryDaemon(Daemon):
     def handle(self, frames: list[bytes]) -> None:
         parts = split_router(frames)
         if parts is None:
-            self.counters["malformed_frames"] += 1
+            self.count_malformed()
             return
         identity, body = parts
         envelope = self.decode(body)
@@ -96,8 +97,13 @@ class RegistryDaemon(Daemon):
         op = ops.get(msg.op)
         if op is None:
             return wire.Error(code="unknown_op", message=f"unknown registry op {msg.op!r}")
+        started = time.monotonic()
         try:
             result = op()
+            self.metrics.requests.labels(self.name, msg.op, "ok").inc()
+            self.metrics.request_duration.labels(self.name, msg.op).observe(
+                time.monotonic() - started
+            )
             if msg.op not in ("resolve", "list", "ensure_builtin"):
                 log(
                     self.name,
@@ -106,6 +112,7 @@ class RegistryDaemon(Daemon):
                     args={k: v for k, v in args.items() if k != "facts"},
                 )
         except HaifError as exc:
+            self.metrics.requests.labels(self.name, msg.op, exc.code).inc()
             return wire.Error(code=exc.code, message=exc.message, hint=exc.hint)
         except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
             return wire.Error(code="invalid_request", message=f"bad arguments for {msg.op}: {exc}")

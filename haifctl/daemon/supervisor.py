@@ -27,6 +27,7 @@ class Child:
     args: list[str]  # haifctl arguments, without --bind / --ready-file
     bind: str | None  # None: the daemon does not listen (workers)
     endpoint: str = ""
+    metrics: str = ""
     pid: int = 0
     state: str = "starting"
     started_at: float = 0.0
@@ -50,7 +51,9 @@ class Supervisor:
         heartbeat_timeout_s: float = 3.0,
         drain_grace_s: float = 30.0,
         bridge_bind: str | None = "127.0.0.1:8080",
+        metrics_base_port: int = 0,
     ) -> None:
+        self.metrics_base_port = metrics_base_port
         self.home = home
         self.restart = restart
         self.drain_grace_s = drain_grace_s
@@ -132,6 +135,10 @@ class Supervisor:
         if child.bind is not None:
             # after the first start, keep the same port so that peers reconnect by themselves
             args += ["--bind", child.endpoint or child.bind]
+        # each daemon its own /metrics port: BASE, BASE+1, ... or any free one when BASE is 0
+        index = self.children.index(child)
+        port = self.metrics_base_port + index if self.metrics_base_port else 0
+        args += ["--metrics-port", str(port)]
         return [*args, "--ready-file", str(self.ready_file(child))]
 
     def ready_file(self, child: Child) -> Path:
@@ -173,6 +180,7 @@ class Supervisor:
         endpoints = info.get("endpoints", {})
         if child.bind is not None:
             child.endpoint = endpoints.get("rpc", child.endpoint)
+        child.metrics = endpoints.get("metrics", "")
         child.state = "running"
         return True
 
@@ -262,7 +270,15 @@ class Supervisor:
             "daemons": [
                 {
                     k: getattr(c, k)
-                    for k in ("name", "pid", "endpoint", "state", "started_at", "restarts")
+                    for k in (
+                        "name",
+                        "pid",
+                        "endpoint",
+                        "metrics",
+                        "state",
+                        "started_at",
+                        "restarts",
+                    )
                 }
                 for c in self.children
             ],

@@ -24,7 +24,7 @@ from haifctl.daemon.base import Daemon, log, socket
 from haifctl.errors import HaifError, Unavailable
 from haifctl.inference import ResolvedModel, load_model, looks_like_path, render_prompt
 from haifctl.rpc import RpcClient
-from haifctl.runtime.base import CancelToken, LoadedModel
+from haifctl.runtime.base import CancelToken, LoadedModel, TokenEvent
 from haifctl.schema import validate_request
 
 FLUSH_EVERY_S = 0.002  # coalesce tokens into frames at most this long after the first
@@ -103,6 +103,7 @@ class WorkerDaemon(Daemon):
         self.model = self.resolve()
         started = time.perf_counter()
         self.loaded = load_model(self.settings, self.model)
+        self.metrics.model_load.labels(self.model.ref).set(time.perf_counter() - started)
         log(
             self.name,
             "model loaded",
@@ -308,6 +309,7 @@ class WorkerDaemon(Daemon):
                     send(wire.Chunk(text="".join(pending), n_tokens=n_pending))
                     pending, n_pending, flushed_at = [], 0, now
                 if event.finish_reason is not None:
+                    self.record(event, started, first, now)
                     self.counters["served"] += 1
                     self.counters["tokens"] += event.completion_tokens
                     send(
@@ -328,6 +330,7 @@ class WorkerDaemon(Daemon):
             raise HaifError("internal_error", "the runtime ended a stream without finishing it")
         except HaifError as exc:
             self.counters["errors"] += 1
+            self.metrics.requests.labels(self.name, "generate", exc.code).inc()
             send(wire.Error(code=exc.code, message=exc.message, hint=exc.hint), last=True)
         except Exception as exc:  # never let one request kill the worker
             self.counters["errors"] += 1
@@ -335,6 +338,19 @@ class WorkerDaemon(Daemon):
             send(wire.Error(code="internal_error", message=f"worker error: {exc}"), last=True)
         finally:
             push.close(linger=-1)
+
+    def record(self, event: TokenEvent, started: float, first: float | None, now: float) -> None:
+        assert self.model is not None
+        model = self.model.ref
+        m = self.metrics
+        m.requests.labels(self.name, "generate", event.finish_reason or "stop").inc()
+        m.request_duration.labels(self.name, "generate").observe(now - started)
+        m.prompt_tokens.labels(model).inc(event.prompt_tokens)
+        m.generated_tokens.labels(model).inc(event.completion_tokens)
+        if first is not None:
+            m.ttft.labels(self.name, model).observe(first - started)
+            if event.completion_tokens > 1:
+                m.tpot.labels(model).observe((now - first) / (event.completion_tokens - 1))
 
     def stop(self) -> None:
         for thread in list(self.threads.values()):

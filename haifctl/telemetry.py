@@ -1,0 +1,96 @@
+"""Prometheus metrics for the daemons: one registry per daemon (no process-wide state), names
+with the ``haif_`` prefix and base units, buckets that suit LLM latencies."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# End-to-end request latency: from milliseconds (tiny models) to minutes (long generations).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Time to first token: sub-millisecond on loopback up to seconds of prompt processing or queueing.
+TTFT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Time per output token: 0.1 ms (tiny model) to 250 ms (a large model on a CPU).
+TPOT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class Metrics:
+    """Every metric haifctl exports; each daemon fills in the ones that concern it."""
+
+    def __init__(self, daemon: str) -> None:
+        self.daemon = daemon
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "haif_requests",
+            "Requests handled, by route and outcome.",
+            ["daemon", "route", "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "haif_request_duration_seconds",
+            "End-to-end request duration.",
+            ["daemon", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "haif_time_to_first_token_seconds",
+            "Time to the first token.",
+            ["daemon", "model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "haif_time_per_output_token_seconds",
+            "Decode time per generated token after the first.",
+            ["model"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "haif_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "haif_generated_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "haif_queue_depth", "Requests waiting, per model.", ["model"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "haif_queue_wait_seconds",
+            "Time spent queued, per model.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.workers = Gauge(
+            "haif_workers", "Workers known to the orchestrator, by state.", ["state"], registry=r
+        )
+        self.slots = Gauge(
+            "haif_worker_slots", "Worker slots, busy and total.", ["worker", "kind"], registry=r
+        )
+        self.rejected = Counter(
+            "haif_rejected_requests",
+            "Requests refused, by reason.",
+            ["daemon", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "haif_retries", "Requests sent to another worker after a refusal.", registry=r
+        )
+        self.failovers = Counter(
+            "haif_failovers", "Unstarted requests moved off a worker that died.", registry=r
+        )
+        self.streams_lost = Counter(
+            "haif_streams_lost", "Streams cut short by a worker that died.", registry=r
+        )
+        self.malformed = Counter(
+            "haif_malformed_frames", "Malformed frames dropped.", ["daemon"], registry=r
+        )
+        self.model_load = Gauge(
+            "haif_model_load_seconds", "Time the loaded model took to load.", ["model"], registry=r
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics; port 0 picks a free one.  Returns the port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
