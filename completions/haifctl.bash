@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":config"|":down"|":infer"|":keys"|":logs"|":models"|":status"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":config"|":down"|":infer"|":keys"|":logs"|":models"|":status"|":top"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs worker models config keys'
+            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top worker models config keys'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -65,6 +65,14 @@ _haifctl() {
             opts='--follow -f --lines -n --help -h'; cmds=''
             case "$prev" in
                 --lines|-n) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "top")
+            opts='--once --json --interval --sort --gateway --help -h'; cmds=''
+            case "$prev" in
+                --interval) COMPREPLY=(); return ;;
+                --sort) COMPREPLY=(); return ;;
+                --gateway) COMPREPLY=(); return ;;
             esac
             ;;
         "worker")

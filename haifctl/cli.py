@@ -16,6 +16,7 @@ from haifctl.commands import daemon as daemon_cmd
 from haifctl.commands import infer as infer_cmd
 from haifctl.commands import keys as keys_cmd
 from haifctl.commands import models as models_cmd
+from haifctl.commands import top as top_cmd
 from haifctl.commands._shared import CliState, HomeOpt, RegistryUrlOpt, report_error, state
 from haifctl.errors import HaifError
 
@@ -32,6 +33,7 @@ app.command()(cluster_cmd.up)
 app.command()(cluster_cmd.down)
 app.command()(cluster_cmd.status)
 app.command()(cluster_cmd.logs)
+app.command()(top_cmd.top)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys_cmd.app, name="keys")

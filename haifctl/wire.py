@@ -56,11 +56,28 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     host: str
 
 
+class Window(msgspec.Struct, frozen=True, kw_only=True):
+    """Requests finished in the last ``seconds``, as the orchestrator saw them."""
+
+    seconds: float
+    requests: int
+    errors: int
+    requests_per_s: float
+    tokens_per_s: float
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    worker_tokens_per_s: dict[str, float] = {}
+
+
 class Stats(Msg, frozen=True, tag=True, kw_only=True):
     daemon: str
     workers: list[WorkerState] = []
     queues: dict[str, int] = {}
     counters: dict[str, int] = {}
+    window: Window | None = None
+    uptime_s: float = 0.0
 
 
 class ListModels(Msg, frozen=True, tag=True, kw_only=True):

@@ -238,9 +238,7 @@ class GatewayDaemon(Daemon):
             return
         if isinstance(msg, wire.Stats) and route.stats:
             counters = {**msg.counters, **{f"gateway_{k}": v for k, v in self.counters.items()}}
-            merged = wire.Stats(
-                daemon=msg.daemon, workers=msg.workers, queues=msg.queues, counters=counters
-            )
+            merged = msgspec.structs.replace(msg, counters=counters)
             body = wire.reply(envelope, merged)
         if isinstance(msg, wire.Chunk):
             if not route.first:

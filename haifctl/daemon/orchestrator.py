@@ -50,6 +50,19 @@ class WorkerRec:
         return 0 if self.draining else self.slots - len(self.running)
 
 
+@dataclass(frozen=True)
+class Finished:
+    at: float
+    latency: float
+    ttft: float | None
+    tokens: int
+    worker: str
+    ok: bool
+
+
+WINDOW_S = 60.0
+
+
 @dataclass
 class Pending:
     envelope: wire.Envelope
@@ -59,6 +72,7 @@ class Pending:
     enqueued_at: float
     worker: bytes | None = None
     streamed: bool = False
+    first_at: float = 0.0
     attempts: int = 0
     tried: set[bytes] = field(default_factory=set)
 
@@ -90,8 +104,10 @@ class OrchestratorDaemon(Daemon):
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
         self.resolved: dict[str, tuple[float, wire.ModelInfo | wire.Error]] = {}
+        self.finished: deque[Finished] = deque(maxlen=200_000)
 
     def start(self) -> None:
+        self.started_mono = time.monotonic()
         self.router = socket(self.ctx, zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its name back
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
@@ -253,6 +269,8 @@ class OrchestratorDaemon(Daemon):
             return
         msg = envelope.msg
         if isinstance(msg, wire.Chunk):
+            if not pending.streamed:
+                pending.first_at = time.monotonic()
             pending.streamed = True
             self.send(pending.gateway, body)
             return
@@ -272,6 +290,18 @@ class OrchestratorDaemon(Daemon):
 
     def finish(self, pending: Pending, msg: wire.Msg) -> None:
         self.pending.pop(pending.envelope.id, None)
+        now = time.monotonic()
+        worker = self.workers.get(pending.worker) if pending.worker is not None else None
+        self.finished.append(
+            Finished(
+                at=now,
+                latency=now - pending.enqueued_at,
+                ttft=pending.first_at - pending.enqueued_at if pending.first_at else None,
+                tokens=msg.completion_tokens if isinstance(msg, wire.Done) else 0,
+                worker=worker.worker_id if worker is not None else "",
+                ok=isinstance(msg, wire.Done),
+            )
+        )
         if pending.worker is not None and pending.worker in self.workers:
             self.workers[pending.worker].running.discard(pending.envelope.id)
         queue = self.queues.get(pending.model_ref)
@@ -490,6 +520,37 @@ class OrchestratorDaemon(Daemon):
             )
         return wire.ModelList(models=models)
 
+    def window(self) -> wire.Window:
+        now = time.monotonic()
+        while self.finished and now - self.finished[0].at > WINDOW_S:
+            self.finished.popleft()
+        items = list(self.finished)
+        span = min(WINDOW_S, max(1.0, now - self.started_mono))
+        latencies = sorted(f.latency for f in items if f.ok)
+        ttfts = sorted(f.ttft for f in items if f.ttft is not None)
+        per_worker: dict[str, float] = {}
+        for f in items:
+            if f.worker:
+                per_worker[f.worker] = per_worker.get(f.worker, 0.0) + f.tokens / span
+
+        def pct(values: list[float], q: float) -> float | None:
+            if not values:
+                return None
+            return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 3)
+
+        return wire.Window(
+            seconds=round(span, 1),
+            requests=len(items),
+            errors=sum(not f.ok for f in items),
+            requests_per_s=round(len(items) / span, 3),
+            tokens_per_s=round(sum(f.tokens for f in items) / span, 1),
+            latency_p50_ms=pct(latencies, 0.5),
+            latency_p95_ms=pct(latencies, 0.95),
+            ttft_p50_ms=pct(ttfts, 0.5),
+            ttft_p95_ms=pct(ttfts, 0.95),
+            worker_tokens_per_s={k: round(v, 1) for k, v in per_worker.items()},
+        )
+
     def stats(self) -> wire.Stats:
         now = time.monotonic()
         return wire.Stats(
@@ -515,6 +576,8 @@ class OrchestratorDaemon(Daemon):
             ],
             queues={ref: len(q) for ref, q in self.queues.items()},
             counters=dict(self.counters),
+            window=self.window(),
+            uptime_s=round(now - self.started_mono, 1),
         )
 
     def stop(self) -> None:

@@ -24,7 +24,7 @@ from haifctl.daemon.base import Daemon, log, socket
 from haifctl.errors import HaifError, Unavailable
 from haifctl.inference import ResolvedModel, load_model, looks_like_path, render_prompt
 from haifctl.rpc import RpcClient
-from haifctl.runtime.base import CancelToken, LoadedModel, TokenEvent
+from haifctl.runtime.base import CancelToken, LoadedModel, SamplingParams, TokenEvent
 from haifctl.schema import validate_request
 
 FLUSH_EVERY_S = 0.002  # coalesce tokens into frames at most this long after the first
@@ -104,6 +104,10 @@ class WorkerDaemon(Daemon):
         started = time.perf_counter()
         self.loaded = load_model(self.settings, self.model)
         self.metrics.model_load.labels(self.model.ref).set(time.perf_counter() - started)
+        # One token before joining: the engine thread's first decode sets up its thread pool
+        # and buffers, which would otherwise land on the first user's time to first token.
+        for _ in self.loaded.generate("", SamplingParams(max_tokens=1, seed=0)):
+            pass
         log(
             self.name,
             "model loaded",
