@@ -63,6 +63,7 @@ class ClusterClient:
         *,
         timeout: float = 300.0,
         request_id: str | None = None,
+        traceparent: str = "",
     ) -> Generator[wire.Chunk | wire.Done | wire.Error]:
         """Send one request; yield its chunks, then one Done or Error.
 
@@ -75,7 +76,8 @@ class ClusterClient:
         finished = False
         try:
             deadline = time.time() + timeout
-            sock.send(wire.encode(wire.Infer(request=body, client=self.key), request_id, deadline))
+            infer = wire.Infer(request=body, client=self.key)
+            sock.send(wire.encode(infer, request_id, deadline, traceparent))
             while True:
                 left = deadline + 1.0 - time.time()
                 if left <= 0 or not sock.poll(int(left * 1000), zmq.POLLIN):

@@ -27,11 +27,24 @@ HWM = 100_000
 
 
 def log(daemon: str, message: str, level: str = "info", **fields: Any) -> None:
-    """One JSON object per line on stdout: what log shippers (Promtail, Loki) expect."""
-    record = {"time": round(time.time(), 3), "level": level, "daemon": daemon, "msg": message}
-    record.update(fields)
-    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    """One JSON object per line on stdout: what log shippers (Promtail, Loki) expect; a readable
+    line instead when stdout is a terminal."""
+    now = time.time()
+    if sys.stdout.isatty():
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        sys.stdout.write(f"{stamp} {level:<7} {daemon:<12} {message}  {extra}".rstrip() + "\n")
+    else:
+        record = {"time": round(now, 3), "level": level, "daemon": daemon, "msg": message}
+        record.update(fields)
+        sys.stdout.write(json.dumps(record, default=str) + "\n")
     sys.stdout.flush()
+
+
+def trace_id(traceparent: str) -> str:
+    """The trace id of a W3C traceparent (``00-<trace id>-<span id>-<flags>``), or ''."""
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
 
 
 def bind(sock: zmq.Socket[bytes], address: str) -> str:

@@ -15,7 +15,15 @@ import msgspec
 import zmq
 
 from haifctl import wire
-from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket, split_router
+from haifctl.daemon.base import (
+    LOOP_TICK_MS,
+    Daemon,
+    bind,
+    log,
+    socket,
+    split_router,
+    trace_id,
+)
 from haifctl.errors import HaifError
 from haifctl.schema import validate_request
 
@@ -38,6 +46,9 @@ class Route:
     stats: bool = False
     started: float = 0.0
     first: float = 0.0
+    request_id: str = ""
+    traceparent: str = ""
+    client_key: str = ""
 
 
 class TokenBucket:
@@ -218,7 +229,14 @@ class GatewayDaemon(Daemon):
         if envelope.deadline > 0:
             deadline = min(deadline, envelope.deadline)
         mono_deadline = time.monotonic() + (deadline - now)
-        self.routes[envelope.id] = Route(identity, mono_deadline, started=time.monotonic())
+        self.routes[envelope.id] = Route(
+            identity,
+            mono_deadline,
+            started=time.monotonic(),
+            request_id=envelope.id,
+            traceparent=envelope.traceparent,
+            client_key=key,
+        )
         forward = wire.Infer(request=msgspec.to_builtins(request), client=key)
         self.dealer.send(wire.encode(forward, envelope.id, deadline, envelope.traceparent))
         self.counters["forwarded"] += 1
@@ -252,6 +270,20 @@ class GatewayDaemon(Daemon):
     def observe(self, route: Route, msg: wire.Msg) -> None:
         now = time.monotonic()
         outcome = "ok" if isinstance(msg, wire.Done) else getattr(msg, "code", "error")
+        done = msg if isinstance(msg, wire.Done) else None
+        log(
+            self.name,
+            "request finished",
+            level="info" if done else "warning",
+            request_id=route.request_id,
+            trace_id=trace_id(route.traceparent),
+            client=route.client_key,
+            outcome=outcome,
+            duration_ms=round((now - route.started) * 1000, 3),
+            model=done.model if done else None,
+            worker=done.worker if done else None,
+            tokens=done.completion_tokens if done else 0,
+        )
         self.metrics.requests.labels(self.name, "infer", outcome).inc()
         self.metrics.request_duration.labels(self.name, "infer").observe(now - route.started)
         if isinstance(msg, wire.Done) and route.first:

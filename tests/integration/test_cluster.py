@@ -215,3 +215,24 @@ def test_full_queue_is_refused_at_once_with_a_retry_hint(tmp_path: Path) -> None
     finally:
         ctx.destroy(linger=0)
         small.stop()
+
+
+def test_gateway_logs_one_json_line_per_request(cluster: Cluster) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with cluster.client() as client:
+        msgs = list(
+            client.stream(
+                {"prompt": "Once", "max_tokens": 3}, request_id="logged-1", traceparent=traceparent
+            )
+        )
+    assert isinstance(msgs[-1], wire.Done)
+    events = [e for e in cluster.procs["gateway"].log_events() if e.get("request_id") == "logged-1"]
+    assert len(events) == 1
+    event = events[0]
+    assert event["msg"] == "request finished"
+    assert event["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert event["outcome"] == "ok"
+    assert event["daemon"] == "gateway"
+    assert event["level"] == "info"
+    assert event["tokens"] == 3
+    assert isinstance(event["time"], float)
