@@ -214,3 +214,25 @@ def supervise(
         metrics_base_port=metrics_base,
     ).run()
     raise typer.Exit(code)
+
+
+@app.command()
+def ping(
+    address: Annotated[str, typer.Argument(help="A daemon's address, tcp://HOST:PORT.")],
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 2.0,
+) -> None:
+    """Exit 0 if the daemon at ADDRESS answers a ping (a container health check)."""
+    import zmq
+
+    from haifctl import wire
+    from haifctl.errors import Unavailable
+    from haifctl.rpc import RpcClient
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        answer = RpcClient(ctx, address, "daemon").call(wire.Ping(), timeout)
+    finally:
+        ctx.destroy(linger=0)
+    if not isinstance(answer, wire.Pong) or not answer.ready:
+        raise Unavailable("not_ready", f"{address} is not ready")
+    typer.echo(f"{answer.daemon} {answer.pid} ready")

@@ -87,6 +87,8 @@ class Daemon:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.endpoints: dict[str, str] = {}
         self.metrics = Metrics(self.name)
+        # Export the counter from the start, at 0: rate() then shows "none" rather than no data.
+        self.metrics.malformed.labels(self.name)
 
     # lifecycle -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
