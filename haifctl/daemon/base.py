@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from haifctl import __version__, wire
+from haifctl import __version__, tracing, wire
 from haifctl.errors import HaifError
 from haifctl.telemetry import Metrics
 
@@ -87,6 +87,7 @@ class Daemon:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.endpoints: dict[str, str] = {}
         self.metrics = Metrics(self.name)
+        self.tracing: tracing.Tracing | None = None
         # Export the counter from the start, at 0: rate() then shows "none" rather than no data.
         self.metrics.malformed.labels(self.name)
 
@@ -112,6 +113,7 @@ class Daemon:
 
     def run(self) -> None:
         self.install_signal_handlers()
+        self.tracing = tracing.setup(self.name)
         try:
             self.start()
             if self.metrics_port is not None:
@@ -138,6 +140,8 @@ class Daemon:
 
     def stop(self) -> None:
         self.ctx.destroy(linger=0)
+        if self.tracing is not None:
+            self.tracing.shutdown()
         log(self.name, "stopped")
 
     # helpers ---------------------------------------------------------------------------------

@@ -24,12 +24,14 @@ import zmq.asyncio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from opentelemetry.trace import StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
-from haifctl import __version__, wire
+from haifctl import __version__, tracing, wire
 from haifctl.daemon.base import log
 from haifctl.keys import KeyStore
 from haifctl.telemetry import Metrics
+from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 300.0
@@ -315,6 +317,7 @@ def create_app(
     metrics_endpoint: str = "",
 ) -> FastAPI:
     link: GatewayLink | None = None
+    tracer = tracing.setup("bridge")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -339,6 +342,8 @@ def create_app(
         )
         yield
         await link.close()
+        if tracer is not None:
+            tracer.shutdown()
         log("bridge", "stopped")
 
     app = FastAPI(
@@ -367,15 +372,48 @@ def create_app(
     async def _limit_body(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if metrics is None:
+        incoming = request.headers.get("traceparent", "")
+        request.state.traceparent = incoming
+        span = None
+        if tracer is not None and request.url.path.startswith(("/v1/", "/infer")):
+            span = tracer.tracer.start_span(
+                f"{request.method} {request.url.path}",
+                context=parent_context(incoming),
+                kind=SpanKind.SERVER,
+            )
+            request.state.traceparent = child_traceparent(span)
+        if metrics is None and span is None:
             return await limited(request, call_next)
         started = time.monotonic()
         response = await limited(request, call_next)
+        if span is not None:
+            end_span_with_body(response, span)
+        if metrics is None:
+            return response
         route = request.scope.get("route")
         path = getattr(route, "path", "other")
         metrics.requests.labels("bridge", path, str(response.status_code)).inc()
         metrics.request_duration.labels("bridge", path).observe(time.monotonic() - started)
         return response
+
+    def end_span_with_body(response: Response, span: Span) -> None:
+        """A streamed response's span lasts until its last byte, not just its headers."""
+        span.set_attribute("http.response.status_code", response.status_code)
+        if response.status_code >= 500:
+            span.set_status(StatusCode.ERROR)
+        body = getattr(response, "body_iterator", None)
+        if body is None:
+            span.end()
+            return
+
+        async def closing() -> AsyncIterator[Any]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                span.end()
+
+        response.body_iterator = closing()  # type: ignore[attr-defined]
 
     async def limited(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -509,7 +547,7 @@ def create_app(
             if "stop" in fields:
                 fields["stop"] = _stop(fields["stop"])
         fields = {k: v for k, v in fields.items() if v is not None}
-        tp = request.headers.get("traceparent", "")
+        tp = getattr(request.state, "traceparent", "")
         request_id = "inf-" + wire.new_id()[:24]
 
         def final(done: wire.Done, output: str) -> dict[str, Any]:
@@ -584,7 +622,7 @@ def create_app(
     async def openai_response(
         fields: dict[str, Any], body: OpenAIBase, request: Request, key: str, *, chat: bool
     ) -> Response:
-        tp = request.headers.get("traceparent", "")
+        tp = getattr(request.state, "traceparent", "")
         created = int(time.time())
         prefix = "chatcmpl-" if chat else "cmpl-"
         response_id = prefix + wire.new_id()[:24]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import zmq
+from opentelemetry.trace import StatusCode
 
 from haifctl import wire
 from haifctl.daemon.base import (
@@ -26,6 +27,7 @@ from haifctl.daemon.base import (
 )
 from haifctl.errors import HaifError
 from haifctl.schema import validate_request
+from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
 
 PING_EVERY_S = 1.0
 
@@ -49,6 +51,7 @@ class Route:
     request_id: str = ""
     traceparent: str = ""
     client_key: str = ""
+    span: Span | None = None
 
 
 class TokenBucket:
@@ -229,16 +232,27 @@ class GatewayDaemon(Daemon):
         if envelope.deadline > 0:
             deadline = min(deadline, envelope.deadline)
         mono_deadline = time.monotonic() + (deadline - now)
+        span = None
+        traceparent = envelope.traceparent
+        if self.tracing is not None:
+            span = self.tracing.tracer.start_span(
+                "gateway infer",
+                context=parent_context(envelope.traceparent),
+                kind=SpanKind.SERVER,
+                attributes={"haif.request_id": envelope.id, "haif.client": key},
+            )
+            traceparent = child_traceparent(span)
         self.routes[envelope.id] = Route(
             identity,
             mono_deadline,
             started=time.monotonic(),
             request_id=envelope.id,
-            traceparent=envelope.traceparent,
+            traceparent=traceparent,
             client_key=key,
+            span=span,
         )
         forward = wire.Infer(request=msgspec.to_builtins(request), client=key)
-        self.dealer.send(wire.encode(forward, envelope.id, deadline, envelope.traceparent))
+        self.dealer.send(wire.encode(forward, envelope.id, deadline, traceparent))
         self.counters["forwarded"] += 1
         return None
 
@@ -271,6 +285,19 @@ class GatewayDaemon(Daemon):
         now = time.monotonic()
         outcome = "ok" if isinstance(msg, wire.Done) else getattr(msg, "code", "error")
         done = msg if isinstance(msg, wire.Done) else None
+        if route.span is not None:
+            route.span.set_attribute("haif.outcome", outcome)
+            if done is not None:
+                route.span.set_attributes(
+                    {
+                        "haif.model": done.model,
+                        "haif.worker": done.worker,
+                        "haif.completion_tokens": done.completion_tokens,
+                    }
+                )
+            else:
+                route.span.set_status(StatusCode.ERROR, outcome)
+            route.span.end()
         log(
             self.name,
             "request finished",

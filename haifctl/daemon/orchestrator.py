@@ -15,11 +15,14 @@ from pathlib import Path
 
 import msgspec
 import zmq
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
 
 from haifctl import wire
 from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket, split_router
 from haifctl.errors import HaifError
 from haifctl.rpc import RpcClient
+from haifctl.tracing import Span, child_traceparent, parent_context
 
 RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request"}
 RESOLVE_CACHE_S = 5.0
@@ -73,6 +76,9 @@ class Pending:
     worker: bytes | None = None
     streamed: bool = False
     first_at: float = 0.0
+    traceparent: str = ""  # what the worker gets: a child of this request's span
+    span: Span | None = None
+    queue_span: Span | None = None
     attempts: int = 0
     tried: set[bytes] = field(default_factory=set)
 
@@ -290,6 +296,11 @@ class OrchestratorDaemon(Daemon):
 
     def finish(self, pending: Pending, msg: wire.Msg) -> None:
         self.pending.pop(pending.envelope.id, None)
+        for span in (pending.queue_span, pending.span):
+            if span is not None:
+                if isinstance(msg, wire.Error):
+                    span.set_status(StatusCode.ERROR, msg.code)
+                span.end()
         now = time.monotonic()
         worker = self.workers.get(pending.worker) if pending.worker is not None else None
         self.finished.append(
@@ -382,12 +393,14 @@ class OrchestratorDaemon(Daemon):
             model_params=info.params,
             n_ctx_train=info.context_length,
         )
-        pending = Pending(
-            envelope=envelope,
-            infer=infer,
-            gateway=gateway,
-            model_ref=info.ref,
-            enqueued_at=time.monotonic(),
+        pending = self.traced(
+            Pending(
+                envelope=envelope,
+                infer=infer,
+                gateway=gateway,
+                model_ref=info.ref,
+                enqueued_at=time.monotonic(),
+            )
         )
         queue = self.queues.setdefault(info.ref, deque())
         if not queue and self.dispatch(pending):
@@ -408,6 +421,25 @@ class OrchestratorDaemon(Daemon):
         queue.append(envelope.id)
         return None
 
+    def traced(self, pending: Pending) -> Pending:
+        """Open the request's spans (when tracing is on): the whole stay, and the queue wait."""
+        pending.traceparent = pending.envelope.traceparent
+        if self.tracing is not None:
+            tracer = self.tracing.tracer
+            pending.span = tracer.start_span(
+                "orchestrator request",
+                context=parent_context(pending.envelope.traceparent),
+                attributes={
+                    "haif.request_id": pending.envelope.id,
+                    "haif.model": pending.model_ref,
+                },
+            )
+            pending.traceparent = child_traceparent(pending.span)
+            pending.queue_span = tracer.start_span(
+                "queue wait", context=trace.set_span_in_context(pending.span)
+            )
+        return pending
+
     def dispatch(self, pending: Pending) -> bool:
         candidates = [
             w for w in self.workers.values() if pending.model_ref in w.models and w.free > 0
@@ -417,6 +449,16 @@ class OrchestratorDaemon(Daemon):
         fresh = [w for w in candidates if w.identity not in pending.tried] or candidates
         worker = min(fresh, key=lambda w: (len(w.running) / w.slots, w.assigned))
         worker.assigned += 1
+        if pending.queue_span is not None:
+            pending.queue_span.set_attributes(
+                {
+                    "haif.worker": worker.worker_id,
+                    "haif.attempt": pending.attempts + 1,
+                    "haif.candidates": len(candidates),
+                }
+            )
+            pending.queue_span.end()
+            pending.queue_span = None
         self.metrics.queue_wait.labels(pending.model_ref).observe(
             time.monotonic() - pending.enqueued_at
         )
@@ -425,7 +467,7 @@ class OrchestratorDaemon(Daemon):
         worker.running.add(pending.envelope.id)
         env = pending.envelope
         self.send(
-            worker.identity, wire.encode(pending.infer, env.id, env.deadline, env.traceparent)
+            worker.identity, wire.encode(pending.infer, env.id, env.deadline, pending.traceparent)
         )
         self.counters["dispatched"] += 1
         return True

@@ -288,6 +288,7 @@ class WorkerDaemon(Daemon):
             push.send_multipart([rid, wire.reply(envelope, m), b"1" if last else b"0"])
 
         started = time.perf_counter()
+        started_ns = time.time_ns()
         first: float | None = None
         pending: list[str] = []
         n_pending = 0
@@ -314,6 +315,7 @@ class WorkerDaemon(Daemon):
                     pending, n_pending, flushed_at = [], 0, now
                 if event.finish_reason is not None:
                     self.record(event, started, first, now)
+                    self.trace(envelope, started_ns, started, first, now, event, None)
                     self.counters["served"] += 1
                     self.counters["tokens"] += event.completion_tokens
                     send(
@@ -335,6 +337,8 @@ class WorkerDaemon(Daemon):
         except HaifError as exc:
             self.counters["errors"] += 1
             self.metrics.requests.labels(self.name, "generate", exc.code).inc()
+            now = time.perf_counter()
+            self.trace(envelope, started_ns, started, first, now, None, exc.code)
             send(wire.Error(code=exc.code, message=exc.message, hint=exc.hint), last=True)
         except Exception as exc:  # never let one request kill the worker
             self.counters["errors"] += 1
@@ -355,6 +359,66 @@ class WorkerDaemon(Daemon):
             m.ttft.labels(self.name, model).observe(first - started)
             if event.completion_tokens > 1:
                 m.tpot.labels(model).observe((now - first) / (event.completion_tokens - 1))
+
+    def trace(
+        self,
+        envelope: wire.Envelope,
+        started_ns: int,
+        started: float,
+        first: float | None,
+        now: float,
+        event: TokenEvent | None,
+        error: str | None,
+    ) -> None:
+        """Spans for one generation: the whole of it, prompt processing, and decoding."""
+        if self.tracing is None:
+            return
+        from opentelemetry import trace as otel
+        from opentelemetry.trace import StatusCode
+
+        from haifctl.tracing import parent_context
+
+        def at(t: float) -> int:
+            return started_ns + int((t - started) * 1e9)
+
+        tracer = self.tracing.tracer
+        span = tracer.start_span(
+            "worker generate",
+            context=parent_context(envelope.traceparent),
+            start_time=started_ns,
+            attributes={
+                "haif.request_id": envelope.id,
+                "haif.worker": self.worker_id,
+                "haif.model": self.model.ref if self.model else "",
+            },
+        )
+        inside = otel.set_span_in_context(span)
+        if event is not None:
+            span.set_attributes(
+                {
+                    "haif.finish_reason": event.finish_reason or "",
+                    "haif.prompt_tokens": event.prompt_tokens,
+                    "haif.completion_tokens": event.completion_tokens,
+                }
+            )
+            prompt = tracer.start_span(
+                "prompt processing",
+                context=inside,
+                start_time=started_ns,
+                attributes={"haif.prompt_tokens": event.prompt_tokens},
+            )
+            prompt.end(end_time=at(first if first is not None else now))
+            if first is not None:
+                decode = tracer.start_span(
+                    "generation",
+                    context=inside,
+                    start_time=at(first),
+                    attributes={"haif.completion_tokens": event.completion_tokens},
+                )
+                decode.end(end_time=at(now))
+        if error is not None:
+            span.set_status(StatusCode.ERROR, error)
+        span.end(end_time=at(now))
 
     def stop(self) -> None:
         for thread in list(self.threads.values()):
