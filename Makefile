@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Once upon a time
 
-.PHONY: run test lint docs bench clean
+.PHONY: run test lint docs diagrams bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(VENV)/.installed
 ## docs: regenerate shell completions and man pages from the CLI
 docs: $(VENV)/.installed
 	$(BIN)/python scripts/gendocs.py
+
+## diagrams: render docs/architecture/*.puml to PNG (needs plantuml)
+diagrams:
+	plantuml -tpng docs/architecture/*.puml
 
 ## bench: print the figures (tokens/s, first token, registry latency, cluster overhead)
 bench: $(VENV)/.installed

@@ -135,11 +135,92 @@ def measure(one: OneRequest, requests: int, concurrency: int) -> dict[str, float
     }
 
 
+class _Sink:
+    """An OTLP/HTTP endpoint that accepts and drops spans: tracing on, at its real cost."""
+
+    def __enter__(self) -> str:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def gateway_run(requests: int, workers: int, tracing_endpoint: str | None) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "HAIF_HOME": home}
+        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        if tracing_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = tracing_endpoint
+        subprocess.run(
+            [HAIFCTL, "up", "--workers", str(workers), "--bridge-bind", "127.0.0.1:0"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            info = json.loads(
+                subprocess.run(
+                    [HAIFCTL, "status", "--json"],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            gateway = next(d["endpoint"] for d in info["daemons"] if d["name"] == "gateway")
+            one, close = cluster_runner(gateway)
+            result = measure(one, requests, 1)
+            close()
+            return result
+        finally:
+            subprocess.run([HAIFCTL, "down"], env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def telemetry(requests: int, workers: int, rounds: int) -> None:
+    """Tracing off versus on (exporting to a local sink), alternated to even out drift."""
+    off, on = [], []
+    with _Sink() as endpoint:
+        for _ in range(rounds):
+            off.append(gateway_run(requests, workers, None)["stream_tps"])
+            on.append(gateway_run(requests, workers, endpoint)["stream_tps"])
+    a, b = statistics.median(off), statistics.median(on)
+    print(
+        f"tracing off: {a:,.0f} tok/s; on (OTLP to a local sink): {b:,.0f} tok/s; "
+        f"difference {(a - b) / a:+.1%} (median of {rounds} rounds, 1 stream, "
+        f"{requests} x {TOKENS}-token requests each; metrics are on in both)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--telemetry",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only compare tracing off and on, over ROUNDS alternating rounds",
+    )
     args = parser.parse_args()
+    if args.telemetry:
+        telemetry(args.requests, args.workers, args.telemetry)
+        return
 
     one, close = local_runner()
     local1 = measure(one, args.requests, 1)

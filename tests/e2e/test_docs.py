@@ -74,3 +74,22 @@ def test_other_shells_parse_their_scripts(shell: str, script: str) -> None:
         [exe, "-n", str(ROOT / "completions" / script)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "source", sorted(p.name for p in (ROOT / "docs" / "architecture").glob("*.puml"))
+)
+def test_architecture_diagrams_render(source: str, tmp_path: Path) -> None:
+    plantuml = need("plantuml")
+    shutil.copy(ROOT / "docs" / "architecture" / source, tmp_path / source)
+    proc = subprocess.run(
+        [plantuml, "-tpng", "-failfast2", str(tmp_path / source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    images = list(tmp_path.glob("*.png"))
+    assert len(images) == 1
+    assert images[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert images[0].stat().st_size > 2000
