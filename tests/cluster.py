@@ -94,7 +94,8 @@ class Cluster:
         bridge_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
-        self.env = {**os.environ, "HAIF_THREADS": "1"}
+        # each cluster has a home of its own, whatever the calling test's environment says
+        self.env = {**os.environ, "HAIF_THREADS": "1", "HAIF_HOME": str(workdir / "home")}
         self.procs: dict[str, Proc] = {}
         self.heartbeat_timeout = heartbeat_timeout
         registry = self.start("registry", ["daemon", "registry"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,3 +76,14 @@ def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite://{tmp_path / 'registry.db'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+def require(tool: str, package: str = "") -> str:
+    """The path of a tool the test needs: skipped on a laptop without it, a failure in CI."""
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is not installed (.ci/run installs Debian's {package or tool})"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path

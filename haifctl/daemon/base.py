@@ -158,6 +158,31 @@ class Daemon:
             log(self.name, "dropped malformed frame", level="warning", error=str(exc)[:200])
             return None
 
+    def drain_router(
+        self, sock: zmq.Socket[bytes], handler: Callable[[bytes, wire.Envelope, bytes], None]
+    ) -> None:
+        """Handle every message waiting on a ROUTER.  A message from a DEALER peer is exactly
+        [identity, body]; anything else is malformed and dropped."""
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.count_malformed()
+                continue
+            envelope = self.decode(frames[1])
+            if envelope is not None:
+                self.safely(handler, frames[0], envelope, frames[1])
+
+    def send_to(self, sock: zmq.Socket[bytes], identity: bytes, body: bytes) -> None:
+        """Send without blocking; a peer that is gone is counted, and its requests are cleaned
+        up by the sender's own bookkeeping."""
+        try:
+            sock.send_multipart([identity, body], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["undeliverable"] += 1
+
     def safely(self, handler: Callable[..., None], *args: Any) -> None:
         """Run one message's handler; a bug triggered by one message must not stop the daemon."""
         try:
@@ -173,10 +198,3 @@ class Daemon:
 
     def pong(self) -> wire.Pong:
         return wire.Pong(daemon=self.name, pid=os.getpid(), version=__version__, ready=self.started)
-
-
-def split_router(frames: list[bytes]) -> tuple[bytes, bytes] | None:
-    """A ROUTER message from a DEALER peer is exactly [identity, body]."""
-    if len(frames) != 2:
-        return None
-    return frames[0], frames[1]

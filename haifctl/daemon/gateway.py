@@ -22,7 +22,6 @@ from haifctl.daemon.base import (
     bind,
     log,
     socket,
-    split_router,
     trace_id,
 )
 from haifctl.errors import HaifError
@@ -94,6 +93,7 @@ class GatewayDaemon(Daemon):
         self.orchestrator = orchestrator
         self.limits = limits or Limits()
         self.drain_grace_s = drain_grace_s
+        self.accepting = True
         self.routes: dict[str, Route] = {}
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.burst)
         self.last_orchestrator_pong = 0.0
@@ -136,13 +136,9 @@ class GatewayDaemon(Daemon):
                 self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
                 next_ping = now + PING_EVERY_S
             events = dict(poller.poll(LOOP_TICK_MS))
+            self.accepting = drain_until is None
             if self.router in events:
-                while True:
-                    try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.safely(self.from_client, frames, drain_until is None)
+                self.drain_router(self.router, self.from_client)
             if self.dealer in events:
                 while True:
                     try:
@@ -153,20 +149,10 @@ class GatewayDaemon(Daemon):
             self.sweep()
 
     def to_client(self, identity: bytes, body: bytes) -> None:
-        try:
-            self.router.send_multipart([identity, body], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.counters["undeliverable"] += 1
+        self.send_to(self.router, identity, body)
 
-    def from_client(self, frames: list[bytes], accepting: bool) -> None:
-        parts = split_router(frames)
-        if parts is None:
-            self.count_malformed()
-            return
-        identity, body = parts
-        envelope = self.decode(body)
-        if envelope is None:
-            return
+    def from_client(self, identity: bytes, envelope: wire.Envelope, body: bytes) -> None:
+        accepting = self.accepting
         msg = envelope.msg
         if isinstance(msg, wire.Infer):
             self.infer(identity, envelope, msg, accepting)

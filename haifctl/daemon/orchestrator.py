@@ -19,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from haifctl import wire
-from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket, split_router
+from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket
 from haifctl.errors import HaifError
 from haifctl.rpc import RpcClient
 from haifctl.tracing import Span, child_traceparent, parent_context
@@ -106,6 +106,7 @@ class OrchestratorDaemon(Daemon):
         self.queue_size = queue_size
         self.max_attempts = max_attempts
         self.drain_grace_s = drain_grace_s
+        self.accepting = True
         self.workers: dict[bytes, WorkerRec] = {}
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
@@ -133,30 +134,16 @@ class OrchestratorDaemon(Daemon):
                 not self.pending or self.force_exit or now > drain_until
             ):
                 break
+            self.accepting = drain_until is None
             if dict(poller.poll(LOOP_TICK_MS)):
-                while True:
-                    try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.safely(self.handle, frames, drain_until is None)
+                self.drain_router(self.router, self.handle)
             self.sweep()
 
     def send(self, identity: bytes, body: bytes) -> None:
-        try:
-            self.router.send_multipart([identity, body], zmq.NOBLOCK)
-        except zmq.ZMQError:  # the peer is gone; its requests are cleaned up by the sweep
-            self.counters["undeliverable"] += 1
+        self.send_to(self.router, identity, body)
 
-    def handle(self, frames: list[bytes], accepting: bool) -> None:
-        parts = split_router(frames)
-        if parts is None:
-            self.count_malformed()
-            return
-        identity, body = parts
-        envelope = self.decode(body)
-        if envelope is None:
-            return
+    def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes) -> None:
+        accepting = self.accepting
         msg = envelope.msg
         worker = self.workers.get(identity)
         if worker is not None:

@@ -11,7 +11,7 @@ import msgspec
 import zmq
 
 from haifctl import wire
-from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket, split_router
+from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket
 from haifctl.errors import HaifError
 from haifctl.gguf_info import GGUFFacts
 from haifctl.registry.service import Registry, open_registry
@@ -38,22 +38,9 @@ class RegistryDaemon(Daemon):
         while not self.should_exit:
             if not dict(poller.poll(LOOP_TICK_MS)):
                 continue
-            while True:
-                try:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self.safely(self.handle, frames)
+            self.drain_router(self.router, self.handle)
 
-    def handle(self, frames: list[bytes]) -> None:
-        parts = split_router(frames)
-        if parts is None:
-            self.count_malformed()
-            return
-        identity, body = parts
-        envelope = self.decode(body)
-        if envelope is None:
-            return
+    def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes) -> None:
         msg = envelope.msg
         answer: wire.Msg
         if isinstance(msg, wire.Ping):
@@ -65,7 +52,7 @@ class RegistryDaemon(Daemon):
         else:
             self.counters["unexpected_messages"] += 1
             return
-        self.router.send_multipart([identity, wire.reply(envelope, answer)])
+        self.send_to(self.router, identity, wire.reply(envelope, answer))
 
     def call(self, msg: wire.RegistryCall) -> wire.Msg:
         assert self.registry is not None

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
 HAIFCTL_SERVICES = ("registry", "orchestrator", "gateway", "bridge", "worker")
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return path
 
 
 def compose_command() -> list[str]:
@@ -32,7 +22,7 @@ def compose_command() -> list[str]:
         and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
     ):
         return [docker, "compose"]
-    return [need("docker-compose")]
+    return [require("docker-compose")]
 
 
 def test_compose_file_validates(tmp_path: Path) -> None:
@@ -105,7 +95,7 @@ def test_env_example_names_every_variable() -> None:
 
 
 def test_prometheus_config_is_valid() -> None:
-    promtool = need("promtool")
+    promtool = require("promtool")
     proc = subprocess.run(
         [promtool, "check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml")],
         capture_output=True,

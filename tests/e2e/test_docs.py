@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return path
 
 
 def test_generated_files_match_the_code() -> None:
@@ -34,7 +26,7 @@ def test_generated_files_match_the_code() -> None:
 
 @pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "man").glob("*.1")))
 def test_man_pages_render_without_warnings(page: str) -> None:
-    need("man")
+    require("man")
     proc = subprocess.run(
         ["man", "--warnings", "-l", str(ROOT / "man" / page)],
         capture_output=True,
@@ -69,7 +61,7 @@ def test_bash_completion_knows_commands_options_and_choices() -> None:
 
 @pytest.mark.parametrize(("shell", "script"), [("zsh", "_haifctl"), ("fish", "haifctl.fish")])
 def test_other_shells_parse_their_scripts(shell: str, script: str) -> None:
-    exe = need(shell)
+    exe = require(shell)
     proc = subprocess.run(
         [exe, "-n", str(ROOT / "completions" / script)], capture_output=True, text=True
     )
@@ -80,7 +72,7 @@ def test_other_shells_parse_their_scripts(shell: str, script: str) -> None:
     "source", sorted(p.name for p in (ROOT / "docs" / "architecture").glob("*.puml"))
 )
 def test_architecture_diagrams_render(source: str, tmp_path: Path) -> None:
-    plantuml = need("plantuml")
+    plantuml = require("plantuml")
     shutil.copy(ROOT / "docs" / "architecture" / source, tmp_path / source)
     proc = subprocess.run(
         [plantuml, "-tpng", "-failfast2", str(tmp_path / source)],

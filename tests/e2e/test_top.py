@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.e2e.conftest import HAIFCTL, Run
 
 
@@ -59,12 +59,7 @@ def test_top_without_a_cluster(haifctl: Run) -> None:
 
 
 def test_top_live_in_a_terminal(haifctl: Run, cluster: None, home: Path) -> None:
-    tmux = shutil.which("tmux")
-    if tmux is None:
-        message = "tmux is not installed (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    tmux = require("tmux", "tmux")
     session = f"haif-top-{os.getpid()}"
     env_cmd = f"HAIF_HOME={home} {HAIFCTL} top --interval 0.2"
     subprocess.run(

@@ -21,17 +21,11 @@ KEY = "haif-test-key-0123456789"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("bridge")
-    old = os.environ.get("HAIF_HOME")
-    os.environ["HAIF_HOME"] = str(workdir / "home")
     c = Cluster(workdir, workers=2, bridge_env={"HAIF_API_KEYS": KEY})
     try:
         yield c
     finally:
         codes = c.stop()
-        if old is None:
-            os.environ.pop("HAIF_HOME", None)
-        else:
-            os.environ["HAIF_HOME"] = old
     assert all(code == 0 for code in codes.values()), codes
 
 

@@ -5,8 +5,6 @@ must return data.  A panel that queries a metric nobody exports fails here."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -20,6 +18,7 @@ import yaml
 
 from haifctl import wire
 from tests.cluster import Cluster
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,15 +52,8 @@ def loopback_config(cluster: Cluster) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Cluster]]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        message = "Prometheus is not installed (Debian's prometheus package; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    binary = require("prometheus", "prometheus")
     workdir = tmp_path_factory.mktemp("dashboards")
-    old = os.environ.get("HAIF_HOME")
-    os.environ["HAIF_HOME"] = str(workdir / "home")
     cluster = Cluster(workdir, workers=2, bridge_env={})
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(loopback_config(cluster)))
@@ -95,10 +87,6 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         proc.wait(30)
         log.close()
         cluster.stop()
-        if old is None:
-            os.environ.pop("HAIF_HOME", None)
-        else:
-            os.environ["HAIF_HOME"] = old
 
 
 def query(url: str, expr: str) -> list[dict[str, Any]]:

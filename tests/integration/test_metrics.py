@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -14,22 +12,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from haifctl import wire
 from tests.cluster import Cluster
+from tests.conftest import require
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("metrics")
-    old = os.environ.get("HAIF_HOME")
-    os.environ["HAIF_HOME"] = str(workdir / "home")
     c = Cluster(workdir, workers=1, bridge_env={})
     try:
         yield c
     finally:
         c.stop()
-        if old is None:
-            os.environ.pop("HAIF_HOME", None)
-        else:
-            os.environ["HAIF_HOME"] = old
 
 
 def scrape(cluster: Cluster, name: str) -> str:
@@ -86,12 +79,7 @@ def traffic(cluster: Cluster) -> None:
 def test_promtool_accepts_every_daemons_metrics(
     cluster: Cluster, traffic: None, daemon: str
 ) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        message = "promtool is not installed (Debian's prometheus package; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    promtool = require("promtool", "prometheus")
     text = scrape(cluster, daemon)
     assert "haif_" in text
     proc = subprocess.run(
