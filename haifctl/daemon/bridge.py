@@ -359,6 +359,9 @@ def create_app(
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError) -> Response:
+        if metrics is not None and exc.status in (400, 401, 413):
+            # refusals the bridge itself makes; the gateway counts its own
+            metrics.rejected.labels("bridge", exc.code).inc()
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -366,7 +369,9 @@ def create_app(
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
-        return HTTPError("invalid_request", message, param=where or None).response()
+        return await _http_error(
+            request, HTTPError("invalid_request", message, param=where or None)
+        )
 
     @app.middleware("http")
     async def _limit_body(

@@ -124,5 +124,10 @@ def test_metrics_count_what_happened(cluster: Cluster, traffic: None) -> None:
         >= 1
     )
 
+    assert (
+        value(bridge, "haif_rejected_requests_total", daemon="bridge", reason="invalid_request")
+        >= 1
+    )
+
     registry = scrape(cluster, "registry")
     assert value(registry, "haif_requests_total", daemon="registry", route="resolve") >= 1
