@@ -64,6 +64,9 @@ def traffic(cluster: Cluster) -> None:
         ).status_code
         == 404
     )
+    invalid = {"prompt": "x", "max_tokens": -1}
+    response = httpx.post(f"{cluster.bridge}/v1/completions", json=invalid, timeout=30)
+    assert response.status_code == 400
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
