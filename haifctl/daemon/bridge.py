@@ -18,7 +18,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import msgspec
 import zmq
 import zmq.asyncio
 from fastapi import Depends, FastAPI, Request
@@ -790,4 +789,4 @@ class BridgeDaemon:
         uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["BridgeDaemon", "create_app", "msgspec"]
+__all__ = ["BridgeDaemon", "create_app"]

@@ -275,7 +275,9 @@ def test_bad_frames_do_not_reach_http_clients(cluster: Cluster) -> None:
     assert ok.status_code == 200
 
 
-def test_fuzzing_from_the_openapi_document_finds_no_server_errors(cluster: Cluster) -> None:
+def test_fuzzing_from_the_openapi_document_finds_no_server_errors(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     import subprocess
     import sys
 
@@ -298,6 +300,7 @@ def test_fuzzing_from_the_openapi_document_finds_no_server_errors(cluster: Clust
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # schemathesis keeps a cache in its working directory
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
