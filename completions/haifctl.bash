@@ -76,12 +76,13 @@ _haifctl() {
             esac
             ;;
         "worker")
-            opts='--orchestrator --model -m --worker-id --heartbeat --metrics-port --ready-file --help -h'; cmds=''
+            opts='--orchestrator --model -m --worker-id --heartbeat --slots --metrics-port --ready-file --help -h'; cmds=''
             case "$prev" in
                 --orchestrator) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
                 --worker-id) COMPREPLY=(); return ;;
                 --heartbeat) COMPREPLY=(); return ;;
+                --slots) COMPREPLY=(); return ;;
                 --metrics-port) COMPREPLY=(); return ;;
                 --ready-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac

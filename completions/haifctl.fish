@@ -63,6 +63,7 @@ complete -c haifctl -n '__fish_seen_subcommand_from worker' -l orchestrator -x -
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l model -s m -x -d 'Model NAME[:VERSION], alias, or .gguf path. [env: HAIF_MODEL, MODEL_ID]'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l worker-id -x -d 'Stable name for this worker.'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l heartbeat -x -d 'Seconds between heartbeats.'
+complete -c haifctl -n '__fish_seen_subcommand_from worker' -l slots -x -d 'Requests run at once (batched decoding). [env: HAIF_SLOTS]'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l metrics-port -x -d 'Port for /metrics (0: any free port). [env: OTEL_PROMETHEUS_PORT, HAIF_METRICS_PORT]'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l ready-file -r -F -d 'Write the bound addresses here once ready.'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l help -s h -d 'Show this message and exit.'

@@ -57,6 +57,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Layers offloaded to the GPU (-1 all, 0 none); ignored without GPU support.",
     ),
     Setting("threads", ("HAIF_THREADS",), int, 0, "CPU threads for generation (0: automatic)."),
+    Setting(
+        "slots",
+        ("HAIF_SLOTS",),
+        int,
+        1,
+        "Sequences a worker runs at once on one model (above 1: llama.cpp batched decoding).",
+    ),
     Setting("max_tokens", ("HAIF_MAX_TOKENS",), int, 256, "Default completion length in tokens."),
     Setting(
         "gateway_url",
@@ -149,6 +156,7 @@ class Settings:
     n_ctx: int
     n_gpu_layers: int
     threads: int
+    slots: int
     max_tokens: int
     gateway_url: str
     bridge_bind: str

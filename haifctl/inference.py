@@ -108,6 +108,7 @@ def load_model(settings: Settings, model: ResolvedModel) -> LoadedModel:
         n_gpu_layers=settings.n_gpu_layers,
         threads=settings.threads,
         n_ctx_train=model.context_length,
+        slots=max(1, settings.slots),
     )
     return LlamaCppRuntime().load(Path(model.path), options)
 

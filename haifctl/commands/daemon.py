@@ -166,13 +166,19 @@ def worker(
     heartbeat: Annotated[
         float, typer.Option("--heartbeat", help="Seconds between heartbeats.")
     ] = 0.5,
+    slots: Annotated[
+        int | None,
+        typer.Option(
+            "--slots", min=1, help="Requests run at once (batched decoding). [env: HAIF_SLOTS]"
+        ),
+    ] = None,
     metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Run a worker that loads a model and joins an orchestrator (on this or another machine)."""
     from haifctl.daemon.worker import WorkerDaemon
 
-    settings = state(ctx).settings(model=model, metrics_port=metrics_port)
+    settings = state(ctx).settings(model=model, metrics_port=metrics_port, slots=slots)
     daemon = WorkerDaemon(
         orchestrator,
         settings.model,

@@ -36,6 +36,7 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     n_ctx: int = 4096
     n_gpu_layers: int = -1
     threads: int = 0  # 0: let the runtime decide
+    slots: int = 1  # sequences served at once (batched decoding when above 1)
     # The model's trained context when the caller already knows it (the registry does);
     # otherwise the runtime reads it from the file.
     n_ctx_train: int | None = None

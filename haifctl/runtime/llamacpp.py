@@ -93,7 +93,7 @@ class LlamaCppModel:
         # OpenMP team stays warm, where a call from a fresh thread each time builds a new team
         # and runs several times slower.
         self.slots = 1
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Any] = queue.Queue()  # _Job items; a subclass queues its own
         self._closed = False
         self._engine = threading.Thread(target=self._engine_loop, name="llama-engine", daemon=True)
         self._engine.start()
@@ -238,4 +238,8 @@ class LlamaCppRuntime:
     name = "llama.cpp"
 
     def load(self, path: Path, options: LoadOptions) -> LlamaCppModel:
+        if options.slots > 1:
+            from haifctl.runtime.batched import BatchedLlamaCppModel
+
+            return BatchedLlamaCppModel(path, options)
         return LlamaCppModel(path, options)
