@@ -102,12 +102,18 @@ def test_garbage_on_every_socket_is_dropped(cluster: Cluster) -> None:
     ]
     try:
         for address in (cluster.registry, cluster.orchestrator, cluster.gateway):
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
-            for frames in junk:
-                sock.send_multipart(frames)
-            sock.close()
+            for batch in (
+                [f for f in junk if len(f[0]) <= wire.MAX_FRAME_BYTES],
+                [f for f in junk if len(f[0]) > wire.MAX_FRAME_BYTES],
+            ):
+                # An oversized message makes libzmq drop its connection, so it goes on a socket
+                # of its own; linger lets everything queued leave before the socket closes.
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 5000)
+                sock.connect(address)
+                for frames in batch:
+                    sock.send_multipart(frames)
+                sock.close()
             # and raw bytes that are not even ZMTP
             host, port = address.removeprefix("tcp://").rsplit(":", 1)
             with socket.create_connection((host, int(port)), timeout=2) as raw:
