@@ -10,6 +10,7 @@ temporary home, exactly as a user would, and stopped afterwards.  Prints figures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from haifctl import wire
@@ -160,35 +161,31 @@ class _Sink:
         self.server.server_close()
 
 
-def gateway_run(requests: int, workers: int, tracing_endpoint: str | None) -> dict[str, float]:
+@contextlib.contextmanager
+def running_cluster(workers: int, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`haifctl up` in a temporary home, as a user would; yields each daemon's endpoint."""
     with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "HAIF_HOME": home}
-        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-        if tracing_endpoint:
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = tracing_endpoint
-        subprocess.run(
-            [HAIFCTL, "up", "--workers", str(workers), "--bridge-bind", "127.0.0.1:0"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        env = {**os.environ, "HAIF_HOME": home, **env_extra}
+        if "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_extra:
+            env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        up = [HAIFCTL, "up", "--workers", str(workers), "--bridge-bind", "127.0.0.1:0"]
+        subprocess.run(up, env=env, check=True, stdout=subprocess.DEVNULL)
         try:
-            info = json.loads(
-                subprocess.run(
-                    [HAIFCTL, "status", "--json"],
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
+            status = subprocess.run(
+                [HAIFCTL, "status", "--json"], env=env, check=True, capture_output=True, text=True
             )
-            gateway = next(d["endpoint"] for d in info["daemons"] if d["name"] == "gateway")
-            one, close = cluster_runner(gateway)
-            result = measure(one, requests, 1)
-            close()
-            return result
+            yield {d["name"]: d["endpoint"] for d in json.loads(status.stdout)["daemons"]}
         finally:
             subprocess.run([HAIFCTL, "down"], env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def gateway_run(requests: int, workers: int, tracing_endpoint: str | None) -> dict[str, float]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": tracing_endpoint} if tracing_endpoint else {}
+    with running_cluster(workers, env) as endpoints:
+        one, close = cluster_runner(endpoints["gateway"])
+        result = measure(one, requests, 1)
+        close()
+        return result
 
 
 def telemetry(requests: int, workers: int, rounds: int) -> None:
@@ -227,34 +224,14 @@ def main() -> None:
     local8 = measure(one, args.requests, 8)
     close()
 
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "HAIF_HOME": home}
-        subprocess.run(
-            [HAIFCTL, "up", "--workers", str(args.workers)],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            info = json.loads(
-                subprocess.run(
-                    [HAIFCTL, "status", "--json"],
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            )
-            endpoints = {d["name"]: d["endpoint"] for d in info["daemons"]}
-            one, close = cluster_runner(endpoints["gateway"])
-            cluster1 = measure(one, args.requests, 1)
-            cluster8 = measure(one, args.requests, 8)
-            close()
-            one, close = bridge_runner(endpoints["bridge"])
-            bridge1 = measure(one, args.requests, 1)
-            bridge8 = measure(one, args.requests, 8)
-        finally:
-            subprocess.run([HAIFCTL, "down"], env=env, check=True, stdout=subprocess.DEVNULL)
+    with running_cluster(args.workers, {}) as endpoints:
+        one, close = cluster_runner(endpoints["gateway"])
+        cluster1 = measure(one, args.requests, 1)
+        cluster8 = measure(one, args.requests, 8)
+        close()
+        one, close = bridge_runner(endpoints["bridge"])
+        bridge1 = measure(one, args.requests, 1)
+        bridge8 = measure(one, args.requests, 8)
 
     print(
         f"workload: {TOKENS}-token completions of the shipped model, {args.requests} requests "

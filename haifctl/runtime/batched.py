@@ -14,7 +14,6 @@ import codecs
 import importlib
 import queue
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,26 +89,14 @@ class BatchedLlamaCppModel(LlamaCppModel):
         self.slots = self._slots_n
         self._free = list(range(self._slots_n))
 
-    # the engine thread of the base class is not used for generation here
-    def _stream(
+    def _new_job(
         self,
         prompt_tokens: list[int],
         params: SamplingParams,
         budget: int,
         cancel: CancelToken | None,
-    ) -> Iterator[TokenEvent]:
-        seq = _Seq(prompt_tokens, params, budget, cancel)
-        self._jobs.put(seq)
-        try:
-            while True:
-                item = seq.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            seq.abandoned = True
+    ) -> _Seq:
+        return _Seq(prompt_tokens, params, budget, cancel)
 
     def _engine_loop(self) -> None:
         running: list[_Seq] = []

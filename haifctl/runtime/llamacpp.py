@@ -124,16 +124,19 @@ class LlamaCppModel:
                 "shorten the prompt or raise --n-ctx (up to the model's trained context)",
             )
         budget = min(params.max_tokens, n_ctx - len(prompt_tokens))
-        return self._stream(prompt_tokens, params, budget, cancel)
+        return self._submit(self._new_job(prompt_tokens, params, budget, cancel))
 
-    def _stream(
+    def _new_job(
         self,
         prompt_tokens: list[int],
         params: SamplingParams,
         budget: int,
         cancel: CancelToken | None,
-    ) -> Iterator[TokenEvent]:
-        job = _Job(prompt_tokens, params, budget, cancel)
+    ) -> Any:
+        return _Job(prompt_tokens, params, budget, cancel)
+
+    def _submit(self, job: Any) -> Iterator[TokenEvent]:
+        """Hand a job to the engine thread; yield its events as they come back."""
         self._jobs.put(job)
         try:
             while True:
