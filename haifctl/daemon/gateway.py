@@ -123,6 +123,7 @@ class GatewayDaemon(Daemon):
         poller.register(self.dealer, zmq.POLLIN)
         next_ping = 0.0
         drain_until: float | None = None
+        next_sweep = 0.0
         while True:
             now = time.monotonic()
             if self.should_exit and drain_until is None:
@@ -146,7 +147,9 @@ class GatewayDaemon(Daemon):
                     except zmq.Again:
                         break
                     self.safely(self.from_orchestrator, body)
-            self.sweep()
+            if time.monotonic() >= next_sweep:  # once a tick, not after every message
+                self.sweep()
+                next_sweep = time.monotonic() + LOOP_TICK_MS / 1000
 
     def to_client(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)

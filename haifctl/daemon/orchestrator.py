@@ -125,6 +125,7 @@ class OrchestratorDaemon(Daemon):
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         drain_until: float | None = None
+        next_sweep = 0.0
         while True:
             now = time.monotonic()
             if self.should_exit and drain_until is None:
@@ -137,7 +138,9 @@ class OrchestratorDaemon(Daemon):
             self.accepting = drain_until is None
             if dict(poller.poll(LOOP_TICK_MS)):
                 self.drain_router(self.router, self.handle)
-            self.sweep()
+            if time.monotonic() >= next_sweep:  # once a tick, not after every message
+                self.sweep()
+                next_sweep = time.monotonic() + LOOP_TICK_MS / 1000
 
     def send(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
