@@ -90,12 +90,15 @@ class ClusterClient:
                     envelope = wire.decode(sock.recv())
                 except wire.BadFrame:
                     continue
+                msg = envelope.msg
+                if isinstance(msg, wire.Chunks):
+                    for part in msg.parts:
+                        if part.id == request_id:
+                            yield wire.Chunk(text=part.text, n_tokens=part.n_tokens)
+                    continue
                 if envelope.id != request_id:
                     continue
-                msg = envelope.msg
-                if isinstance(msg, wire.Chunk):
-                    yield msg
-                elif isinstance(msg, wire.Done | wire.Error):
+                if isinstance(msg, wire.Done | wire.Error):
                     finished = True
                     yield msg
                     return

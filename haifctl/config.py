@@ -61,8 +61,9 @@ SETTINGS: tuple[Setting, ...] = (
         "slots",
         ("HAIF_SLOTS",),
         int,
-        1,
-        "Sequences a worker runs at once on one model (above 1: llama.cpp batched decoding).",
+        0,
+        "Sequences a worker decodes at once (continuous batching); 0: chosen from the model's "
+        "context and the memory available.",
     ),
     Setting("max_tokens", ("HAIF_MAX_TOKENS",), int, 256, "Default completion length in tokens."),
     Setting(

@@ -18,6 +18,7 @@ from haifctl.registry.service import Registry, open_registry
 if TYPE_CHECKING:
     from haifctl.registry.remote import RemoteRegistry
 from haifctl.runtime.base import CancelToken, LoadedModel, LoadOptions, TokenEvent
+from haifctl.runtime.engine import Sink
 from haifctl.schema import InferenceRequest
 
 
@@ -100,7 +101,12 @@ def resolve_model(settings: Settings, ref: str | None) -> ResolvedModel:
     )
 
 
-def load_model(settings: Settings, model: ResolvedModel) -> LoadedModel:
+def load_model(
+    settings: Settings, model: ResolvedModel, sink: Sink | None = None, slots: int | None = None
+) -> LoadedModel:
+    """Load ``model`` with the settings' context, offload and threads, and ``slots`` sequences
+    at once (default: the settings'; 0 chooses from memory).  ``sink`` receives each engine
+    step's events (default: per-request queues, for :meth:`LoadedModel.generate`)."""
     from haifctl.runtime.llamacpp import LlamaCppRuntime
 
     options = LoadOptions(
@@ -108,9 +114,9 @@ def load_model(settings: Settings, model: ResolvedModel) -> LoadedModel:
         n_gpu_layers=settings.n_gpu_layers,
         threads=settings.threads,
         n_ctx_train=model.context_length,
-        slots=max(1, settings.slots),
+        slots=settings.slots if slots is None else slots,
     )
-    return LlamaCppRuntime().load(Path(model.path), options)
+    return LlamaCppRuntime().load(Path(model.path), options, sink)
 
 
 def render_prompt(request: InferenceRequest, loaded: LoadedModel) -> str:
@@ -219,7 +225,7 @@ def start_generation(
     """Resolve the model, load it, and begin generating.  The caller closes the model."""
     model = resolve_model(settings, request.model)
     started = time.perf_counter()
-    loaded = load_model(settings, model)
+    loaded = load_model(settings, model, slots=settings.slots or 1)  # one request: one slot
     load_ms = (time.perf_counter() - started) * 1000
     try:
         generation = Generation(

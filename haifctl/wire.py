@@ -1,7 +1,14 @@
 """The wire protocol between haifctl daemons: typed, versioned msgpack messages over ZeroMQ.
 
 Every ZeroMQ message is ``[routing frames..., body]`` where ``body`` is one msgpack-encoded
-:class:`Envelope`.  The envelope carries the protocol version, the request id, an absolute deadline
+:class:`Envelope`.
+
+Streamed text travels differently, so that relays never decode it: a worker sends, once per
+engine step and destination, ``[gateway identity, client identity, body]`` where ``body`` is a
+:class:`Chunks` envelope holding the new text of every stream bound there.  The orchestrator and
+the gateway each pop one routing frame and forward the rest as bytes; the client decodes it.
+Requests name their route in :attr:`Infer.route` (each hop appends the identity it received
+the request from).  The envelope carries the protocol version, the request id, an absolute deadline
 (Unix seconds; 0 = none), the W3C ``traceparent`` and one typed message.  Anything that does not
 decode into an envelope of this version is counted and dropped by the receiver; nothing on a
 socket can crash a daemon.  Never pickle.
@@ -16,6 +23,7 @@ from typing import Any
 import msgspec
 
 PROTOCOL_VERSION = 1
+ROUTE_FRAMES = 2  # [gateway, client] in front of a worker's stream frame
 MAX_FRAME_BYTES = 1024 * 1024  # a body above this is dropped unread (prompts are capped lower)
 
 
@@ -107,13 +115,36 @@ class Infer(Msg, frozen=True, tag=True, kw_only=True):
     model_path: str = ""
     model_params: dict[str, Any] = {}
     n_ctx_train: int | None = None
+    # Where stream frames go: the identities the request came through, client first
+    # ([client] from the gateway, [client, gateway] from the orchestrator).
+    route: list[bytes] = []
 
 
 class Chunk(Msg, frozen=True, tag=True, kw_only=True):
-    """Streamed text; several tokens may be coalesced into one chunk."""
+    """Streamed text of one request; several tokens may be coalesced into one chunk.  Clients
+    see it; on the wire it travels inside :class:`Chunks`."""
 
     text: str
     n_tokens: int
+
+
+class Part(msgspec.Struct, frozen=True, array_like=True):
+    id: str  # the request id
+    text: str
+    n_tokens: int
+
+
+class Chunks(Msg, frozen=True, tag=True, kw_only=True):
+    """The new text of several streams bound for one client, sent once per engine step."""
+
+    parts: list[Part]
+
+
+class Started(Msg, frozen=True, tag=True, kw_only=True):
+    """Worker -> orchestrator: these requests' first tokens have gone out (a request that has
+    started streaming is never retried elsewhere)."""
+
+    ids: list[str]
 
 
 class Done(Msg, frozen=True, tag=True, kw_only=True):
@@ -196,6 +227,8 @@ Message = (
     | ModelList
     | Infer
     | Chunk
+    | Chunks
+    | Started
     | Done
     | Error
     | Cancel

@@ -92,10 +92,18 @@ class Cluster:
         queue_size: int = 64,
         gateway_args: tuple[str, ...] = (),
         bridge_env: dict[str, str] | None = None,
+        slots: int = 1,
     ) -> None:
         self.workdir = workdir
-        # each cluster has a home of its own, whatever the calling test's environment says
-        self.env = {**os.environ, "HAIF_THREADS": "1", "HAIF_HOME": str(workdir / "home")}
+        # each cluster has a home of its own, whatever the calling test's environment says;
+        # one slot per worker unless a test asks for more (queueing and failover tests count
+        # on requests waiting for a slot)
+        self.env = {
+            **os.environ,
+            "HAIF_THREADS": "1",
+            "HAIF_SLOTS": str(slots),
+            "HAIF_HOME": str(workdir / "home"),
+        }
         self.procs: dict[str, Proc] = {}
         self.heartbeat_timeout = heartbeat_timeout
         registry = self.start("registry", ["daemon", "registry"])

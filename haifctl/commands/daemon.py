@@ -169,7 +169,16 @@ def worker(
     slots: Annotated[
         int | None,
         typer.Option(
-            "--slots", min=1, help="Requests run at once (batched decoding). [env: HAIF_SLOTS]"
+            "--slots",
+            min=0,
+            help="Requests run at once (continuous batching); 0: chosen from the model's "
+            "context and the memory available. [env: HAIF_SLOTS]",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", min=0, help="CPU threads for llama.cpp (0: automatic). [env: HAIF_THREADS]"
         ),
     ] = None,
     metrics_port: MetricsOpt = None,
@@ -178,7 +187,9 @@ def worker(
     """Run a worker that loads a model and joins an orchestrator (on this or another machine)."""
     from haifctl.daemon.worker import WorkerDaemon
 
-    settings = state(ctx).settings(model=model, metrics_port=metrics_port, slots=slots)
+    settings = state(ctx).settings(
+        model=model, metrics_port=metrics_port, slots=slots, threads=threads
+    )
     daemon = WorkerDaemon(
         orchestrator,
         settings.model,
@@ -218,6 +229,7 @@ def supervise(
         heartbeat_timeout_s=settings.heartbeat_timeout,
         bridge_bind=settings.bridge_bind,
         metrics_base_port=metrics_base,
+        worker_threads=settings.threads,
     ).run()
     raise typer.Exit(code)
 

@@ -71,15 +71,25 @@ def socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
 
 
 class Daemon:
-    """Base class: subclasses implement ``start`` and ``serve``."""
+    """Base class: subclasses implement ``start`` (bind, connect, :meth:`watch` their sockets)
+    and the hooks :meth:`in_flight`, :meth:`on_tick` and :meth:`on_drain`; :meth:`serve` owns
+    the one loop every daemon runs.
+
+    "Drain" means one thing: graceful shutdown.  After SIGTERM the daemon stops accepting new
+    work and keeps serving what it has until ``in_flight()`` is 0, ``drain_grace_s`` has
+    passed, or a second signal asks to stop now.
+    """
 
     name = "daemon"
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     metrics_host = "127.0.0.1"
+    tick_s = LOOP_TICK_MS / 1000  # how often on_tick runs (at most; the loop sleeps until then)
+    drain_grace_s = 30.0
 
     def __init__(self, ready_file: Path | None = None) -> None:
         self.should_exit = False
         self.force_exit = False
+        self.draining_until: float | None = None
         self.started = False
         self.started_at = time.time()
         self.counters: Counter[str] = Counter()
@@ -90,6 +100,8 @@ class Daemon:
         self.tracing: tracing.Tracing | None = None
         # Export the counter from the start, at 0: rate() then shows "none" rather than no data.
         self.metrics.malformed.labels(self.name)
+        self._poller = zmq.Poller()
+        self._readers: dict[zmq.Socket[bytes], Callable[[], None]] = {}
 
     # lifecycle -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -135,8 +147,51 @@ class Daemon:
     def start(self) -> None:
         raise NotImplementedError
 
+    @property
+    def accepting(self) -> bool:
+        """False once draining: new work is refused, work in flight goes on."""
+        return self.draining_until is None
+
+    def watch(self, sock: zmq.Socket[bytes], reader: Callable[[], None]) -> None:
+        """Call ``reader`` whenever ``sock`` has messages (it drains them without blocking)."""
+        if sock in self._readers:
+            self._poller.unregister(sock)
+        self._readers[sock] = reader
+        self._poller.register(sock, zmq.POLLIN)
+
+    def unwatch(self, sock: zmq.Socket[bytes]) -> None:
+        if self._readers.pop(sock, None) is not None:
+            self._poller.unregister(sock)
+
     def serve(self) -> None:
-        raise NotImplementedError
+        """The loop: wait for messages or the next tick, handle them, tick; drain on exit."""
+        next_tick = 0.0
+        while True:
+            now = time.monotonic()
+            if self.should_exit and self.draining_until is None:
+                self.draining_until = now + self.drain_grace_s
+                log(self.name, "draining", in_flight=self.in_flight())
+                self.on_drain()
+            if self.draining_until is not None and (
+                self.in_flight() == 0 or self.force_exit or now > self.draining_until
+            ):
+                return
+            if now >= next_tick:
+                self.safely(self.on_tick, now)
+                next_tick = now + self.tick_s
+            timeout = max(1, int((next_tick - time.monotonic()) * 1000) + 1)
+            for sock, _ in self._poller.poll(timeout):
+                self.safely(self._readers[sock])
+
+    def in_flight(self) -> int:
+        """Work that a graceful shutdown waits for."""
+        return 0
+
+    def on_tick(self, now: float) -> None:
+        """Periodic bookkeeping (deadlines, heartbeats); must not grow with the cluster."""
+
+    def on_drain(self) -> None:
+        """Draining has begun (tell peers now rather than at the next tick)."""
 
     def stop(self) -> None:
         self.ctx.destroy(linger=0)
@@ -158,22 +213,28 @@ class Daemon:
             log(self.name, "dropped malformed frame", level="warning", error=str(exc)[:200])
             return None
 
-    def drain_router(
-        self, sock: zmq.Socket[bytes], handler: Callable[[bytes, wire.Envelope, bytes], None]
+    def read_router(
+        self,
+        sock: zmq.Socket[bytes],
+        handler: Callable[[bytes, wire.Envelope, bytes], None],
+        relay: Callable[[list[bytes]], None] | None = None,
     ) -> None:
-        """Handle every message waiting on a ROUTER.  A message from a DEALER peer is exactly
-        [identity, body]; anything else is malformed and dropped."""
+        """Handle every message waiting on a ROUTER.  A message from a DEALER peer is
+        [identity, body]; [identity, route..., body] is a stream frame for ``relay`` (forwarded
+        as bytes, never decoded); anything else is malformed and dropped."""
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 2:
+            if len(frames) == 2:
+                envelope = self.decode(frames[1])
+                if envelope is not None:
+                    self.safely(handler, frames[0], envelope, frames[1])
+            elif relay is not None and len(frames) == 2 + wire.ROUTE_FRAMES:
+                self.safely(relay, frames)
+            else:
                 self.count_malformed()
-                continue
-            envelope = self.decode(frames[1])
-            if envelope is not None:
-                self.safely(handler, frames[0], envelope, frames[1])
 
     def send_to(self, sock: zmq.Socket[bytes], identity: bytes, body: bytes) -> None:
         """Send without blocking; a peer that is gone is counted, and its requests are cleaned

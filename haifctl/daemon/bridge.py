@@ -133,9 +133,16 @@ class GatewayLink:
                 envelope = wire.decode(frame)
             except wire.BadFrame:
                 continue
+            msg = envelope.msg
+            if isinstance(msg, wire.Chunks):  # several streams' text, one frame
+                for part in msg.parts:
+                    queue = self.waiting.get(part.id)
+                    if queue is not None:
+                        queue.put_nowait(wire.Chunk(text=part.text, n_tokens=part.n_tokens))
+                continue
             queue = self.waiting.get(envelope.id)
             if queue is not None:
-                queue.put_nowait(envelope.msg)
+                queue.put_nowait(msg)
 
     async def close(self) -> None:
         if self.reader is not None:

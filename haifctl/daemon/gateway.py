@@ -17,7 +17,6 @@ from opentelemetry.trace import StatusCode
 
 from haifctl import wire
 from haifctl.daemon.base import (
-    LOOP_TICK_MS,
     Daemon,
     bind,
     log,
@@ -46,7 +45,6 @@ class Route:
     deadline: float
     stats: bool = False
     started: float = 0.0
-    first: float = 0.0
     request_id: str = ""
     traceparent: str = ""
     client_key: str = ""
@@ -93,7 +91,7 @@ class GatewayDaemon(Daemon):
         self.orchestrator = orchestrator
         self.limits = limits or Limits()
         self.drain_grace_s = drain_grace_s
-        self.accepting = True
+        self.next_ping = 0.0
         self.routes: dict[str, Route] = {}
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.burst)
         self.last_orchestrator_pong = 0.0
@@ -103,6 +101,8 @@ class GatewayDaemon(Daemon):
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
         self.dealer = socket(self.ctx, zmq.DEALER)
         self.dealer.connect(self.orchestrator)
+        self.watch(self.router, self.read_clients)
+        self.watch(self.dealer, self.read_orchestrator)
 
     @property
     def orchestrator_ok(self) -> bool:
@@ -117,39 +117,35 @@ class GatewayDaemon(Daemon):
             ready=self.started and self.orchestrator_ok,
         )
 
-    def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.dealer, zmq.POLLIN)
-        next_ping = 0.0
-        drain_until: float | None = None
-        next_sweep = 0.0
+    # loop ------------------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        return len(self.routes)
+
+    def on_tick(self, now: float) -> None:
+        if now >= self.next_ping:
+            self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
+            self.next_ping = now + PING_EVERY_S
+        self.sweep()
+
+    def read_clients(self) -> None:
+        self.read_router(self.router, self.from_client)
+
+    def read_orchestrator(self) -> None:
+        """[body] is a message to decode; [client, body] a stream frame, forwarded as bytes."""
         while True:
-            now = time.monotonic()
-            if self.should_exit and drain_until is None:
-                drain_until = now + self.drain_grace_s
-                log(self.name, "draining", in_flight=len(self.routes))
-            if drain_until is not None and (
-                not self.routes or self.force_exit or now > drain_until
-            ):
-                break
-            if now >= next_ping:
-                self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
-                next_ping = now + PING_EVERY_S
-            events = dict(poller.poll(LOOP_TICK_MS))
-            self.accepting = drain_until is None
-            if self.router in events:
-                self.drain_router(self.router, self.from_client)
-            if self.dealer in events:
-                while True:
-                    try:
-                        body = self.dealer.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.safely(self.from_orchestrator, body)
-            if time.monotonic() >= next_sweep:  # once a tick, not after every message
-                self.sweep()
-                next_sweep = time.monotonic() + LOOP_TICK_MS / 1000
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 1:
+                self.safely(self.from_orchestrator, frames[0])
+            elif len(frames) == 2:
+                try:
+                    self.router.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    self.counters["undeliverable"] += 1
+            else:
+                self.count_malformed()
 
     def to_client(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
@@ -240,7 +236,7 @@ class GatewayDaemon(Daemon):
             client_key=key,
             span=span,
         )
-        forward = wire.Infer(request=msgspec.to_builtins(request), client=key)
+        forward = wire.Infer(request=msgspec.to_builtins(request), client=key, route=[identity])
         self.dealer.send(wire.encode(forward, envelope.id, deadline, traceparent))
         self.counters["forwarded"] += 1
         return None
@@ -261,13 +257,9 @@ class GatewayDaemon(Daemon):
             counters = {**msg.counters, **{f"gateway_{k}": v for k, v in self.counters.items()}}
             merged = msgspec.structs.replace(msg, counters=counters)
             body = wire.reply(envelope, merged)
-        if isinstance(msg, wire.Chunk):
-            if not route.first:
-                route.first = time.monotonic()
-        else:
-            self.routes.pop(envelope.id, None)
-            if not route.stats:
-                self.observe(route, msg)
+        self.routes.pop(envelope.id, None)
+        if not route.stats:
+            self.observe(route, msg)
         self.to_client(route.client, body)
 
     def observe(self, route: Route, msg: wire.Msg) -> None:
@@ -302,8 +294,13 @@ class GatewayDaemon(Daemon):
         )
         self.metrics.requests.labels(self.name, "infer", outcome).inc()
         self.metrics.request_duration.labels(self.name, "infer").observe(now - route.started)
-        if isinstance(msg, wire.Done) and route.first:
-            self.metrics.ttft.labels(self.name, msg.model).observe(route.first - route.started)
+        if isinstance(msg, wire.Done) and msg.time_to_first_token_ms is not None:
+            # Stream frames pass through undecoded: the first token reached us when the
+            # request's time here, less what the worker spent after its first token, had passed.
+            after_first = (msg.generation_ms - msg.time_to_first_token_ms) / 1000
+            self.metrics.ttft.labels(self.name, msg.model).observe(
+                max(0.0, now - route.started - after_first)
+            )
         elif isinstance(msg, wire.Error):
             self.metrics.rejected.labels(self.name, msg.code).inc()
 

@@ -19,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from haifctl import wire
-from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket
+from haifctl.daemon.base import Daemon, bind, log, socket
 from haifctl.errors import HaifError
 from haifctl.rpc import RpcClient
 from haifctl.tracing import Span, child_traceparent, parent_context
@@ -106,7 +106,6 @@ class OrchestratorDaemon(Daemon):
         self.queue_size = queue_size
         self.max_attempts = max_attempts
         self.drain_grace_s = drain_grace_s
-        self.accepting = True
         self.workers: dict[bytes, WorkerRec] = {}
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
@@ -119,28 +118,31 @@ class OrchestratorDaemon(Daemon):
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its name back
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
         self.registry = RpcClient(self.ctx, self.registry_address, "registry")
+        self.watch(self.router, self.read)
 
     # loop ------------------------------------------------------------------------------------
-    def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        drain_until: float | None = None
-        next_sweep = 0.0
-        while True:
-            now = time.monotonic()
-            if self.should_exit and drain_until is None:
-                drain_until = now + self.drain_grace_s
-                log(self.name, "draining", in_flight=len(self.pending))
-            if drain_until is not None and (
-                not self.pending or self.force_exit or now > drain_until
-            ):
-                break
-            self.accepting = drain_until is None
-            if dict(poller.poll(LOOP_TICK_MS)):
-                self.drain_router(self.router, self.handle)
-            if time.monotonic() >= next_sweep:  # once a tick, not after every message
-                self.sweep()
-                next_sweep = time.monotonic() + LOOP_TICK_MS / 1000
+    def read(self) -> None:
+        self.read_router(self.router, self.handle, self.relay)
+
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def on_tick(self, now: float) -> None:
+        self.sweep()
+
+    def relay(self, frames: list[bytes]) -> None:
+        """A worker's stream frame [worker, gateway, client, body]: forward it to the gateway
+        as bytes.  Its arrival is the worker's proof of life."""
+        worker = self.workers.get(frames[0])
+        if worker is None:
+            self.counters["stray_worker_messages"] += 1
+            return
+        worker.last_seen = time.monotonic()
+        self.counters["relayed_frames"] += 1
+        try:
+            self.router.send_multipart(frames[1:], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["undeliverable"] += 1
 
     def send(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
@@ -151,7 +153,9 @@ class OrchestratorDaemon(Daemon):
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if isinstance(msg, wire.Chunk | wire.Done | wire.Error) and worker is not None:
+        if isinstance(msg, wire.Started) and worker is not None:
+            self.started_streams(worker, msg)
+        elif isinstance(msg, wire.Done | wire.Error) and worker is not None:
             self.from_worker(worker, envelope, body)
         elif isinstance(msg, wire.Heartbeat):
             self.heartbeat(identity, envelope, msg)
@@ -258,18 +262,21 @@ class OrchestratorDaemon(Daemon):
                 self.set_status(ref, "registered")
         self.pump()
 
+    def started_streams(self, worker: WorkerRec, msg: wire.Started) -> None:
+        """These requests have streamed: from now on a lost worker fails them, never retries."""
+        now = time.monotonic()
+        for request_id in msg.ids:
+            pending = self.pending.get(request_id)
+            if pending is not None and pending.worker == worker.identity and not pending.streamed:
+                pending.streamed = True
+                pending.first_at = now
+
     def from_worker(self, worker: WorkerRec, envelope: wire.Envelope, body: bytes) -> None:
         pending = self.pending.get(envelope.id)
         if pending is None or pending.worker != worker.identity:
             self.counters["stray_worker_messages"] += 1
             return
         msg = envelope.msg
-        if isinstance(msg, wire.Chunk):
-            if not pending.streamed:
-                pending.first_at = time.monotonic()
-            pending.streamed = True
-            self.send(pending.gateway, body)
-            return
         worker.running.discard(envelope.id)
         if isinstance(msg, wire.Error) and not pending.streamed and msg.code in RETRYABLE:
             pending.worker = None
@@ -382,6 +389,7 @@ class OrchestratorDaemon(Daemon):
             model_path=info.path,
             model_params=info.params,
             n_ctx_train=info.context_length,
+            route=[*msg.route[:1], gateway],
         )
         pending = self.traced(
             Pending(

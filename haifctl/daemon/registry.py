@@ -11,7 +11,7 @@ import msgspec
 import zmq
 
 from haifctl import wire
-from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket
+from haifctl.daemon.base import Daemon, bind, log, socket
 from haifctl.errors import HaifError
 from haifctl.gguf_info import GGUFFacts
 from haifctl.registry.service import Registry, open_registry
@@ -31,14 +31,7 @@ class RegistryDaemon(Daemon):
         self.registry.ensure_builtin()
         self.router = socket(self.ctx, zmq.ROUTER)
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
-
-    def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        while not self.should_exit:
-            if not dict(poller.poll(LOOP_TICK_MS)):
-                continue
-            self.drain_router(self.router, self.handle)
+        self.watch(self.router, lambda: self.read_router(self.router, self.handle))
 
     def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes) -> None:
         msg = envelope.msg

@@ -37,6 +37,16 @@ class Child:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
 
+def share_of_cores(cores: int, workers: int) -> int:
+    """llama.cpp threads for each of ``workers`` workers on one machine: the cores divided
+    among them, so that they never ask for more threads than there are cores (oversubscribed
+    llama.cpp thread pools spin against each other and starve everything else); above four
+    cores one is left to the relays and the HTTP bridge.  Capped at 8: past that, token
+    generation on a CPU is bound by memory bandwidth, not threads."""
+    spare = cores - 1 if cores > 4 else cores
+    return max(1, min(8, spare // max(1, workers)))
+
+
 class Supervisor:
     def __init__(
         self,
@@ -52,6 +62,7 @@ class Supervisor:
         drain_grace_s: float = 30.0,
         bridge_bind: str | None = "127.0.0.1:8080",
         metrics_base_port: int = 0,
+        worker_threads: int = 0,
     ) -> None:
         self.metrics_base_port = metrics_base_port
         self.home = home
@@ -80,12 +91,22 @@ class Supervisor:
         ]
         if bridge_bind is not None:
             self.children.append(Child("bridge", [*common, "daemon", "bridge"], bridge_bind))
+        threads = worker_threads or share_of_cores(os.cpu_count() or 1, workers)
         for i in range(workers):
             model = models[i % len(models)]
             self.children.append(
                 Child(
                     f"worker-{i + 1}",
-                    [*common, "worker", "--model", model, "--worker-id", f"worker-{i + 1}"],
+                    [
+                        *common,
+                        "worker",
+                        "--model",
+                        model,
+                        "--worker-id",
+                        f"worker-{i + 1}",
+                        "--threads",
+                        str(threads),
+                    ],
                     None,
                 )
             )

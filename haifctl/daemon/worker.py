@@ -1,8 +1,13 @@
 """The worker daemon: loads a model, joins an orchestrator, runs requests, streams tokens.
 
-One thread per running request generates tokens and hands encoded frames to the main loop over an
-inproc socket (ZeroMQ sockets belong to one thread); the main loop owns the orchestrator link,
-heartbeats, re-registers when the orchestrator forgets it, and drains on SIGTERM.
+No thread per request.  The main loop owns the orchestrator link: it validates requests, renders
+and tokenises their prompts and hands them to the model's engine, relays cancels, heartbeats,
+re-registers when the orchestrator forgets it, and drains on SIGTERM.  The engine thread decodes
+every running sequence together and, once per step, hands all their events to :meth:`on_step`,
+which turns them into one stream frame per destination (coalesced for at most
+``stream_interval_s``; a first token and a stream's end go out at once) and the final Done or
+Error of each finished request.  Frames reach the main loop over an inproc socket, so the engine
+never waits for the network and heartbeats never wait for the engine.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import os
 import shutil
 import socket as pysocket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,11 +28,51 @@ from haifctl.daemon.base import Daemon, log, socket
 from haifctl.errors import HaifError, Unavailable
 from haifctl.inference import ResolvedModel, load_model, looks_like_path, render_prompt
 from haifctl.rpc import RpcClient
-from haifctl.runtime.base import CancelToken, LoadedModel, SamplingParams, TokenEvent
+from haifctl.runtime.base import LoadedModel, SamplingParams, TokenEvent
+from haifctl.runtime.engine import Job, Step, deliver_to_queues
 from haifctl.schema import validate_request
 
-FLUSH_EVERY_S = 0.002  # coalesce tokens into frames at most this long after the first
-FLUSH_TOKENS = 16
+STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
+
+# What the engine thread hands the main loop: the first frame says what follows.
+RELAY, FINAL, MESSAGE = b"R", b"F", b"M"
+
+
+class Stream:
+    """One request on this worker; the engine job's tag.  Touched only by the engine thread
+    once submitted, except ``job.cancel``."""
+
+    __slots__ = (
+        "envelope",
+        "first",
+        "job",
+        "n_pending",
+        "pending",
+        "route",
+        "started",
+        "started_ns",
+    )
+
+    def __init__(self, envelope: wire.Envelope, route: tuple[bytes, ...]) -> None:
+        self.envelope = envelope
+        self.route = route
+        self.started = time.perf_counter()
+        self.started_ns = time.time_ns()
+        self.first = 0.0
+        self.pending: list[str] = []
+        self.n_pending = 0
+        self.job: Job | None = None
+
+
+class Outbox:
+    """Streams with unsent text bound for one destination; flushed together."""
+
+    __slots__ = ("due", "route", "streams")
+
+    def __init__(self, route: tuple[bytes, ...]) -> None:
+        self.route = route
+        self.streams: list[Stream] = []
+        self.due = 0.0
 
 
 class WorkerDaemon(Daemon):
@@ -44,6 +88,7 @@ class WorkerDaemon(Daemon):
         heartbeat_s: float = 0.5,
         orchestrator_timeout_s: float = 3.0,
         drain_grace_s: float = 30.0,
+        stream_interval_s: float = STREAM_INTERVAL_S,
         ready_file: Path | None = None,
     ) -> None:
         super().__init__(ready_file)
@@ -52,13 +97,18 @@ class WorkerDaemon(Daemon):
         self.settings = settings
         self.worker_id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}"
         self.heartbeat_s = heartbeat_s
+        self.tick_s = heartbeat_s
         self.orchestrator_timeout_s = orchestrator_timeout_s
         self.drain_grace_s = drain_grace_s
+        self.stream_interval_s = stream_interval_s
         self.loaded: LoadedModel | None = None
         self.model: ResolvedModel | None = None
-        self.cancels: dict[str, CancelToken] = {}
-        self.threads: dict[str, threading.Thread] = {}
+        self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
+        # the engine thread's own state
+        self._out: zmq.Socket[bytes] | None = None
+        self._outboxes: dict[tuple[bytes, ...], Outbox] = {}
+        self._dirty: list[Outbox] = []
 
     # start -----------------------------------------------------------------------------------
     def resolve(self, deadline_s: float = 60.0) -> ResolvedModel:
@@ -102,7 +152,7 @@ class WorkerDaemon(Daemon):
         self.results.bind(self.results_address)
         self.model = self.resolve()
         started = time.perf_counter()
-        self.loaded = load_model(self.settings, self.model)
+        self.loaded = load_model(self.settings, self.model, self.on_step)
         self.metrics.model_load.labels(self.model.ref).set(time.perf_counter() - started)
         # One token before joining: the engine thread's first decode sets up its thread pool
         # and buffers, which would otherwise land on the first user's time to first token.
@@ -116,19 +166,23 @@ class WorkerDaemon(Daemon):
             load_ms=round((time.perf_counter() - started) * 1000, 1),
             device=self.loaded.device.backend,
             slots=self.loaded.slots,
+            threads=self.loaded.device.threads,
         )
         self.gpu = self.gpu_facts()
         self.connect()
+        self.watch(self.results, self.read_results)
         self.endpoints["orchestrator"] = self.orchestrator
 
     def connect(self) -> None:
         """(Re)open the orchestrator link and announce ourselves."""
         old = getattr(self, "dealer", None)
         if old is not None:
+            self.unwatch(old)
             old.close(linger=0)
         self.dealer = socket(self.ctx, zmq.DEALER)
         self.dealer.setsockopt(zmq.ROUTING_ID, f"{self.worker_id}/{uuid.uuid4().hex[:8]}".encode())
         self.dealer.connect(self.orchestrator)
+        self.watch(self.dealer, self.read_orchestrator)
         self.last_ack = time.monotonic()
         self.register()
 
@@ -169,66 +223,50 @@ class WorkerDaemon(Daemon):
             )
         )
 
-    # loop ------------------------------------------------------------------------------------
-    def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.dealer, zmq.POLLIN)
-        poller.register(self.results, zmq.POLLIN)
-        next_beat = 0.0
-        drain_until: float | None = None
-        while True:
-            now = time.monotonic()
-            if self.should_exit and drain_until is None:
-                drain_until = now + self.drain_grace_s
-                log(self.name, "draining", in_flight=len(self.threads))
-                next_beat = 0.0  # tell the orchestrator now
-            if drain_until is not None and (
-                not self.threads or self.force_exit or now > drain_until
-            ):
-                for token in self.cancels.values():
-                    token.cancel()
-                break
-            if now >= next_beat:
-                self.heartbeat(draining=drain_until is not None)
-                next_beat = now + self.heartbeat_s
-                if now - self.last_ack > self.orchestrator_timeout_s:
-                    log(self.name, "orchestrator silent; reconnecting", level="warning")
-                    poller.unregister(self.dealer)
-                    self.connect()
-                    poller.register(self.dealer, zmq.POLLIN)
-            timeout = max(1, int((next_beat - time.monotonic()) * 1000))
-            events = dict(poller.poll(min(timeout, 50)))
-            if self.results in events:
-                self.drain_results()
-            if self.dealer in events:
-                self.safely(self.drain_orchestrator, drain_until is None)
+    # loop (main thread) ----------------------------------------------------------------------
+    def in_flight(self) -> int:
+        return len(self.streams)
 
-    def heartbeat(self, draining: bool) -> None:
+    def on_drain(self) -> None:
+        self.heartbeat()  # tell the orchestrator now: it stops sending us work
+
+    def on_tick(self, now: float) -> None:
+        self.heartbeat()
+        if now - self.last_ack > self.orchestrator_timeout_s:
+            log(self.name, "orchestrator silent; reconnecting", level="warning")
+            self.connect()
+
+    def heartbeat(self) -> None:
         self.dealer.send(
             wire.encode(
                 wire.Heartbeat(
                     worker_id=self.worker_id,
-                    busy=len(self.threads),
+                    busy=len(self.streams),
                     served=self.counters["served"],
                     errors=self.counters["errors"],
                     tokens=self.counters["tokens"],
-                    draining=draining,
+                    draining=not self.accepting,
                 )
             )
         )
 
-    def drain_results(self) -> None:
+    def read_results(self) -> None:
+        """Forward what the engine produced; forget requests that have finished."""
         while True:
             try:
-                request_id, body, last = self.results.recv_multipart(zmq.NOBLOCK)
+                frames = self.results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.dealer.send(body)
-            if last == b"1":
-                self.threads.pop(request_id.decode(), None)
-                self.cancels.pop(request_id.decode(), None)
+            kind = frames[0]
+            if kind == FINAL:
+                self.streams.pop(frames[1].decode(), None)
+                self.dealer.send(frames[2])
+            elif kind == RELAY:
+                self.dealer.send_multipart(frames[1:])
+            else:
+                self.dealer.send(frames[1])
 
-    def drain_orchestrator(self, accepting: bool) -> None:
+    def read_orchestrator(self) -> None:
         while True:
             try:
                 frame = self.dealer.recv(zmq.NOBLOCK)
@@ -245,11 +283,11 @@ class WorkerDaemon(Daemon):
                     self.register()
             elif isinstance(msg, wire.Infer):
                 self.last_ack = time.monotonic()
-                self.accept(envelope, msg, accepting)
+                self.safely(self.accept, envelope, msg)
             elif isinstance(msg, wire.Cancel):
-                token = self.cancels.get(envelope.id)
-                if token is not None:
-                    token.cancel()
+                stream = self.streams.get(envelope.id)
+                if stream is not None and stream.job is not None:
+                    stream.job.cancel.cancel()
                     self.counters["cancelled"] += 1
                     log(self.name, "cancelled", request_id=envelope.id)
             elif isinstance(msg, wire.Ping):
@@ -257,95 +295,132 @@ class WorkerDaemon(Daemon):
             else:
                 self.counters["unexpected_messages"] += 1
 
-    def accept(self, envelope: wire.Envelope, msg: wire.Infer, accepting: bool) -> None:
+    def accept(self, envelope: wire.Envelope, msg: wire.Infer) -> None:
         assert self.loaded is not None
         refusal = None
-        if not accepting:
+        if not self.accepting:
             refusal = wire.Error(code="worker_draining", message="the worker is shutting down")
-        elif len(self.threads) >= self.loaded.slots:
+        elif len(self.streams) >= self.loaded.slots:
             refusal = wire.Error(code="worker_busy", message="no free slot on this worker")
-        elif envelope.id in self.threads:
+        elif envelope.id in self.streams:
             refusal = wire.Error(code="duplicate_request", message="request id already running")
+        elif len(msg.route) != wire.ROUTE_FRAMES:
+            refusal = wire.Error(code="invalid_request", message="the request has no route")
         if refusal is not None:
             self.dealer.send(wire.reply(envelope, refusal))
             return
-        self.cancels[envelope.id] = CancelToken()
-        thread = threading.Thread(
-            target=self.generate, args=(envelope, msg), name=f"gen-{envelope.id[:8]}", daemon=True
-        )
-        self.threads[envelope.id] = thread
-        thread.start()
-
-    # generation thread -----------------------------------------------------------------------
-    def generate(self, envelope: wire.Envelope, msg: wire.Infer) -> None:
-        assert self.loaded is not None
-        assert self.model is not None
-        push = socket(self.ctx, zmq.PUSH)
-        push.connect(self.results_address)
-        rid = envelope.id.encode()
-
-        def send(m: wire.Msg, last: bool = False) -> None:
-            push.send_multipart([rid, wire.reply(envelope, m), b"1" if last else b"0"])
-
-        started = time.perf_counter()
-        started_ns = time.time_ns()
-        first: float | None = None
-        pending: list[str] = []
-        n_pending = 0
-        flushed_at = started
+        stream = Stream(envelope, tuple(reversed(msg.route)))
         try:
             request = validate_request(msg.request, "request")
             params = request.sampling(msg.model_params, self.settings.max_tokens)
             prompt = render_prompt(request, self.loaded)
-            for event in self.loaded.generate(prompt, params, self.cancels[envelope.id]):
-                now = time.perf_counter()
-                if event.n_tokens and first is None:
-                    first = now
-                if event.text or event.n_tokens:
-                    pending.append(event.text)
-                    n_pending += event.n_tokens
-                # First token at once (time to first token), then coalesce for throughput.
-                if pending and (
-                    event.finish_reason is not None
-                    or first == now
-                    or n_pending >= FLUSH_TOKENS
-                    or now - flushed_at >= FLUSH_EVERY_S
-                ):
-                    send(wire.Chunk(text="".join(pending), n_tokens=n_pending))
-                    pending, n_pending, flushed_at = [], 0, now
-                if event.finish_reason is not None:
-                    self.record(event, started, first, now)
-                    self.trace(envelope, started_ns, started, first, now, event, None)
-                    self.counters["served"] += 1
-                    self.counters["tokens"] += event.completion_tokens
-                    send(
-                        wire.Done(
-                            finish_reason=event.finish_reason,
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                            model=self.model.ref,
-                            worker=self.worker_id,
-                            time_to_first_token_ms=(
-                                round((first - started) * 1000, 3) if first else None
-                            ),
-                            generation_ms=round((now - started) * 1000, 3),
-                        ),
-                        last=True,
-                    )
-                    return
-            raise HaifError("internal_error", "the runtime ended a stream without finishing it")
+            stream.job = self.loaded.job(prompt, params, tag=stream)
         except HaifError as exc:
             self.counters["errors"] += 1
             self.metrics.requests.labels(self.name, "generate", exc.code).inc()
-            now = time.perf_counter()
-            self.trace(envelope, started_ns, started, first, now, None, exc.code)
-            send(wire.Error(code=exc.code, message=exc.message, hint=exc.hint), last=True)
-        except Exception as exc:  # never let one request kill the worker
+            self.trace(
+                envelope,
+                stream.started_ns,
+                stream.started,
+                None,
+                time.perf_counter(),
+                None,
+                exc.code,
+            )
+            error = wire.Error(code=exc.code, message=exc.message, hint=exc.hint)
+            self.dealer.send(wire.reply(envelope, error))
+            return
+        self.streams[envelope.id] = stream
+        self.loaded.engine.submit(stream.job)
+
+    # the engine thread -----------------------------------------------------------------------
+    def on_step(self, step: Step) -> None:
+        """One engine step's events: coalesce text per destination, send what is due, then the
+        Done or Error of each request that finished."""
+        now = time.perf_counter()
+        urgent: list[Outbox] = []
+        started: list[str] = []
+        finished: list[tuple[Stream, TokenEvent]] = []
+        for job, event in step:
+            stream = job.tag
+            if not isinstance(stream, Stream):
+                deliver_to_queues([(job, event)])  # an in-process generation (the warm-up)
+                continue
+            if event.n_tokens or event.text:
+                stream.pending.append(event.text)
+                stream.n_pending += event.n_tokens
+                box = self._outboxes.get(stream.route)
+                if box is None:
+                    box = self._outboxes[stream.route] = Outbox(stream.route)
+                if not box.streams:
+                    box.due = now + self.stream_interval_s
+                    self._dirty.append(box)
+                if len(stream.pending) == 1:
+                    box.streams.append(stream)
+                if not stream.first and event.n_tokens:
+                    stream.first = now
+                    started.append(stream.envelope.id)
+                    urgent.append(box)  # a first token never waits
+            if event.finish_reason is not None:
+                finished.append((stream, event))
+                box = self._outboxes.get(stream.route)
+                if box is not None:
+                    urgent.append(box)
+        out = self._out
+        if out is None:
+            out = self._out = socket(self.ctx, zmq.PUSH)
+            out.connect(self.results_address)
+        if started:
+            out.send_multipart([MESSAGE, wire.encode(wire.Started(ids=started))])
+        if self._dirty:
+            keep = []
+            for box in self._dirty:
+                if box.streams and (now >= box.due or box in urgent):
+                    self.flush(out, box)
+                elif box.streams:
+                    keep.append(box)
+            self._dirty = keep
+        for stream, event in finished:
+            self.finish(out, stream, event, now)
+
+    def flush(self, out: zmq.Socket[bytes], box: Outbox) -> None:
+        parts = []
+        for stream in box.streams:
+            parts.append(wire.Part(stream.envelope.id, "".join(stream.pending), stream.n_pending))
+            stream.pending.clear()
+            stream.n_pending = 0
+        box.streams.clear()
+        del self._outboxes[box.route]  # made again on demand: clients come and go
+        out.send_multipart([RELAY, *box.route, wire.encode(wire.Chunks(parts=parts))])
+
+    def finish(self, out: zmq.Socket[bytes], stream: Stream, event: TokenEvent, now: float) -> None:
+        assert self.model is not None
+        envelope = stream.envelope
+        first = stream.first or None
+        msg: wire.Msg
+        if event.finish_reason == "error":
             self.counters["errors"] += 1
-            log(self.name, "generation failed", level="error", error=repr(exc))
-            send(wire.Error(code="internal_error", message=f"worker error: {exc}"), last=True)
-        finally:
-            push.close(linger=-1)
+            self.metrics.requests.labels(self.name, "generate", event.error).inc()
+            log(self.name, "generation failed", level="error", error=event.message)
+            self.trace(envelope, stream.started_ns, stream.started, first, now, None, event.error)
+            msg = wire.Error(code=event.error, message=f"worker error: {event.message}")
+        else:
+            self.record(event, stream.started, first, now)
+            self.trace(envelope, stream.started_ns, stream.started, first, now, event, None)
+            self.counters["served"] += 1
+            self.counters["tokens"] += event.completion_tokens
+            msg = wire.Done(
+                finish_reason=event.finish_reason or "stop",
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                model=self.model.ref,
+                worker=self.worker_id,
+                time_to_first_token_ms=(
+                    round((first - stream.started) * 1000, 3) if first else None
+                ),
+                generation_ms=round((now - stream.started) * 1000, 3),
+            )
+        out.send_multipart([FINAL, envelope.id.encode(), wire.reply(envelope, msg)])
 
     def record(self, event: TokenEvent, started: float, first: float | None, now: float) -> None:
         assert self.model is not None
@@ -421,8 +496,11 @@ class WorkerDaemon(Daemon):
         span.end(end_time=at(now))
 
     def stop(self) -> None:
-        for thread in list(self.threads.values()):
-            thread.join(timeout=5)
+        for stream in self.streams.values():
+            if stream.job is not None:
+                stream.job.cancel.cancel()
         if self.loaded is not None:
-            self.loaded.close()
+            self.loaded.close()  # stops the engine thread first
+        if self._out is not None:
+            self._out.close(linger=0)
         super().stop()

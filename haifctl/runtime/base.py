@@ -1,8 +1,8 @@
 """The interface every model runtime implements, and the pieces they share.
 
-A runtime loads a model file into a :class:`LoadedModel`.  A loaded model turns a prompt into a
-stream of :class:`TokenEvent` and may serve several streams at once (``slots``): nothing here
-assumes one request at a time.
+A runtime loads a model file into a :class:`LoadedModel`: the weights and tokeniser, and an
+engine (:mod:`haifctl.runtime.engine`) that turns prompts into streams of :class:`TokenEvent`,
+several at once (``slots``): nothing here assumes one request at a time.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-FinishReason = str  # "stop" (end of text or a stop string), "length", "cancelled"
+if TYPE_CHECKING:
+    from haifctl.runtime.engine import Engine, Job, Sink
+
+FinishReason = str  # "stop" (end of text or a stop string), "length", "cancelled", "error"
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,7 +39,7 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     n_ctx: int = 4096
     n_gpu_layers: int = -1
     threads: int = 0  # 0: let the runtime decide
-    slots: int = 1  # sequences served at once (batched decoding when above 1)
+    slots: int = 1  # sequences decoded at once; 0: as many as memory allows (up to a cap)
     # The model's trained context when the caller already knows it (the registry does);
     # otherwise the runtime reads it from the file.
     n_ctx_train: int | None = None
@@ -51,6 +54,9 @@ class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # finish_reason "error": the engine failed this sequence (error code and message)
+    error: str = ""
+    message: str = ""
 
 
 class DeviceFacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,9 +91,20 @@ class CancelToken:
 
 
 class LoadedModel(Protocol):
+    """A model in memory and the engine that decodes with it."""
+
     info: ModelInfo
     device: DeviceFacts
     slots: int
+    engine: Engine
+
+    def job(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        cancel: CancelToken | None = None,
+        tag: Any = None,
+    ) -> Job: ...
 
     def generate(
         self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
@@ -101,7 +118,7 @@ class LoadedModel(Protocol):
 class Runtime(Protocol):
     name: str
 
-    def load(self, path: Path, options: LoadOptions) -> LoadedModel: ...
+    def load(self, path: Path, options: LoadOptions, sink: Sink | None = None) -> LoadedModel: ...
 
 
 class StopScanner:

@@ -1,12 +1,17 @@
-"""llama.cpp through llama-cpp-python: CPU, CUDA or Metal, whichever the installed build has."""
+"""llama.cpp through llama-cpp-python: CPU, CUDA or Metal, whichever the installed build has.
+
+:class:`LlamaCppModel` is the loaded model: weights, vocabulary and tokeniser, and no KV cache of
+its own.  :class:`BatchEngine` decodes with it: one llama.cpp context with one sequence id per
+slot, continuous batching (requests join the running batch at every step, as llama-server's
+parallel slots do), prompts fed in chunks so a long prompt never stalls the others' next token.
+With one slot it is the sequential engine: the same code path, one sequence at a time.
+"""
 
 from __future__ import annotations
 
-import codecs
+import importlib
 import os
-import queue
 import random
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +23,12 @@ from haifctl.runtime.base import (
     LoadOptions,
     ModelInfo,
     SamplingParams,
-    StopScanner,
     TokenEvent,
 )
+from haifctl.runtime.engine import Emitter, Engine, Job, Sink, Step
+
+N_BATCH = 512  # tokens per llama_decode: generating sequences first, then prompt chunks
+PENALTY_LAST_N = 64
 
 
 def gpu_backend() -> tuple[str, bool]:
@@ -35,30 +43,70 @@ def gpu_backend() -> tuple[str, bool]:
     return ("gpu" if offload else "cpu"), offload
 
 
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+MAX_AUTO_SLOTS = 16
+KV_SHARE = 0.25  # of the memory available, what automatic slots may give to KV caches
+
+
+def available_memory(backend: str) -> int:
+    """Bytes free for KV caches: the GPU's free memory (as nvidia-smi reports it) when the model
+    is offloaded to CUDA, else the machine's available RAM."""
+    if backend == "cuda":
+        import shutil
+        import subprocess
+
+        if shutil.which("nvidia-smi"):
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                ).stdout.split()
+                return int(float(out[0])) * 1024 * 1024
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def auto_slots(kv_bytes_per_seq: int, memory: int) -> int:
+    """How many sequences to decode at once when the user did not say: as many full-context
+    KV caches as fit in a quarter of the memory available, between 1 and MAX_AUTO_SLOTS."""
+    fit = int(memory * KV_SHARE) // max(1, kv_bytes_per_seq)
+    return max(1, min(MAX_AUTO_SLOTS, fit))
+
+
+def _internals() -> Any:
+    return importlib.import_module("llama_cpp._internals")
+
+
 class LlamaCppModel:
-    """One GGUF model loaded by llama.cpp.  Owns its native handles: call :meth:`close`."""
+    """One GGUF model loaded by llama.cpp and the engine that decodes with it.  Owns its native
+    handles: call :meth:`close` (the engine stops and frees its context before the weights)."""
 
-    def __init__(self, path: Path, options: LoadOptions) -> None:
+    def __init__(self, path: Path, options: LoadOptions, sink: Sink | None = None) -> None:
         import llama_cpp
+        import llama_cpp._logger
 
+        llama_cpp._logger.set_verbose(False)  # llama.cpp's own log lines: errors only
         backend, offload = gpu_backend()
-        threads = options.threads or max(1, min(os.cpu_count() or 1, 8))
-        n_ctx_train = options.n_ctx_train
-        if n_ctx_train is None:
-            from haifctl.gguf_info import read_facts
-
-            n_ctx_train = read_facts(path).context_length
-        # A context beyond the trained one only produces garbage, and llama.cpp would allocate
-        # its KV cache all the same: cap it.
-        n_ctx = min(options.n_ctx, n_ctx_train) if n_ctx_train else options.n_ctx
+        threads = options.threads or default_threads()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = options.n_gpu_layers if offload else 0
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_gpu_layers=options.n_gpu_layers if offload else 0,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
+            self._model: Any = _internals().LlamaModel(
+                path_model=str(path), params=mparams, verbose=False
             )
         except (ValueError, RuntimeError) as exc:
             raise HaifError(
@@ -66,18 +114,21 @@ class LlamaCppModel:
                 f"llama.cpp could not load {path}: {exc}",
                 "check that the file is a complete GGUF that this llama.cpp build supports",
             ) from None
-        model: Any = self._llama._model
+        model = self._model
         n_ctx_train = int(model.n_ctx_train())
-        self._model = model
+        # A context beyond the trained one only produces garbage, and llama.cpp would allocate
+        # its KV cache all the same: cap it.
+        n_ctx = min(options.n_ctx, n_ctx_train) if n_ctx_train else options.n_ctx
         self._vocab = model.vocab
-        self._eog = llama_cpp.llama_vocab_is_eog
-        meta = self._llama.metadata
-        bos, eos = self._llama.token_bos(), self._llama.token_eos()
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        bos, eos = model.token_bos(), model.token_eos()
+        self._bos = bos
+        meta = model.metadata()
         self.info = ModelInfo(
             path=str(path),
-            n_ctx=int(self._llama.n_ctx()),
+            n_ctx=n_ctx,
             n_ctx_train=n_ctx_train,
-            n_vocab=int(self._llama.n_vocab()),
+            n_vocab=int(model.n_vocab()),
             bos_token=model.token_get_text(bos) if bos >= 0 else None,
             eos_token=model.token_get_text(eos) if eos >= 0 else None,
             chat_template=meta.get("tokenizer.chat_template") or None,
@@ -88,129 +139,85 @@ class LlamaCppModel:
             n_gpu_layers=options.n_gpu_layers if offload else 0,
             threads=threads,
         )
-        # One llama.cpp context holds one KV cache; until batched decoding lands, the model
-        # serves one sequence at a time.  Every llama.cpp call runs on one engine thread: its
-        # OpenMP team stays warm, where a call from a fresh thread each time builds a new team
-        # and runs several times slower.
-        self.slots = 1
-        self._jobs: queue.Queue[Any] = queue.Queue()  # _Job items; a subclass queues its own
+        self._pieces: dict[int, bytes] = {}
+        slots = options.slots
+        if slots <= 0:
+            slots = auto_slots(n_ctx * self.kv_bytes_per_token(), available_memory(backend))
+        try:
+            self.engine: Engine = BatchEngine(self, slots, sink)
+        except BaseException:
+            model.close()
+            raise
+        self.slots = self.engine.slots
         self._closed = False
-        self._engine = threading.Thread(target=self._engine_loop, name="llama-engine", daemon=True)
-        self._engine.start()
 
-    def _tokenize(self, prompt: str) -> list[int]:
+    def kv_bytes_per_token(self) -> int:
+        """KV cache per token of context (f16 keys and values, every layer)."""
+        import llama_cpp
+
+        m = self._model.model
+        n_head = max(1, llama_cpp.llama_model_n_head(m))
+        kv_dim = llama_cpp.llama_model_n_embd(m) * llama_cpp.llama_model_n_head_kv(m) // n_head
+        return int(2 * llama_cpp.llama_model_n_layer(m) * kv_dim * 2)
+
+    # tokens ----------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
         bos = self.info.bos_token
         templated = bool(bos) and prompt.startswith(bos or "")
-        tokens: list[int] = self._llama.tokenize(
+        tokens: list[int] = self._model.tokenize(
             prompt.encode("utf-8"), add_bos=not templated, special=templated
         )
         return tokens
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenize(text))
+        return len(self.tokenize(text))
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (cached: the vocabulary is fixed)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._model.detokenize([token], special=False)
+            if token == self._bos:
+                piece = b""
+            self._pieces[token] = piece
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._is_eog(self._vocab, token))
+
+    # generation ------------------------------------------------------------------------------
+    def job(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        cancel: CancelToken | None = None,
+        tag: Any = None,
+    ) -> Job:
+        """Tokenise and size a request for the engine; a prompt that does not fit is refused."""
+        if self._closed:
+            raise HaifError("model_closed", "the model has been unloaded")
+        tokens = self.tokenize(prompt)
+        n_ctx = self.info.n_ctx
+        if len(tokens) >= n_ctx:
+            raise InvalidInput(
+                "prompt_too_long",
+                f"the prompt is {len(tokens)} tokens; the context window holds {n_ctx}",
+                "shorten the prompt or raise --n-ctx (up to the model's trained context)",
+            )
+        budget = min(params.max_tokens, n_ctx - len(tokens))
+        return Job(tokens, params, budget, tag, cancel)
 
     def generate(
         self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
     ) -> Iterator[TokenEvent]:
         """Stream the completion of ``prompt``.  Closing the iterator stops generation."""
-        if self._closed:
-            raise HaifError("model_closed", "the model has been unloaded")
-        prompt_tokens = self._tokenize(prompt)
-        n_ctx = self.info.n_ctx
-        if len(prompt_tokens) >= n_ctx:
-            raise InvalidInput(
-                "prompt_too_long",
-                f"the prompt is {len(prompt_tokens)} tokens; the context window holds {n_ctx}",
-                "shorten the prompt or raise --n-ctx (up to the model's trained context)",
-            )
-        budget = min(params.max_tokens, n_ctx - len(prompt_tokens))
-        return self._submit(self._new_job(prompt_tokens, params, budget, cancel))
-
-    def _new_job(
-        self,
-        prompt_tokens: list[int],
-        params: SamplingParams,
-        budget: int,
-        cancel: CancelToken | None,
-    ) -> Any:
-        return _Job(prompt_tokens, params, budget, cancel)
-
-    def _submit(self, job: Any) -> Iterator[TokenEvent]:
-        """Hand a job to the engine thread; yield its events as they come back."""
-        self._jobs.put(job)
-        try:
-            while True:
-                item = job.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            job.abandoned = True  # the consumer left: stop at the next token
-
-    def _engine_loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                for event in self._run(job):
-                    job.events.put(event)
-            except BaseException as exc:  # handed to the consumer, never lost
-                job.events.put(exc)
-
-    def _run(self, job: _Job) -> Iterator[TokenEvent]:
-        llama = self._llama
-        params = job.params
-        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = StopScanner(params.stop)
-        history = list(job.prompt_tokens)  # prompt + output: context for detokenizing
-        produced = 0
-        finish = "length"
-        tokens = llama.generate(
-            job.prompt_tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-        )
-        try:
-            for token in tokens if job.budget > 0 else ():
-                if job.abandoned or (job.cancel is not None and job.cancel.cancelled):
-                    finish = "cancelled"
-                    break
-                if not params.ignore_eos and self._eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                piece = llama.detokenize([token], prev_tokens=history, special=False)
-                history.append(token)
-                produced += 1
-                text = scanner.feed(decoder.decode(piece))
-                if scanner.stopped:
-                    finish = "stop"
-                    if text:
-                        yield TokenEvent(text=text, n_tokens=1)
-                    break
-                if text:
-                    yield TokenEvent(text=text, n_tokens=1)
-                if produced >= job.budget:
-                    break
-        finally:
-            tokens.close()
-        tail = scanner.flush() + decoder.decode(b"", final=True) if finish != "stop" else ""
-        yield TokenEvent(
-            text=tail,
-            finish_reason=finish,
-            prompt_tokens=len(job.prompt_tokens),
-            completion_tokens=produced,
-        )
+        return self.engine.generate(self.job(prompt, params, cancel))
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._jobs.put(None)
-            self._engine.join()
-            self._llama.close()
+            self.engine.close()
+            self._model.close()
 
     def __enter__(self) -> LlamaCppModel:
         return self
@@ -219,30 +226,190 @@ class LlamaCppModel:
         self.close()
 
 
-class _Job:
-    """One generation handed to the engine thread, and the queue its events come back on."""
+class _Seq:
+    """A job's state while it holds a slot."""
 
-    def __init__(
-        self,
-        prompt_tokens: list[int],
-        params: SamplingParams,
-        budget: int,
-        cancel: CancelToken | None,
-    ) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.params = params
-        self.budget = budget
-        self.cancel = cancel
-        self.abandoned = False
-        self.events: queue.Queue[TokenEvent | BaseException] = queue.Queue()
+    __slots__ = ("emitter", "fed", "job", "last", "n_past", "reported", "sampler", "slot")
+
+    def __init__(self, job: Job, slot: int, sampler: Any, emitter: Emitter) -> None:
+        self.job = job
+        self.slot = slot
+        self.sampler = sampler
+        self.emitter = emitter
+        self.fed = 0  # prompt tokens already in the KV cache
+        self.n_past = 0
+        self.last = -1  # the token to feed next (the one just sampled)
+        self.reported = 0  # tokens already handed out in events
+
+
+class BatchEngine(Engine):
+    """Continuous batching on one llama.cpp context: a sequence id per slot, a KV stream per
+    sequence (attention never scans the other slots' cells), a sampler chain per sequence."""
+
+    def __init__(self, model: LlamaCppModel, slots: int, sink: Sink | None) -> None:
+        import llama_cpp
+
+        super().__init__(sink)
+        self.model = model
+        self.slots = slots
+        self.n_ctx_seq = model.info.n_ctx
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx_seq * slots
+        params.n_batch = N_BATCH
+        params.n_ubatch = N_BATCH
+        params.n_seq_max = slots
+        params.n_threads = model.device.threads
+        params.n_threads_batch = model.device.threads
+        params.kv_unified = False  # one KV stream per sequence, as llama-server does
+        if not model.device.gpu_offload:
+            # On a CPU, llama.cpp's flash attention kernel costs this engine about twice the CPU
+            # per token of the plain one (measured with the shipped model, 1 and 8 sequences);
+            # on a GPU "auto" lets llama.cpp choose.
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        try:
+            self._ctx: Any = _internals().LlamaContext(
+                model=model._model, params=params, verbose=False
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise HaifError(
+                "model_load_failed",
+                f"cannot create a {slots}-slot context of {self.n_ctx_seq} tokens each: {exc}",
+                "lower --slots or --n-ctx",
+            ) from None
+        self._llama_cpp = llama_cpp
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self._free = list(range(slots - 1, -1, -1))
+        self._running: list[_Seq] = []
+        self.start_thread("llama-engine")  # last: everything it touches exists
+
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def _admit(self, job: Job) -> _Seq:
+        p = job.params
+        sampler = _internals().LlamaSampler()
+        sampler.add_penalties(
+            n_vocab=self.model.info.n_vocab,
+            penalty_last_n=PENALTY_LAST_N,
+            penalty_repeat=p.repeat_penalty,
+            penalty_freq=0.0,
+            penalty_present=0.0,
+        )
+        if p.temperature == 0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(p.top_k)
+            sampler.add_top_p(p.top_p, 1)
+            sampler.add_min_p(p.min_p, 1)
+            sampler.add_temp(p.temperature)
+            sampler.add_dist(p.seed if p.seed is not None else random.getrandbits(31))
+        emitter = Emitter(p, job.budget, self.model.is_eog, self.model.piece)
+        seq = _Seq(job, self._free.pop(), sampler, emitter)
+        self._ctx.kv_cache_seq_rm(seq.slot, -1, -1)
+        return seq
+
+    def _release(self, seq: _Seq) -> None:
+        self._ctx.kv_cache_seq_rm(seq.slot, -1, -1)
+        self._free.append(seq.slot)
+        seq.sampler.close()
+
+    def _finish(self, seq: _Seq, reason: str, text: str, step: Step) -> None:
+        self._running.remove(seq)
+        self._release(seq)
+        step.append(
+            (
+                seq.job,
+                TokenEvent(
+                    text=text,
+                    n_tokens=seq.emitter.produced - seq.reported,
+                    finish_reason=reason,
+                    prompt_tokens=len(seq.job.prompt),
+                    completion_tokens=seq.emitter.produced,
+                ),
+            )
+        )
+
+    def step(self, waiting: list[Job]) -> Step:
+        llama_cpp = self._llama_cpp
+        out: Step = []
+        for seq in list(self._running):
+            if seq.job.cancel.cancelled:
+                self._finish(seq, "cancelled", "", out)
+        while waiting and self._free:
+            job = waiting.pop(0)
+            if job.cancel.cancelled:
+                out.append((job, TokenEvent(text="", finish_reason="cancelled")))
+            elif job.budget <= 0:
+                out.append(
+                    (
+                        job,
+                        TokenEvent(text="", finish_reason="length", prompt_tokens=len(job.prompt)),
+                    )
+                )
+            else:
+                self._running.append(self._admit(job))
+        if not self._running:
+            return out
+        batch = self._batch
+        token, pos, n_seq, seq_id, logits = (
+            batch.token,
+            batch.pos,
+            batch.n_seq_id,
+            batch.seq_id,
+            batch.logits,
+        )
+        n = 0
+        outputs: list[tuple[_Seq, int]] = []
+        for seq in self._running:  # one token for every sequence that is generating
+            if seq.last >= 0 and n < N_BATCH:
+                token[n], pos[n], n_seq[n], logits[n] = seq.last, seq.n_past, 1, True
+                seq_id[n][0] = seq.slot
+                outputs.append((seq, n))
+                n += 1
+        for seq in self._running:  # then prompt chunks, as room allows
+            prompt = seq.job.prompt
+            while seq.fed < len(prompt) and n < N_BATCH:
+                last = seq.fed == len(prompt) - 1
+                token[n], pos[n], n_seq[n], logits[n] = prompt[seq.fed], seq.fed, 1, last
+                seq_id[n][0] = seq.slot
+                if last:
+                    outputs.append((seq, n))
+                seq.fed += 1
+                n += 1
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if rc != 0:
+            raise HaifError("decode_failed", f"llama_decode returned {rc}")
+        ctx = self._ctx.ctx
+        sample = llama_cpp.llama_sampler_sample
+        limit = self.n_ctx_seq - 1
+        for seq, index in outputs:
+            seq.n_past = len(seq.job.prompt) if seq.last < 0 else seq.n_past + 1
+            sampled = sample(seq.sampler.sampler, ctx, index)
+            text, done = seq.emitter.token(sampled, seq.n_past < limit)
+            if done is not None:
+                self._finish(seq, done, text, out)
+                continue
+            seq.last = sampled
+            seq.reported += 1
+            out.append((seq.job, TokenEvent(text=text, n_tokens=1)))
+        return out
+
+    def abort(self) -> list[Job]:
+        jobs = [seq.job for seq in self._running]
+        for seq in self._running:
+            self._release(seq)
+        self._running.clear()
+        return jobs
+
+    def free(self) -> None:
+        self.abort()
+        self._llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
 
 
 class LlamaCppRuntime:
     name = "llama.cpp"
 
-    def load(self, path: Path, options: LoadOptions) -> LlamaCppModel:
-        if options.slots > 1:
-            from haifctl.runtime.batched import BatchedLlamaCppModel
-
-            return BatchedLlamaCppModel(path, options)
-        return LlamaCppModel(path, options)
+    def load(self, path: Path, options: LoadOptions, sink: Sink | None = None) -> LlamaCppModel:
+        return LlamaCppModel(path, options, sink)

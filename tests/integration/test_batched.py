@@ -10,7 +10,6 @@ import pytest
 
 from haifctl import wire
 from haifctl.runtime.base import CancelToken, LoadOptions, SamplingParams, TokenEvent
-from haifctl.runtime.batched import BatchedLlamaCppModel
 from haifctl.runtime.llamacpp import LlamaCppModel, LlamaCppRuntime
 from tests.cluster import Cluster
 
@@ -18,7 +17,7 @@ from tests.cluster import Cluster
 @pytest.fixture(scope="module")
 def batched(model_path: Path) -> Iterator[LlamaCppModel]:
     loaded = LlamaCppRuntime().load(model_path, LoadOptions(slots=4, threads=1))
-    assert isinstance(loaded, BatchedLlamaCppModel)
+    assert loaded.slots == 4
     yield loaded
     loaded.close()
 
@@ -93,11 +92,8 @@ def test_stop_cancel_and_context_limits(batched: LlamaCppModel) -> None:
     assert last.completion_tokens <= 2048 - last.prompt_tokens
 
 
-def test_a_worker_with_two_slots_runs_two_requests_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HAIF_SLOTS", "2")
-    cluster = Cluster(tmp_path, workers=1)
+def test_a_worker_with_two_slots_runs_two_requests_at_once(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, workers=1, slots=2)
     try:
         with cluster.client() as client:
             assert client.stats().workers[0].slots == 2
