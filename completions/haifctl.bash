@@ -76,13 +76,14 @@ _haifctl() {
             esac
             ;;
         "worker")
-            opts='--orchestrator --model -m --worker-id --heartbeat --slots --metrics-port --ready-file --help -h'; cmds=''
+            opts='--orchestrator --model -m --worker-id --heartbeat --slots --threads --metrics-port --ready-file --help -h'; cmds=''
             case "$prev" in
                 --orchestrator) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
                 --worker-id) COMPREPLY=(); return ;;
                 --heartbeat) COMPREPLY=(); return ;;
                 --slots) COMPREPLY=(); return ;;
+                --threads) COMPREPLY=(); return ;;
                 --metrics-port) COMPREPLY=(); return ;;
                 --ready-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac

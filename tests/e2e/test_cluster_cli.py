@@ -39,7 +39,8 @@ def test_cluster_lifecycle(haifctl: Run, home: Path, model_path: Path) -> None:
         # continuous batching by default: several slots per worker, sized from memory
         slots = {w["slots"] for w in info["workers"]}
         assert all(w["device"] == "cpu" for w in info["workers"])
-        assert len(slots) == 1 and min(slots) > 1
+        assert len(slots) == 1
+        assert min(slots) > 1
         table = haifctl("status").stdout
         assert "orchestrator" in table
         assert "worker-2" in table
