@@ -162,8 +162,11 @@ class _Sink:
 
 
 @contextlib.contextmanager
-def running_cluster(workers: int, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
-    """`haifctl up` in a temporary home, as a user would; yields each daemon's endpoint."""
+def running_cluster(
+    workers: int, env_extra: dict[str, str], pids: dict[str, int] | None = None
+) -> Iterator[dict[str, str]]:
+    """`haifctl up` in a temporary home, as a user would; yields each daemon's endpoint (and
+    fills ``pids`` with each daemon's process id)."""
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "HAIF_HOME": home, **env_extra}
         if "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_extra:
@@ -174,7 +177,10 @@ def running_cluster(workers: int, env_extra: dict[str, str]) -> Iterator[dict[st
             status = subprocess.run(
                 [HAIFCTL, "status", "--json"], env=env, check=True, capture_output=True, text=True
             )
-            yield {d["name"]: d["endpoint"] for d in json.loads(status.stdout)["daemons"]}
+            daemons = json.loads(status.stdout)["daemons"]
+            if pids is not None:
+                pids.update({d["name"]: d["pid"] for d in daemons})
+            yield {d["name"]: d["endpoint"] for d in daemons}
         finally:
             subprocess.run([HAIFCTL, "down"], env=env, check=True, stdout=subprocess.DEVNULL)
 

@@ -1,0 +1,124 @@
+"""The lean data plane: a worker sends one stream frame per engine step and destination, the
+relays forward it as bytes, and a first token is never held back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from haifctl import wire
+from tests.cluster import Cluster
+
+STREAMS = 4
+TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("data-plane"), workers=1, slots=STREAMS)
+    try:
+        yield c
+    finally:
+        codes = c.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def stream(cluster: Cluster, seed: int, out: dict[int, list[wire.Msg]]) -> None:
+    with cluster.client() as client:
+        request = {"prompt": "Once upon a time", "max_tokens": TOKENS, "ignore_eos": True}
+        out[seed] = list(client.stream({**request, "seed": seed}))
+
+
+def test_concurrent_streams_share_frames_and_lose_nothing(cluster: Cluster) -> None:
+    with cluster.client() as client:
+        before = client.stats().counters.get("relayed_frames", 0)
+    results: dict[int, list[wire.Msg]] = {}
+    threads = [threading.Thread(target=stream, args=(cluster, i, results)) for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(STREAMS))
+    chunks = 0
+    for msgs in results.values():
+        done = msgs[-1]
+        assert isinstance(done, wire.Done), done
+        assert done.completion_tokens == TOKENS
+        body = [m for m in msgs[:-1] if isinstance(m, wire.Chunk)]
+        assert len(body) == len(msgs) - 1
+        assert sum(m.n_tokens for m in body) == TOKENS  # every token arrived, counted once
+        chunks += len(body)
+    with cluster.client() as client:
+        frames = client.stats().counters["relayed_frames"] - before
+    # Text is coalesced per stream, and the streams bound for one client share frames.
+    assert chunks < STREAMS * TOKENS / 4
+    assert frames <= chunks
+
+
+def test_first_token_goes_out_alone_and_at_once(cluster: Cluster) -> None:
+    with cluster.client() as client:
+        msgs = list(client.stream({"prompt": "Once upon a time", "max_tokens": 200, "seed": 3}))
+    first = msgs[0]
+    assert isinstance(first, wire.Chunk)
+    assert first.n_tokens == 1  # sent the step it was sampled, not after a coalescing window
+    assert isinstance(msgs[-1], wire.Done)
+
+
+def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> None:
+    """A worker's stream frame reaches the client byte for byte through the orchestrator and
+    the gateway, routed by the identities the request carried; neither relay decodes it."""
+    bare = Cluster(tmp_path, workers=0)
+    ctx = zmq.Context()
+    try:
+        worker = ctx.socket(zmq.DEALER)
+        worker.setsockopt(zmq.LINGER, 0)
+        worker.connect(bare.orchestrator)
+        worker.send(
+            wire.encode(
+                wire.Register(
+                    worker_id="hand-made",
+                    models=["stories260K:1"],
+                    slots=1,
+                    device="cpu",
+                    n_ctx=2048,
+                    pid=1,
+                    host="test",
+                )
+            )
+        )
+        assert worker.poll(5000)
+        assert isinstance(wire.decode(worker.recv()).msg, wire.Ack)
+        client = ctx.socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.connect(bare.gateway)
+        client.send(wire.encode(wire.Infer(request={"prompt": "x"}), "r1"))
+        infer = None
+        while infer is None and worker.poll(10_000):
+            envelope = wire.decode(worker.recv())
+            if isinstance(envelope.msg, wire.Infer):
+                infer = envelope.msg
+        assert infer is not None, "the request never reached the worker"
+        assert len(infer.route) == wire.ROUTE_FRAMES
+        opaque = b"\xc1 not msgpack: the relays must not look inside"
+        worker.send_multipart([*reversed(infer.route), opaque])
+        assert client.poll(5000), "the stream frame never reached the client"
+        assert client.recv() == opaque
+        done = wire.Done(
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+            model="stories260K:1",
+            worker="hand-made",
+            time_to_first_token_ms=1.0,
+            generation_ms=2.0,
+        )
+        worker.send(wire.encode(done, "r1"))
+        assert client.poll(5000)
+        assert isinstance(wire.decode(client.recv()).msg, wire.Done)
+    finally:
+        ctx.destroy(linger=0)
+        bare.stop()
