@@ -13,7 +13,7 @@ import os
 import signal
 import socket as pysocket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,7 @@ from haifctl import __version__, tracing, wire
 from haifctl.daemon.base import log
 from haifctl.keys import KeyStore
 from haifctl.telemetry import Metrics
-from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
+from haifctl.tracing import SpanKind, child_traceparent, parent_context
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 300.0
@@ -104,6 +104,69 @@ class HTTPError(Exception):
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         }
         return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# --- the edge: body limit, trace context, request metrics ------------------------------------
+
+
+class Edge:
+    """Pure ASGI middleware (no per-chunk task hops, unlike ``@app.middleware``): refuses an
+    oversized body before reading it, opens the request's span (which lasts until the last byte
+    of a streamed response) and counts the request by route and status."""
+
+    def __init__(self, app: Any, metrics: Metrics | None, tracer: tracing.Tracing | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.tracer = tracer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            refusal = HTTPError(
+                "body_too_large", f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB"
+            ).response()
+            await refusal(scope, receive, send)
+            return
+        incoming = headers.get(b"traceparent", b"").decode("latin-1")
+        state = scope.setdefault("state", {})
+        state["traceparent"] = incoming
+        path: str = scope["path"]
+        span = None
+        if self.tracer is not None and path.startswith(("/v1/", "/infer")):
+            span = self.tracer.tracer.start_span(
+                f"{scope['method']} {path}", context=parent_context(incoming), kind=SpanKind.SERVER
+            )
+            state["traceparent"] = child_traceparent(span)
+        if self.metrics is None and span is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR)
+                span.end()
+            if self.metrics is not None:
+                route = getattr(scope.get("route"), "path", "other")
+                self.metrics.requests.labels("bridge", route, str(status)).inc()
+                self.metrics.request_duration.labels("bridge", route).observe(
+                    time.monotonic() - started
+                )
 
 
 # --- the gateway link ----------------------------------------------------------------------
@@ -379,62 +442,7 @@ def create_app(
             request, HTTPError("invalid_request", message, param=where or None)
         )
 
-    @app.middleware("http")
-    async def _limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        incoming = request.headers.get("traceparent", "")
-        request.state.traceparent = incoming
-        span = None
-        if tracer is not None and request.url.path.startswith(("/v1/", "/infer")):
-            span = tracer.tracer.start_span(
-                f"{request.method} {request.url.path}",
-                context=parent_context(incoming),
-                kind=SpanKind.SERVER,
-            )
-            request.state.traceparent = child_traceparent(span)
-        if metrics is None and span is None:
-            return await limited(request, call_next)
-        started = time.monotonic()
-        response = await limited(request, call_next)
-        if span is not None:
-            end_span_with_body(response, span)
-        if metrics is None:
-            return response
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")
-        metrics.requests.labels("bridge", path, str(response.status_code)).inc()
-        metrics.request_duration.labels("bridge", path).observe(time.monotonic() - started)
-        return response
-
-    def end_span_with_body(response: Response, span: Span) -> None:
-        """A streamed response's span lasts until its last byte, not just its headers."""
-        span.set_attribute("http.response.status_code", response.status_code)
-        if response.status_code >= 500:
-            span.set_status(StatusCode.ERROR)
-        body = getattr(response, "body_iterator", None)
-        if body is None:
-            span.end()
-            return
-
-        async def closing() -> AsyncIterator[Any]:
-            try:
-                async for chunk in body:
-                    yield chunk
-            finally:
-                span.end()
-
-        response.body_iterator = closing()  # type: ignore[attr-defined]
-
-    async def limited(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return HTTPError(
-                "body_too_large", f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB"
-            ).response()
-        return await call_next(request)
+    app.add_middleware(Edge, metrics=metrics, tracer=tracer)
 
     async def client_key(request: Request) -> str:
         if not keys.enabled:

@@ -243,13 +243,25 @@ def test_429_with_retry_after_and_504(tight: Cluster) -> None:
             assert r.json()["error"]["code"] in ("overloaded", "rate_limited")
         if r.status_code == 504:
             assert r.json()["error"]["code"] == "deadline_exceeded"
-    # the rate limit: a burst of quick requests beyond 6 gets 429 rate_limited
-    codes = [
-        httpx.post(
-            f"{tight.bridge}/infer", json={"prompt": "x", "params": {"max_tokens": 1}}, timeout=30
+    # the rate limit: a burst of quick requests beyond 6 gets 429 rate_limited (sent at once,
+    # so that no refill between them depends on how fast the others are answered)
+    codes: list[httpx.Response] = []
+    burst = [
+        threading.Thread(
+            target=lambda: codes.append(
+                httpx.post(
+                    f"{tight.bridge}/infer",
+                    json={"prompt": "x", "params": {"max_tokens": 1}},
+                    timeout=30,
+                )
+            )
         )
         for _ in range(10)
     ]
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join()
     limited = [r for r in codes if r.status_code == 429]
     assert limited
     assert limited[0].json()["error"]["code"] == "rate_limited"
