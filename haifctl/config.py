@@ -65,6 +65,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Sequences a worker decodes at once (continuous batching); 0: chosen from the model's "
         "context and the memory available.",
     ),
+    Setting(
+        "stream_interval_ms",
+        ("HAIF_STREAM_INTERVAL_MS",),
+        float,
+        20.0,
+        "How long a worker may hold a running stream's text to send several tokens in one "
+        "frame (a first token and a stream's end go out at once).",
+    ),
     Setting("max_tokens", ("HAIF_MAX_TOKENS",), int, 256, "Default completion length in tokens."),
     Setting(
         "gateway_url",
@@ -158,6 +166,7 @@ class Settings:
     n_gpu_layers: int
     threads: int
     slots: int
+    stream_interval_ms: float
     max_tokens: int
     gateway_url: str
     bridge_bind: str

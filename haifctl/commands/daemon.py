@@ -197,6 +197,7 @@ def worker(
         worker_id=worker_id,
         heartbeat_s=heartbeat,
         orchestrator_timeout_s=max(3.0, 6 * heartbeat),
+        stream_interval_s=settings.stream_interval_ms / 1000,
         ready_file=ready_file,
     )
     _run(daemon, settings)
