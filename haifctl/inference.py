@@ -279,10 +279,12 @@ def run_cluster(
                     text.append(msg.text)
                     on_text(msg.text)
                 elif isinstance(msg, wire.Error):
-                    hint = msg.hint
-                    if msg.retry_after is not None:
-                        hint = (hint + "; " if hint else "") + f"retry after {msg.retry_after:g}s"
-                    raise HaifError(msg.code, msg.message, hint)
+                    error = HaifError.from_wire(msg)
+                    if error.retry_after is not None:
+                        error.hint = (error.hint + "; " if error.hint else "") + (
+                            f"retry after {error.retry_after:g}s"
+                        )
+                    raise error
                 else:
                     final = msg
         except KeyboardInterrupt:

@@ -21,7 +21,7 @@ import zmq
 from haifctl import wire
 from haifctl.config import Settings
 from haifctl.daemon.base import Daemon, log, socket
-from haifctl.errors import HaifError, Unavailable
+from haifctl.errors import HaifError, Kind, Unavailable
 from haifctl.inference import ResolvedModel, load_model, looks_like_path, render_prompt
 from haifctl.rpc import RpcClient
 from haifctl.runtime.base import CancelToken, LoadedModel, SamplingParams, TokenEvent
@@ -87,7 +87,7 @@ class WorkerDaemon(Daemon):
         finally:
             rpc.close()
         if isinstance(answer, wire.Error):
-            raise HaifError(answer.code, answer.message, answer.hint)
+            raise HaifError.from_wire(answer)
         if not isinstance(answer, wire.ModelInfo):
             raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
         return ResolvedModel(
@@ -261,11 +261,17 @@ class WorkerDaemon(Daemon):
         assert self.loaded is not None
         refusal = None
         if not accepting:
-            refusal = wire.Error(code="worker_draining", message="the worker is shutting down")
+            refusal = wire.Error(
+                kind=Kind.unavailable, code="worker_draining", message="the worker is shutting down"
+            )
         elif len(self.threads) >= self.loaded.slots:
-            refusal = wire.Error(code="worker_busy", message="no free slot on this worker")
+            refusal = wire.Error(
+                kind=Kind.overloaded, code="worker_busy", message="no free slot on this worker"
+            )
         elif envelope.id in self.threads:
-            refusal = wire.Error(code="duplicate_request", message="request id already running")
+            refusal = wire.Error(
+                kind=Kind.invalid, code="duplicate_request", message="request id already running"
+            )
         if refusal is not None:
             self.dealer.send(wire.reply(envelope, refusal))
             return
@@ -339,11 +345,16 @@ class WorkerDaemon(Daemon):
             self.metrics.requests.labels(self.name, "generate", exc.code).inc()
             now = time.perf_counter()
             self.trace(envelope, started_ns, started, first, now, None, exc.code)
-            send(wire.Error(code=exc.code, message=exc.message, hint=exc.hint), last=True)
+            send(exc.to_wire(), last=True)
         except Exception as exc:  # never let one request kill the worker
             self.counters["errors"] += 1
             log(self.name, "generation failed", level="error", error=repr(exc))
-            send(wire.Error(code="internal_error", message=f"worker error: {exc}"), last=True)
+            send(
+                wire.Error(
+                    kind=Kind.internal, code="internal_error", message=f"worker error: {exc}"
+                ),
+                last=True,
+            )
         finally:
             push.close(linger=-1)
 
