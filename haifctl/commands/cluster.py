@@ -17,7 +17,15 @@ from rich.table import Table
 
 from haifctl.commands._shared import JsonFlag, print_json, state, stderr, stdout, want_json
 from haifctl.config import Settings
-from haifctl.daemon.state import log_dir, pid_alive, read_state, run_dir
+from haifctl.daemon.state import (
+    daemon_endpoint,
+    log_dir,
+    pid_alive,
+    read_state,
+    remove_state,
+    run_dir,
+    running_state,
+)
 from haifctl.errors import HaifError, InvalidInput, Unavailable
 
 
@@ -25,21 +33,6 @@ class RestartPolicy(StrEnum):
     always = "always"
     on_failure = "on-failure"
     never = "never"
-
-
-def running_state(home: Path) -> dict[str, Any] | None:
-    """The cluster's state file, if its supervisor is alive."""
-    data = read_state(home)
-    if data is None or not pid_alive(int(data.get("supervisor_pid", 0))):
-        return None
-    return data
-
-
-def daemon_endpoint(data: dict[str, Any], name: str) -> str:
-    for daemon in data.get("daemons", []):
-        if daemon.get("name") == name:
-            return str(daemon.get("endpoint", ""))
-    return ""
 
 
 def cluster_gateway(settings: Settings) -> str | None:
@@ -182,7 +175,7 @@ def up(
         os.execv(sys.executable, args)
     log_dir(home).mkdir(parents=True, exist_ok=True)
     run_dir(home).mkdir(parents=True, exist_ok=True)
-    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    remove_state(home)
     with (log_dir(home) / "supervisor.log").open("ab") as logfile:
         supervisor = subprocess.Popen(
             args,
@@ -231,7 +224,7 @@ def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float)
         supervisor.wait(60)
     data = read_state(home) or {}
     failed = str(data.get("failed") or "supervisor")
-    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    remove_state(home)
     err = stderr()
     for line in _tail(log_dir(home) / f"{failed}.log", 12):
         err.print(f"  {failed}| {line}", markup=False)
@@ -283,7 +276,7 @@ def down(
     leftovers = [p for p in [pid, *daemons] if pid_alive(p)]
     for p in leftovers:
         os.kill(p, signal.SIGKILL)
-    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    remove_state(home)
     message = "cluster stopped"
     if leftovers:
         message += f" ({len(leftovers)} process(es) did not drain in time and were killed)"
