@@ -15,8 +15,9 @@ import msgspec
 import typer
 from rich.table import Table
 
+from haifctl.client import ClusterClient
+from haifctl.commands._dispatch import open_cli_registry
 from haifctl.commands._shared import JsonFlag, print_json, state, stderr, stdout, want_json
-from haifctl.config import Settings
 from haifctl.daemon.state import (
     daemon_endpoint,
     log_dir,
@@ -33,22 +34,6 @@ class RestartPolicy(StrEnum):
     always = "always"
     on_failure = "on-failure"
     never = "never"
-
-
-def cluster_gateway(settings: Settings) -> str | None:
-    """Where `infer` should go: GATEWAY_URL / --gateway, else a local cluster that is up."""
-    if settings.gateway_url:
-        if not settings.gateway_url.startswith(("tcp://", "ipc://")):
-            raise InvalidInput(
-                "bad_gateway_url",
-                f"gateway address {settings.gateway_url!r} is not a ZeroMQ address",
-                "use tcp://HOST:PORT (see `haifctl status`)",
-            )
-        return settings.gateway_url
-    data = running_state(settings.home)
-    if data is None or data.get("state") != "ready":
-        return None
-    return daemon_endpoint(data, "gateway") or None
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -140,8 +125,6 @@ def up(
         stdout().print(f"cluster already running (gateway {daemon_endpoint(current, 'gateway')})")
         return
     models = model or [settings.model]
-    from haifctl.inference import open_cli_registry
-
     with open_cli_registry(settings) as registry:  # unknown models fail here, not in a worker
         refs = [registry.resolve(m).ref for m in models]
     args = [
@@ -236,8 +219,6 @@ def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float)
 
 
 def _wait_workers(gateway: str, n: int, deadline: float) -> None:
-    from haifctl.client import ClusterClient
-
     with ClusterClient(gateway) as client:
         while True:
             try:
@@ -304,8 +285,6 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
     queues: dict[str, int] = {}
     gateway = daemon_endpoint(data, "gateway")
     if gateway:
-        from haifctl.client import ClusterClient
-
         try:
             with ClusterClient(gateway) as client:
                 stats = client.stats(timeout=2.0)

@@ -19,6 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from haifctl.client import ClusterClient
 from haifctl.commands._shared import JsonFlag, print_json, state, stdout, want_json
 from haifctl.daemon.state import daemon_endpoint, pid_alive, running_state
 from haifctl.errors import Unavailable
@@ -28,8 +29,6 @@ SORTS = ("name", "load", "served", "tokens/s")
 
 def snapshot(home: Any, gateway_override: str | None = None) -> dict[str, Any]:
     """Everything top shows, from the cluster state file and the gateway's stats RPC."""
-    from haifctl.client import ClusterClient
-
     data = running_state(home) if gateway_override is None else None
     gateway = gateway_override or (daemon_endpoint(data, "gateway") if data else "")
     if not gateway:

@@ -22,7 +22,7 @@ from haifctl import wire
 from haifctl.config import Settings
 from haifctl.daemon.base import Daemon, log, socket
 from haifctl.errors import HaifError, Kind, Unavailable
-from haifctl.inference import ResolvedModel, load_model, looks_like_path, render_prompt
+from haifctl.generation import load_model, looks_like_path, model_at, render_prompt
 from haifctl.rpc import RpcClient
 from haifctl.runtime.base import CancelToken, LoadedModel, SamplingParams, TokenEvent
 from haifctl.schema import validate_request
@@ -55,24 +55,15 @@ class WorkerDaemon(Daemon):
         self.orchestrator_timeout_s = orchestrator_timeout_s
         self.drain_grace_s = drain_grace_s
         self.loaded: LoadedModel | None = None
-        self.model: ResolvedModel | None = None
+        self.model: wire.ModelInfo | None = None
         self.cancels: dict[str, CancelToken] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
 
     # start -----------------------------------------------------------------------------------
-    def resolve(self, deadline_s: float = 60.0) -> ResolvedModel:
+    def resolve(self, deadline_s: float = 60.0) -> wire.ModelInfo:
         if looks_like_path(self.model_ref):
-            from haifctl.gguf_info import check_model_path, read_facts
-
-            path = check_model_path(Path(self.model_ref))
-            facts = read_facts(path)
-            return ResolvedModel(
-                ref=path.name.removesuffix(".gguf"),
-                path=str(path),
-                context_length=facts.context_length,
-                params={},
-            )
+            return model_at(self.model_ref)
         rpc = RpcClient(self.ctx, self.orchestrator, "orchestrator")
         end = time.monotonic() + deadline_s
         try:
@@ -90,12 +81,7 @@ class WorkerDaemon(Daemon):
             raise HaifError.from_wire(answer)
         if not isinstance(answer, wire.ModelInfo):
             raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
-        return ResolvedModel(
-            ref=answer.ref,
-            path=answer.path,
-            context_length=answer.context_length,
-            params=answer.params,
-        )
+        return answer
 
     def start(self) -> None:
         self.results = socket(self.ctx, zmq.PULL)
