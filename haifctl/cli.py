@@ -18,7 +18,20 @@ from haifctl.commands import keys as keys_cmd
 from haifctl.commands import models as models_cmd
 from haifctl.commands import top as top_cmd
 from haifctl.commands._shared import CliState, HomeOpt, RegistryUrlOpt, report_error, state
-from haifctl.errors import HaifError
+from haifctl.errors import HaifError, Kind
+
+# The exit status of each kind of error, as README.md's "Errors" section documents them: 2 for bad
+# input or unknown names, 3 for an unreachable service, 1 otherwise (70, EX_SOFTWARE, for a bug).
+EXIT_CODES = {
+    Kind.invalid: 2,
+    Kind.not_found: 2,
+    Kind.unauthorised: 1,
+    Kind.forbidden: 1,
+    Kind.overloaded: 1,
+    Kind.unavailable: 3,
+    Kind.timeout: 1,
+    Kind.internal: 1,
+}
 
 app = typer.Typer(
     name="haifctl",
@@ -73,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         app(args=list(argv) if argv is not None else None, prog_name="haifctl", obj=cli_state)
     except HaifError as exc:
         report_error(exc, cli_state.json_errors)
-        sys.exit(exc.exit_code)
+        sys.exit(EXIT_CODES[exc.kind])
     except KeyboardInterrupt:
         sys.stderr.write("\naborted\n")
         sys.exit(130)

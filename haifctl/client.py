@@ -10,7 +10,7 @@ import msgspec
 import zmq
 
 from haifctl import wire
-from haifctl.errors import HaifError, Unavailable
+from haifctl.errors import Unavailable
 from haifctl.rpc import RpcClient
 
 
@@ -44,18 +44,10 @@ class ClusterClient:
         self.close()
 
     def ping(self, timeout: float = 1.0) -> wire.Pong:
-        answer = self.rpc.call(wire.Ping(), timeout)
-        if not isinstance(answer, wire.Pong):
-            raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
-        return answer
+        return self.rpc.ask(wire.Ping(), wire.Pong, timeout)
 
     def stats(self, timeout: float = 2.0) -> wire.Stats:
-        answer = self.rpc.call(wire.StatsRequest(), timeout)
-        if isinstance(answer, wire.Error):
-            raise HaifError(answer.code, answer.message, answer.hint)
-        if not isinstance(answer, wire.Stats):
-            raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
-        return answer
+        return self.rpc.ask(wire.StatsRequest(), wire.Stats, timeout)
 
     def stream(
         self,

@@ -7,11 +7,14 @@ fresh one, so a restarted server is picked up without ceremony.
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
 import zmq
 
 from haifctl import wire
-from haifctl.errors import Unavailable
+from haifctl.errors import HaifError, Unavailable
+
+Answer = TypeVar("Answer", bound=wire.Msg)
 
 
 class RpcClient:
@@ -55,6 +58,15 @@ class RpcClient:
             f"no answer from the {self.name} at {self.address} within {timeout:g}s",
             "is it running? `haifctl status` shows the cluster",
         )
+
+    def ask(self, msg: wire.Msg, answer: type[Answer], timeout: float = 2.0) -> Answer:
+        """Call, expecting an ``answer``; an error answer is raised as the HaifError it carries."""
+        reply = self.call(msg, timeout)
+        if isinstance(reply, wire.Error):
+            raise HaifError.from_wire(reply)
+        if not isinstance(reply, answer):
+            raise HaifError("protocol_error", f"unexpected answer {type(reply).__name__}")
+        return reply
 
     def close(self) -> None:
         self.reset()

@@ -159,6 +159,14 @@ class Done(Msg, frozen=True, tag=True, kw_only=True):
 
 
 class Error(Msg, frozen=True, tag=True, kw_only=True):
+    """A failure; build it with ``HaifError.to_wire`` or name its ``kind`` (haifctl.errors.Kind).
+
+    ``kind`` is a plain string, not the enum, so that a kind added in a later version does not
+    make a newer peer's error frames undecodable here; frames from before kinds existed decode
+    with the default.
+    """
+
+    kind: str = "internal"
     code: str
     message: str
     hint: str = ""

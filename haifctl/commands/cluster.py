@@ -15,9 +15,18 @@ import msgspec
 import typer
 from rich.table import Table
 
+from haifctl.client import ClusterClient
+from haifctl.commands._dispatch import open_cli_registry
 from haifctl.commands._shared import JsonFlag, print_json, state, stderr, stdout, want_json
-from haifctl.config import Settings
-from haifctl.daemon.state import log_dir, pid_alive, read_state, run_dir
+from haifctl.daemon.state import (
+    daemon_endpoint,
+    log_dir,
+    pid_alive,
+    read_state,
+    remove_state,
+    run_dir,
+    running_state,
+)
 from haifctl.errors import HaifError, InvalidInput, Unavailable
 
 
@@ -25,37 +34,6 @@ class RestartPolicy(StrEnum):
     always = "always"
     on_failure = "on-failure"
     never = "never"
-
-
-def running_state(home: Path) -> dict[str, Any] | None:
-    """The cluster's state file, if its supervisor is alive."""
-    data = read_state(home)
-    if data is None or not pid_alive(int(data.get("supervisor_pid", 0))):
-        return None
-    return data
-
-
-def daemon_endpoint(data: dict[str, Any], name: str) -> str:
-    for daemon in data.get("daemons", []):
-        if daemon.get("name") == name:
-            return str(daemon.get("endpoint", ""))
-    return ""
-
-
-def cluster_gateway(settings: Settings) -> str | None:
-    """Where `infer` should go: GATEWAY_URL / --gateway, else a local cluster that is up."""
-    if settings.gateway_url:
-        if not settings.gateway_url.startswith(("tcp://", "ipc://")):
-            raise InvalidInput(
-                "bad_gateway_url",
-                f"gateway address {settings.gateway_url!r} is not a ZeroMQ address",
-                "use tcp://HOST:PORT (see `haifctl status`)",
-            )
-        return settings.gateway_url
-    data = running_state(settings.home)
-    if data is None or data.get("state") != "ready":
-        return None
-    return daemon_endpoint(data, "gateway") or None
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -147,8 +125,6 @@ def up(
         stdout().print(f"cluster already running (gateway {daemon_endpoint(current, 'gateway')})")
         return
     models = model or [settings.model]
-    from haifctl.inference import open_cli_registry
-
     with open_cli_registry(settings) as registry:  # unknown models fail here, not in a worker
         refs = [registry.resolve(m).ref for m in models]
     args = [
@@ -182,7 +158,7 @@ def up(
         os.execv(sys.executable, args)
     log_dir(home).mkdir(parents=True, exist_ok=True)
     run_dir(home).mkdir(parents=True, exist_ok=True)
-    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    remove_state(home)
     with (log_dir(home) / "supervisor.log").open("ab") as logfile:
         supervisor = subprocess.Popen(
             args,
@@ -231,7 +207,7 @@ def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float)
         supervisor.wait(60)
     data = read_state(home) or {}
     failed = str(data.get("failed") or "supervisor")
-    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    remove_state(home)
     err = stderr()
     for line in _tail(log_dir(home) / f"{failed}.log", 12):
         err.print(f"  {failed}| {line}", markup=False)
@@ -243,8 +219,6 @@ def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float)
 
 
 def _wait_workers(gateway: str, n: int, deadline: float) -> None:
-    from haifctl.client import ClusterClient
-
     with ClusterClient(gateway) as client:
         while True:
             try:
@@ -283,7 +257,7 @@ def down(
     leftovers = [p for p in [pid, *daemons] if pid_alive(p)]
     for p in leftovers:
         os.kill(p, signal.SIGKILL)
-    (run_dir(home) / "cluster.json").unlink(missing_ok=True)
+    remove_state(home)
     message = "cluster stopped"
     if leftovers:
         message += f" ({len(leftovers)} process(es) did not drain in time and were killed)"
@@ -311,8 +285,6 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
     queues: dict[str, int] = {}
     gateway = daemon_endpoint(data, "gateway")
     if gateway:
-        from haifctl.client import ClusterClient
-
         try:
             with ClusterClient(gateway) as client:
                 stats = client.stats(timeout=2.0)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
+from haifctl.commands._dispatch import cluster_gateway, run_cluster, run_local
 from haifctl.commands._shared import (
     GpuLayersOpt,
     ModelOpt,
@@ -224,16 +225,10 @@ def infer(
             out.write(text)
             out.flush()
 
-    from haifctl.commands.cluster import cluster_gateway
-
     address = None if local else cluster_gateway(settings)
     if address is not None:
-        from haifctl.inference import run_cluster
-
         result = run_cluster(address, settings, request, show)
     else:
-        from haifctl.inference import run_local
-
         result = run_local(settings, request, show)
     if result.finish_reason == "cancelled" and not as_json:
         stderr().print("\n[dim]stopped[/dim]")

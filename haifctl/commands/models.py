@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from haifctl.commands._dispatch import open_cli_registry
 from haifctl.commands._shared import (
     JsonFlag,
     print_json,
@@ -27,7 +28,6 @@ from haifctl.commands._shared import (
 )
 from haifctl.errors import InvalidInput
 from haifctl.gguf_info import check_model_path, read_facts
-from haifctl.inference import open_cli_registry
 from haifctl.registry.service import STATUSES, ModelRecord, parse_params
 from haifctl.schema import SAMPLING_KEYS
 

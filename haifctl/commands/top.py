@@ -19,7 +19,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from haifctl.client import ClusterClient
 from haifctl.commands._shared import JsonFlag, print_json, state, stdout, want_json
+from haifctl.daemon.state import daemon_endpoint, pid_alive, running_state
 from haifctl.errors import Unavailable
 
 SORTS = ("name", "load", "served", "tokens/s")
@@ -27,10 +29,6 @@ SORTS = ("name", "load", "served", "tokens/s")
 
 def snapshot(home: Any, gateway_override: str | None = None) -> dict[str, Any]:
     """Everything top shows, from the cluster state file and the gateway's stats RPC."""
-    from haifctl.client import ClusterClient
-    from haifctl.commands.cluster import daemon_endpoint, running_state
-    from haifctl.daemon.state import pid_alive
-
     data = running_state(home) if gateway_override is None else None
     gateway = gateway_override or (daemon_endpoint(data, "gateway") if data else "")
     if not gateway:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from haifctl import __version__, tracing, wire
 from haifctl.daemon.base import log
+from haifctl.errors import HaifError, Kind, Unavailable
 from haifctl.keys import KeyStore
 from haifctl.telemetry import Metrics
 from haifctl.tracing import SpanKind, child_traceparent, parent_context
@@ -35,26 +36,29 @@ from haifctl.tracing import SpanKind, child_traceparent, parent_context
 MAX_BODY_BYTES = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 300.0
 
+# The HTTP status of each kind of error.
 STATUS = {
-    "invalid_request": 400,
-    "invalid_json": 400,
-    "prompt_too_long": 400,
-    "chat_template_error": 400,
-    "invalid_model_params": 400,
-    "unsupported": 400,
-    "unauthorized": 401,
-    "model_not_found": 404,
-    "not_found": 404,
-    "prompt_too_large": 413,
-    "body_too_large": 413,
-    "rate_limited": 429,
-    "overloaded": 429,
-    "unavailable": 503,
-    "gateway_unreachable": 503,
-    "gateway_timeout": 503,
-    "worker_lost": 503,
-    "deadline_exceeded": 504,
+    Kind.invalid: 400,
+    Kind.unauthorised: 401,
+    Kind.forbidden: 403,
+    Kind.not_found: 404,
+    Kind.overloaded: 429,
+    Kind.internal: 500,
+    Kind.unavailable: 503,
+    Kind.timeout: 504,
 }
+# Invalid input that HTTP has a finer status for: clients act on 413 (shrink the request) where a
+# plain 400 would only tell them to fix it.
+STATUS_OF_CODE = {"prompt_too_large": 413, "body_too_large": 413}
+
+
+def status_of(error: HaifError) -> int:
+    return STATUS_OF_CODE.get(error.code) or STATUS[error.kind]
+
+
+def public_message(error: HaifError) -> str:
+    """The message of an error response, which has no field of its own for the hint."""
+    return error.message + (f" ({error.hint})" if error.hint else "")
 
 
 class ClosingStream(StreamingResponse):
@@ -70,40 +74,36 @@ class ClosingStream(StreamingResponse):
                 await aclose()
 
 
-class HTTPError(Exception):
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        param: str | None = None,
-        retry_after: float | None = None,
-        status: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code, self.message, self.param, self.retry_after = code, message, param, retry_after
-        self.status = status or STATUS.get(code, 500)
+class HTTPError(HaifError):
+    """A mistake the bridge finds in a request itself, naming the field it is about (the
+    OpenAI error body's ``param``)."""
 
-    @classmethod
-    def from_wire(cls, error: wire.Error) -> HTTPError:
-        return cls(
-            error.code,
-            error.message + (f" ({error.hint})" if error.hint else ""),
-            retry_after=error.retry_after,
-        )
+    kind = Kind.invalid
 
-    def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        if self.status == 401:
-            kind = "authentication_error"
-        elif self.status == 429:
-            kind = "rate_limit_error"
-        headers = {}
-        if self.retry_after is not None or self.status in (429, 503):
-            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after or 1)))
-        body = {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(code, message)
+        self.param = param
+
+
+def error_response(error: HaifError) -> JSONResponse:
+    status = status_of(error)
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        error_type = "authentication_error"
+    elif status == 429:
+        error_type = "rate_limit_error"
+    headers = {}
+    if error.retry_after is not None or status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after or 1)))
+    body = {
+        "error": {
+            "message": public_message(error),
+            "type": error_type,
+            "param": getattr(error, "param", None),
+            "code": error.code,
         }
-        return JSONResponse(body, status_code=self.status, headers=headers)
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # --- the edge: body limit, trace context, request metrics ------------------------------------
@@ -126,9 +126,11 @@ class Edge:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            refusal = HTTPError(
-                "body_too_large", f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB"
-            ).response()
+            refusal = error_response(
+                HTTPError(
+                    "body_too_large", f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB"
+                )
+            )
             await refusal(scope, receive, send)
             return
         incoming = headers.get(b"traceparent", b"").decode("latin-1")
@@ -232,7 +234,7 @@ class GatewayLink:
         try:
             return await asyncio.wait_for(queue.get(), timeout)
         except TimeoutError:
-            raise HTTPError(
+            raise Unavailable(
                 "gateway_unreachable", "the gateway did not answer", retry_after=2.0
             ) from None
         finally:
@@ -241,7 +243,7 @@ class GatewayLink:
     async def stream(
         self, request: dict[str, Any], client: str, traceparent: str = ""
     ) -> AsyncIterator[wire.Msg]:
-        """Yield Chunk messages then one Done; raise HTTPError for an Error.  Leaving early
+        """Yield Chunk messages then one Done; raise HaifError for an Error.  Leaving early
         (the HTTP client disconnected) cancels the generation on the worker."""
         deadline = time.time() + REQUEST_TIMEOUT_S
         request_id, queue = self.open(
@@ -253,10 +255,12 @@ class GatewayLink:
                 try:
                     msg = await asyncio.wait_for(queue.get(), deadline + 1 - time.time())
                 except TimeoutError:
-                    raise HTTPError("deadline_exceeded", "the request ran out of time") from None
+                    raise HaifError(
+                        "deadline_exceeded", "the request ran out of time", kind=Kind.timeout
+                    ) from None
                 if isinstance(msg, wire.Error):
                     finished = True
-                    raise HTTPError.from_wire(msg)
+                    raise HaifError.from_wire(msg)
                 if isinstance(msg, wire.Done):
                     finished = True
                 yield msg
@@ -426,12 +430,12 @@ def create_app(
         assert link is not None
         return link
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, exc: HTTPError) -> Response:
-        if metrics is not None and exc.status in (400, 401, 413):
+    @app.exception_handler(HaifError)
+    async def _http_error(request: Request, exc: HaifError) -> Response:
+        if metrics is not None and status_of(exc) in (400, 401, 413):
             # refusals the bridge itself makes; the gateway counts its own
             metrics.rejected.labels("bridge", exc.code).inc()
-        return exc.response()
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -451,10 +455,10 @@ def create_app(
         scheme, _, token = header.partition(" ")
         key_id = keys.verify(token.strip()) if scheme.lower() == "bearer" and token else None
         if key_id is None:
-            raise HTTPError(
+            raise HaifError(
                 "unauthorized",
                 "missing or invalid API key (send Authorization: Bearer KEY)",
-                status=401,
+                kind=Kind.unauthorised,
             )
         return key_id
 
@@ -470,7 +474,7 @@ def create_app(
         try:
             pong = await gw().call(wire.Ping(), 1.0)
             stats = await gw().call(wire.StatsRequest(), 2.0)
-        except HTTPError as exc:
+        except HaifError as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, 503)
         workers = len(stats.workers) if isinstance(stats, wire.Stats) else 0
         ready = isinstance(pong, wire.Pong) and pong.ready and workers > 0
@@ -483,9 +487,9 @@ def create_app(
         """The registered models (an alias is listed as a model too), served or not."""
         answer = await gw().call(wire.ListModels(), 5.0)
         if isinstance(answer, wire.Error):
-            raise HTTPError.from_wire(answer)
+            raise HaifError.from_wire(answer)
         if not isinstance(answer, wire.ModelList):
-            raise HTTPError("unavailable", "unexpected gateway answer")
+            raise Unavailable("unavailable", "unexpected gateway answer")
         data = []
         for m in answer.models:
             created = _epoch(m.created_at)
@@ -544,8 +548,8 @@ def create_app(
         try:
             async for chunk in gen:
                 yield chunk
-        except HTTPError as exc:
-            yield sse({"error": {"message": exc.message, "code": exc.code}})
+        except HaifError as exc:
+            yield sse({"error": {"message": public_message(exc), "code": exc.code}})
         finally:
             await gen.aclose()
             aclose = getattr(rest, "aclose", None)

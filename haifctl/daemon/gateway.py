@@ -23,7 +23,7 @@ from haifctl.daemon.base import (
     socket,
     trace_id,
 )
-from haifctl.errors import HaifError
+from haifctl.errors import HaifError, InvalidInput, Kind, Unavailable
 from haifctl.schema import validate_request
 from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
 
@@ -172,45 +172,51 @@ class GatewayDaemon(Daemon):
     def infer(
         self, identity: bytes, envelope: wire.Envelope, msg: wire.Infer, accepting: bool
     ) -> None:
-        def refuse(
-            code: str, message: str, hint: str = "", retry_after: float | None = None
-        ) -> None:
-            self.counters[f"rejected_{code}"] += 1
-            self.metrics.rejected.labels(self.name, code).inc()
-            self.metrics.requests.labels(self.name, "infer", code).inc()
-            error = wire.Error(code=code, message=message, hint=hint, retry_after=retry_after)
-            self.to_client(identity, wire.reply(envelope, error))
+        def refuse(error: HaifError) -> None:
+            self.counters[f"rejected_{error.code}"] += 1
+            self.metrics.rejected.labels(self.name, error.code).inc()
+            self.metrics.requests.labels(self.name, "infer", error.code).inc()
+            self.to_client(identity, wire.reply(envelope, error.to_wire()))
 
         if not envelope.id or envelope.id in self.routes:
-            return refuse("invalid_request", "missing or duplicate request id")
+            return refuse(InvalidInput("invalid_request", "missing or duplicate request id"))
         if not accepting:
-            return refuse("unavailable", "the gateway is shutting down", retry_after=2.0)
+            return refuse(
+                Unavailable("unavailable", "the gateway is shutting down", retry_after=2.0)
+            )
         try:
             request = validate_request(msg.request, "request")
         except HaifError as exc:
-            return refuse(exc.code, exc.message, exc.hint)
+            return refuse(exc)
         size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
         size += len(request.system or "")
         if size > self.limits.max_prompt_chars:
             return refuse(
-                "prompt_too_large",
-                f"the prompt is {size} characters; the limit is {self.limits.max_prompt_chars}",
-                "shorten the prompt",
+                InvalidInput(
+                    "prompt_too_large",
+                    f"the prompt is {size} characters; the limit is {self.limits.max_prompt_chars}",
+                    "shorten the prompt",
+                )
             )
         if request.max_tokens is not None and request.max_tokens > self.limits.max_tokens_cap:
             return refuse(
-                "invalid_request",
-                f"max_tokens: {request.max_tokens} is over the limit of "
-                f"{self.limits.max_tokens_cap}",
+                InvalidInput(
+                    "invalid_request",
+                    f"max_tokens: {request.max_tokens} is over the limit of "
+                    f"{self.limits.max_tokens_cap}",
+                )
             )
         key = msg.client or identity.hex()
         wait = self.bucket.take(key, time.monotonic())
         if wait > 0:
             return refuse(
-                "rate_limited",
-                f"too many requests for client {key[:16]}",
-                "slow down",
-                retry_after=round(wait, 3),
+                HaifError(
+                    "rate_limited",
+                    f"too many requests for client {key[:16]}",
+                    "slow down",
+                    kind=Kind.overloaded,
+                    retry_after=round(wait, 3),
+                )
             )
         now = time.time()
         deadline = now + self.limits.request_timeout_s
@@ -311,8 +317,14 @@ class GatewayDaemon(Daemon):
                 self.routes.pop(request_id)
                 self.counters["deadline_exceeded"] += 1
                 if not route.stats:
-                    self.observe(route, wire.Error(code="deadline_exceeded", message=""))
+                    self.observe(
+                        route, wire.Error(kind=Kind.timeout, code="deadline_exceeded", message="")
+                    )
                 if not route.stats:
                     self.dealer.send(wire.encode(wire.Cancel(), request_id))
-                error = wire.Error(code="deadline_exceeded", message="the request ran out of time")
+                error = wire.Error(
+                    kind=Kind.timeout,
+                    code="deadline_exceeded",
+                    message="the request ran out of time",
+                )
                 self.to_client(route.client, wire.encode(error, request_id))

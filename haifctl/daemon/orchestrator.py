@@ -20,7 +20,7 @@ from opentelemetry.trace import StatusCode
 
 from haifctl import wire
 from haifctl.daemon.base import Daemon, bind, log, socket
-from haifctl.errors import HaifError
+from haifctl.errors import HaifError, Kind
 from haifctl.rpc import RpcClient
 from haifctl.tracing import Span, child_traceparent, parent_context
 
@@ -245,6 +245,7 @@ class OrchestratorDaemon(Daemon):
                 self.finish(
                     pending,
                     wire.Error(
+                        kind=Kind.unavailable,
                         code="worker_lost",
                         message=f"worker {worker.worker_id} went away mid-stream",
                         hint="retry the request",
@@ -328,7 +329,7 @@ class OrchestratorDaemon(Daemon):
         try:
             reply = self.registry.call(wire.RegistryCall(op="resolve", args={"ref": ref}), 2.0)
         except HaifError as exc:
-            return wire.Error(code=exc.code, message=exc.message, hint=exc.hint, retry_after=2.0)
+            return msgspec.structs.replace(exc.to_wire(), retry_after=2.0)
         if isinstance(reply, wire.RegistryReply) and isinstance(reply.result, dict):
             record = reply.result
             answer = wire.ModelInfo(
@@ -340,7 +341,9 @@ class OrchestratorDaemon(Daemon):
         elif isinstance(reply, wire.Error):
             answer = reply
         else:
-            answer = wire.Error(code="protocol_error", message="unexpected registry answer")
+            answer = wire.Error(
+                kind=Kind.internal, code="protocol_error", message="unexpected registry answer"
+            )
         self.resolved[ref] = (now + RESOLVE_CACHE_S, answer)
         return answer
 
@@ -363,19 +366,29 @@ class OrchestratorDaemon(Daemon):
         if not accepting:
             return refuse(
                 wire.Error(
-                    code="unavailable", message="the orchestrator is shutting down", retry_after=2.0
+                    kind=Kind.unavailable,
+                    code="unavailable",
+                    message="the orchestrator is shutting down",
+                    retry_after=2.0,
                 )
             )
         if wire.expired(envelope):
-            return refuse(wire.Error(code="deadline_exceeded", message="the deadline had passed"))
+            return refuse(
+                wire.Error(
+                    kind=Kind.timeout, code="deadline_exceeded", message="the deadline had passed"
+                )
+            )
         if envelope.id in self.pending:
-            return refuse(wire.Error(code="duplicate_request", message="request id in use"))
+            return refuse(
+                wire.Error(kind=Kind.invalid, code="duplicate_request", message="request id in use")
+            )
         info = self.resolve(str(msg.request.get("model") or self.default_model))
         if isinstance(info, wire.Error):
             return refuse(info)
         if not any(info.ref in w.models and not w.draining for w in self.workers.values()):
             return refuse(
                 wire.Error(
+                    kind=Kind.unavailable,
                     code="unavailable",
                     message=f"no worker serves {info.ref}",
                     hint=f"start one: haifctl worker --orchestrator ADDRESS --model {info.ref}",
@@ -408,6 +421,7 @@ class OrchestratorDaemon(Daemon):
             busy = sum(len(w.running) for w in self.workers.values() if info.ref in w.models)
             return refuse(
                 wire.Error(
+                    kind=Kind.overloaded,
                     code="overloaded",
                     message=f"{info.ref}: every slot is busy and the queue is full "
                     f"({busy} running, {len(queue)} queued)",
@@ -482,6 +496,7 @@ class OrchestratorDaemon(Daemon):
                     self.finish(
                         pending,
                         wire.Error(
+                            kind=Kind.unavailable,
                             code="unavailable",
                             retry_after=2.0,
                             message="no worker could run the request",
@@ -498,7 +513,11 @@ class OrchestratorDaemon(Daemon):
             return
         self.counters["cancelled"] += 1
         if pending.worker is None:
-            self.finish(pending, wire.Error(code="cancelled", message="cancelled by the client"))
+            # the client withdrew it, and has gone: nobody reads this answer
+            self.finish(
+                pending,
+                wire.Error(kind=Kind.invalid, code="cancelled", message="cancelled by the client"),
+            )
         else:
             self.send(pending.worker, wire.encode(wire.Cancel(), request_id))
 
@@ -529,7 +548,9 @@ class OrchestratorDaemon(Daemon):
                     self.finish(
                         pending,
                         wire.Error(
-                            code="deadline_exceeded", message="the deadline passed in the queue"
+                            kind=Kind.timeout,
+                            code="deadline_exceeded",
+                            message="the deadline passed in the queue",
                         ),
                     )
 
@@ -538,12 +559,14 @@ class OrchestratorDaemon(Daemon):
         try:
             reply = self.registry.call(wire.RegistryCall(op="list"), 2.0)
         except HaifError as exc:
-            return wire.Error(code=exc.code, message=exc.message, hint=exc.hint, retry_after=2.0)
+            return msgspec.structs.replace(exc.to_wire(), retry_after=2.0)
         if not isinstance(reply, wire.RegistryReply) or not isinstance(reply.result, list):
             return (
                 reply
                 if isinstance(reply, wire.Error)
-                else wire.Error(code="protocol_error", message="unexpected registry answer")
+                else wire.Error(
+                    kind=Kind.internal, code="protocol_error", message="unexpected registry answer"
+                )
             )
         models = []
         for record in reply.result:

@@ -12,7 +12,7 @@ import zmq
 
 from haifctl import wire
 from haifctl.daemon.base import Daemon, bind, log, socket
-from haifctl.errors import HaifError
+from haifctl.errors import HaifError, Kind
 from haifctl.gguf_info import GGUFFacts
 from haifctl.registry.service import Registry, open_registry
 
@@ -76,7 +76,9 @@ class RegistryDaemon(Daemon):
         }
         op = ops.get(msg.op)
         if op is None:
-            return wire.Error(code="unknown_op", message=f"unknown registry op {msg.op!r}")
+            return wire.Error(
+                kind=Kind.invalid, code="unknown_op", message=f"unknown registry op {msg.op!r}"
+            )
         started = time.monotonic()
         try:
             result = op()
@@ -93,9 +95,13 @@ class RegistryDaemon(Daemon):
                 )
         except HaifError as exc:
             self.metrics.requests.labels(self.name, msg.op, exc.code).inc()
-            return wire.Error(code=exc.code, message=exc.message, hint=exc.hint)
+            return exc.to_wire()
         except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
-            return wire.Error(code="invalid_request", message=f"bad arguments for {msg.op}: {exc}")
+            return wire.Error(
+                kind=Kind.invalid,
+                code="invalid_request",
+                message=f"bad arguments for {msg.op}: {exc}",
+            )
         return wire.RegistryReply(result=msgspec.to_builtins(result))
 
     def stop(self) -> None:

@@ -1,4 +1,5 @@
-"""Where a local cluster keeps its state and logs (read by the CLI without importing ZeroMQ)."""
+"""Where a local cluster keeps its state and logs: the one reader and writer of the supervisor's
+state file, ``HOME/run/cluster.json`` (the CLI reads it without importing ZeroMQ)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,43 @@ def log_dir(home: Path) -> Path:
     return home / "logs"
 
 
+def state_path(home: Path) -> Path:
+    return run_dir(home) / STATE_FILE
+
+
 def read_state(home: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((run_dir(home) / STATE_FILE).read_text())
+        data = json.loads(state_path(home).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def write_state(home: Path, data: dict[str, Any]) -> None:
+    path = state_path(home)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.chmod(0o600)  # it names the registry URL, which may hold a password
+    tmp.replace(path)
+
+
+def remove_state(home: Path) -> None:
+    state_path(home).unlink(missing_ok=True)
+
+
+def running_state(home: Path) -> dict[str, Any] | None:
+    """The cluster's state, if its supervisor is alive."""
+    data = read_state(home)
+    if data is None or not pid_alive(int(data.get("supervisor_pid", 0))):
+        return None
+    return data
+
+
+def daemon_endpoint(data: dict[str, Any], name: str) -> str:
+    for daemon in data.get("daemons", []):
+        if daemon.get("name") == name:
+            return str(daemon.get("endpoint", ""))
+    return ""
 
 
 def pid_alive(pid: int) -> bool:
@@ -45,12 +77,7 @@ def pid_alive(pid: int) -> bool:
 
 def cluster_registry(home: Path, registry_url: str) -> str | None:
     """The registry daemon's address, if a cluster on this same registry is up."""
-    data = read_state(home)
+    data = running_state(home)
     if data is None or data.get("state") != "ready" or data.get("registry_url") != registry_url:
         return None
-    if not pid_alive(int(data.get("supervisor_pid", 0))):
-        return None
-    for daemon in data.get("daemons", []):
-        if daemon.get("name") == "registry" and daemon.get("endpoint"):
-            return str(daemon["endpoint"])
-    return None
+    return daemon_endpoint(data, "registry") or None

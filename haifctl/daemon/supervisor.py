@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from haifctl.daemon.base import log
-from haifctl.daemon.state import STATE_FILE, log_dir, run_dir
+from haifctl.daemon.state import log_dir, remove_state, run_dir, write_state
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -274,7 +274,7 @@ class Supervisor:
         if self.failed:
             self.write_state("failed", failed=self.failed)  # `up` reads it, then removes it
         else:
-            (run_dir(self.home) / STATE_FILE).unlink(missing_ok=True)
+            remove_state(self.home)
         for child in self.children:
             self.ready_file(child).unlink(missing_ok=True)
         log("supervisor", "cluster stopped")
@@ -304,8 +304,4 @@ class Supervisor:
                 for c in self.children
             ],
         }
-        path = run_dir(self.home) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.chmod(0o600)  # it names the registry URL, which may hold a password
-        tmp.replace(path)
+        write_state(self.home, data)

@@ -25,8 +25,8 @@ import zmq
 from haifctl import wire
 from haifctl.config import Settings
 from haifctl.daemon.base import Daemon, log, socket
-from haifctl.errors import HaifError, Unavailable
-from haifctl.inference import ResolvedModel, load_model, looks_like_path, render_prompt
+from haifctl.errors import HaifError, Kind, Unavailable
+from haifctl.generation import load_model, looks_like_path, model_at, render_prompt
 from haifctl.rpc import RpcClient
 from haifctl.runtime.base import LoadedModel, SamplingParams, TokenEvent
 from haifctl.runtime.engine import Job, Step, deliver_to_queues
@@ -102,7 +102,7 @@ class WorkerDaemon(Daemon):
         self.drain_grace_s = drain_grace_s
         self.stream_interval_s = stream_interval_s
         self.loaded: LoadedModel | None = None
-        self.model: ResolvedModel | None = None
+        self.model: wire.ModelInfo | None = None
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
         # the engine thread's own state
@@ -111,18 +111,9 @@ class WorkerDaemon(Daemon):
         self._dirty: list[Outbox] = []
 
     # start -----------------------------------------------------------------------------------
-    def resolve(self, deadline_s: float = 60.0) -> ResolvedModel:
+    def resolve(self, deadline_s: float = 60.0) -> wire.ModelInfo:
         if looks_like_path(self.model_ref):
-            from haifctl.gguf_info import check_model_path, read_facts
-
-            path = check_model_path(Path(self.model_ref))
-            facts = read_facts(path)
-            return ResolvedModel(
-                ref=path.name.removesuffix(".gguf"),
-                path=str(path),
-                context_length=facts.context_length,
-                params={},
-            )
+            return model_at(self.model_ref)
         rpc = RpcClient(self.ctx, self.orchestrator, "orchestrator")
         end = time.monotonic() + deadline_s
         try:
@@ -137,15 +128,10 @@ class WorkerDaemon(Daemon):
         finally:
             rpc.close()
         if isinstance(answer, wire.Error):
-            raise HaifError(answer.code, answer.message, answer.hint)
+            raise HaifError.from_wire(answer)
         if not isinstance(answer, wire.ModelInfo):
             raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
-        return ResolvedModel(
-            ref=answer.ref,
-            path=answer.path,
-            context_length=answer.context_length,
-            params=answer.params,
-        )
+        return answer
 
     def start(self) -> None:
         self.results = socket(self.ctx, zmq.PULL)
@@ -299,13 +285,21 @@ class WorkerDaemon(Daemon):
         assert self.loaded is not None
         refusal = None
         if not self.accepting:
-            refusal = wire.Error(code="worker_draining", message="the worker is shutting down")
+            refusal = wire.Error(
+                kind=Kind.unavailable, code="worker_draining", message="the worker is shutting down"
+            )
         elif len(self.streams) >= self.loaded.slots:
-            refusal = wire.Error(code="worker_busy", message="no free slot on this worker")
+            refusal = wire.Error(
+                kind=Kind.overloaded, code="worker_busy", message="no free slot on this worker"
+            )
         elif envelope.id in self.streams:
-            refusal = wire.Error(code="duplicate_request", message="request id already running")
+            refusal = wire.Error(
+                kind=Kind.invalid, code="duplicate_request", message="request id already running"
+            )
         elif len(msg.route) != wire.ROUTE_FRAMES:
-            refusal = wire.Error(code="invalid_request", message="the request has no route")
+            refusal = wire.Error(
+                kind=Kind.invalid, code="invalid_request", message="the request has no route"
+            )
         if refusal is not None:
             self.dealer.send(wire.reply(envelope, refusal))
             return
@@ -327,8 +321,7 @@ class WorkerDaemon(Daemon):
                 None,
                 exc.code,
             )
-            error = wire.Error(code=exc.code, message=exc.message, hint=exc.hint)
-            self.dealer.send(wire.reply(envelope, error))
+            self.dealer.send(wire.reply(envelope, exc.to_wire()))
             return
         self.streams[envelope.id] = stream
         self.loaded.engine.submit(stream.job)
@@ -403,7 +396,11 @@ class WorkerDaemon(Daemon):
             self.metrics.requests.labels(self.name, "generate", event.error).inc()
             log(self.name, "generation failed", level="error", error=event.message)
             self.trace(envelope, stream.started_ns, stream.started, first, now, None, event.error)
-            msg = wire.Error(code=event.error, message=f"worker error: {event.message}")
+            msg = wire.Error(
+                kind=event.kind or Kind.internal,
+                code=event.error,
+                message=f"worker error: {event.message}",
+            )
         else:
             self.record(event, stream.started, first, now)
             self.trace(envelope, stream.started_ns, stream.started, first, now, event, None)

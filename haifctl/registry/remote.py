@@ -14,21 +14,10 @@ import msgspec
 import zmq
 
 from haifctl import wire
-from haifctl.errors import HaifError, InvalidInput, NotFound, Unavailable
 from haifctl.gguf_info import GGUFFacts, read_facts
 from haifctl.hashing import sha256_file
 from haifctl.registry.service import ModelRecord
 from haifctl.rpc import RpcClient
-
-UNAVAILABLE = {"registry_unreachable", "registry_unavailable"}
-
-
-def error_from_wire(error: wire.Error) -> HaifError:
-    if error.code in UNAVAILABLE:
-        return Unavailable(error.code, error.message, error.hint)
-    if error.code.endswith("_not_found"):
-        return NotFound(error.code, error.message, error.hint)
-    return InvalidInput(error.code, error.message, error.hint)
 
 
 class RemoteRegistry:
@@ -48,12 +37,9 @@ class RemoteRegistry:
         self.ctx.destroy(linger=0)
 
     def _call(self, op: str, **args: Any) -> Any:
-        answer = self.rpc.call(wire.RegistryCall(op=op, args=args), self.timeout)
-        if isinstance(answer, wire.Error):
-            raise error_from_wire(answer)
-        if not isinstance(answer, wire.RegistryReply):
-            raise HaifError("protocol_error", f"unexpected answer {type(answer).__name__}")
-        return answer.result
+        return self.rpc.ask(
+            wire.RegistryCall(op=op, args=args), wire.RegistryReply, self.timeout
+        ).result
 
     def _record(self, op: str, **args: Any) -> ModelRecord:
         return msgspec.convert(self._call(op, **args), ModelRecord)

@@ -54,8 +54,9 @@ class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # finish_reason "error": the engine failed this sequence (error code and message)
+    # finish_reason "error": the engine failed this sequence (the error's code, kind, message)
     error: str = ""
+    kind: str = ""
     message: str = ""
 
 

@@ -175,9 +175,14 @@ class Engine(ABC):
         failed = [j for j in jobs if not isinstance(j.tag, queue.SimpleQueue)]
         if failed:
             error = exc if isinstance(exc, HaifError) else HaifError("internal_error", repr(exc))
-            self.sink(
-                [(j, TokenEvent(text="", finish_reason="error", error=error.code)) for j in failed]
+            event = TokenEvent(
+                text="",
+                finish_reason="error",
+                error=error.code,
+                kind=error.kind.value,
+                message=error.message,
             )
+            self.sink([(job, event) for job in failed])
 
     def sink_failed(self, exc: Exception) -> None:
         import sys

@@ -142,6 +142,7 @@ def test_health_routes_stay_open(cluster: Cluster) -> None:
         ("/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer nope"}, 401, "unauthorized"),
         ("/v1/completions", {"prompt": "x"}, {}, 401, "unauthorized"),
         ("/v1/completions", {"model": "ghost", "prompt": "x"}, None, 404, "model_not_found"),
+        ("/v1/completions", {"model": "ghost:", "prompt": "x"}, None, 400, "invalid_model_ref"),
         ("/infer", {"prompt": "x" * 300_000}, None, 413, "prompt_too_large"),
     ],
 )
@@ -275,6 +276,20 @@ def test_503_when_no_worker_serves(tmp_path: Path) -> None:
         response = httpx.post(f"{empty.bridge}/v1/completions", json={"prompt": "x"}, timeout=30)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "unavailable"
+        assert int(response.headers["Retry-After"]) >= 1
+    finally:
+        empty.stop()
+
+
+def test_503_when_the_registry_is_down(tmp_path: Path) -> None:
+    empty = Cluster(tmp_path, workers=0, bridge_env={})
+    try:
+        empty.procs["registry"].kill()
+        empty.procs["registry"].popen.wait(30)
+        body = {"model": "never-resolved", "prompt": "x"}
+        response = httpx.post(f"{empty.bridge}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "registry_unreachable"
         assert int(response.headers["Retry-After"]) >= 1
     finally:
         empty.stop()
