@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from haifctl import wire
-from haifctl.daemon.base import LOOP_TICK_MS, Daemon, bind, log, socket
+from haifctl.daemon.base import LOOP_TICK_MS, NOBLOCK, Daemon, bind, log, socket
 from haifctl.errors import HaifError
 from haifctl.rpc import RpcClient
 from haifctl.tracing import Span, child_traceparent, parent_context
@@ -126,6 +126,8 @@ class OrchestratorDaemon(Daemon):
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
         self.resolved: dict[str, tuple[float, wire.ModelInfo | wire.Error]] = {}
+        self.refreshing: dict[str, tuple[str, float]] = {}  # ref -> (request id, ask again after)
+        self.refreshes: dict[str, str] = {}  # request id -> ref
         self.finished: deque[Finished] = deque(maxlen=200_000)
         # indexes over the worker table, kept by index/unindex/reindex
         self.serving: dict[str, dict[bytes, WorkerRec]] = {}  # model -> its workers
@@ -151,11 +153,16 @@ class OrchestratorDaemon(Daemon):
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its name back
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
         self.registry = RpcClient(self.ctx, self.registry_address, "registry")
+        # Calls whose answer the loop does not wait for (status updates, cache refreshes): sent
+        # on a socket of their own, answers read with everything else.
+        self.registry_link = socket(self.ctx, zmq.DEALER)
+        self.registry_link.connect(self.registry_address)
 
     # loop ------------------------------------------------------------------------------------
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        poller.register(self.registry_link, zmq.POLLIN)
         drain_until: float | None = None
         next_sweep = 0.0
         while True:
@@ -168,8 +175,11 @@ class OrchestratorDaemon(Daemon):
             ):
                 break
             self.accepting = drain_until is None
-            if dict(poller.poll(LOOP_TICK_MS)):
+            events = dict(poller.poll(LOOP_TICK_MS))
+            if self.router in events:
                 self.drain_router(self.router, self.handle)
+            if self.registry_link in events:
+                self.registry_answers()
             if time.monotonic() >= next_sweep:  # once a tick, not after every message
                 self.sweep()
                 next_sweep = time.monotonic() + LOOP_TICK_MS / 1000
@@ -223,6 +233,7 @@ class OrchestratorDaemon(Daemon):
             gpu_name=msg.gpu_name,
             gpu_memory_mb=msg.gpu_memory_mb,
         )
+        first = [ref for ref in rec.models if ref not in self.serving]
         if known is not None:
             rec.running = known.running
             self.unindex(known)
@@ -244,7 +255,7 @@ class OrchestratorDaemon(Daemon):
             device=msg.device,
         )
         self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
-        for ref in msg.models:
+        for ref in first:  # the registry hears when a model gains its first worker, not each time
             self.set_status(ref, "deployed")
         self.pump()
 
@@ -361,37 +372,81 @@ class OrchestratorDaemon(Daemon):
 
     # requests --------------------------------------------------------------------------------
     def resolve(self, ref: str) -> wire.ModelInfo | wire.Error:
+        """What a model reference names.  Only a reference never seen before waits for the
+        registry; an answer older than RESOLVE_CACHE_S is still used while a fresh one is asked
+        for in the background."""
         now = time.monotonic()
         cached = self.resolved.get(ref)
-        if cached is not None and cached[0] > now:
+        if cached is not None:
+            if cached[0] <= now:
+                self.refresh(ref, now)
             return cached[1]
-        answer: wire.ModelInfo | wire.Error
         try:
             reply = self.registry.call(wire.RegistryCall(op="resolve", args={"ref": ref}), 2.0)
         except HaifError as exc:
             return wire.Error(code=exc.code, message=exc.message, hint=exc.hint, retry_after=2.0)
+        answer = self.model_info(reply)
+        self.resolved[ref] = (now + RESOLVE_CACHE_S, answer)
+        return answer
+
+    @staticmethod
+    def model_info(reply: wire.Msg) -> wire.ModelInfo | wire.Error:
         if isinstance(reply, wire.RegistryReply) and isinstance(reply.result, dict):
             record = reply.result
-            answer = wire.ModelInfo(
+            return wire.ModelInfo(
                 ref=f"{record['name']}:{record['version']}",
                 path=record["path"],
                 context_length=record.get("context_length"),
                 params=record.get("params") or {},
             )
-        elif isinstance(reply, wire.Error):
-            answer = reply
-        else:
-            answer = wire.Error(code="protocol_error", message="unexpected registry answer")
-        self.resolved[ref] = (now + RESOLVE_CACHE_S, answer)
-        return answer
+        if isinstance(reply, wire.Error):
+            return reply
+        return wire.Error(code="protocol_error", message="unexpected registry answer")
+
+    def refresh(self, ref: str, now: float) -> None:
+        """Ask the registry again about ``ref``, once at a time (again if unanswered in time)."""
+        asked = self.refreshing.get(ref)
+        if asked is not None:
+            if asked[1] > now:
+                return
+            self.refreshes.pop(asked[0], None)
+        request_id = wire.new_id()
+        self.refreshing[ref] = (request_id, now + RESOLVE_CACHE_S)
+        self.refreshes[request_id] = ref
+        self.tell_registry(wire.RegistryCall(op="resolve", args={"ref": ref}), request_id)
 
     def set_status(self, ref: str, status: str) -> None:
+        call = wire.RegistryCall(op="set_status", args={"ref": ref, "status": status})
+        self.tell_registry(call, wire.new_id())
+
+    def tell_registry(self, call: wire.RegistryCall, request_id: str) -> None:
         try:
-            self.registry.call(
-                wire.RegistryCall(op="set_status", args={"ref": ref, "status": status}), 1.0
-            )
-        except HaifError as exc:
-            log(self.name, "could not update model status", level="warning", error=exc.message)
+            self.registry_link.send(wire.encode(call, request_id), NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["registry_unsent"] += 1
+
+    def registry_answers(self) -> None:
+        """Answers to what tell_registry sent: fresh resolutions, and failed status updates."""
+        while True:
+            try:
+                frame = self.registry_link.recv(NOBLOCK)
+            except zmq.Again:
+                return
+            envelope = self.decode(frame)
+            if envelope is None:
+                continue
+            ref = self.refreshes.pop(envelope.id, None)
+            if ref is not None:
+                self.refreshing.pop(ref, None)
+                answer = self.model_info(envelope.msg)
+                self.resolved[ref] = (time.monotonic() + RESOLVE_CACHE_S, answer)
+            elif isinstance(envelope.msg, wire.Error):
+                log(
+                    self.name,
+                    "could not update model status",
+                    level="warning",
+                    error=envelope.msg.message,
+                )
 
     def infer(
         self, gateway: bytes, envelope: wire.Envelope, msg: wire.Infer, accepting: bool

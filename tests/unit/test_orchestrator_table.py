@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
+import zmq
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,6 +38,15 @@ class Harness:
         self.clock = clock
         self.sent: list[tuple[bytes, wire.Envelope]] = []
         self.seq = 0
+        self.registry: zmq.Socket[bytes]
+
+    def told_registry(self) -> list[tuple[bytes, wire.Envelope]]:
+        """What the orchestrator sent the registry without waiting for an answer."""
+        told = []
+        while self.registry.poll(0):
+            identity, body = self.registry.recv_multipart()
+            told.append((identity, wire.decode(body)))
+        return told
 
     def deliver(
         self, identity: bytes, msg: wire.Msg, request_id: str = "", deadline: float = 0.0
@@ -114,7 +124,11 @@ def h(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     harness = Harness(daemon, clock)
     daemon.started_mono = clock.now
     daemon.resolved[MODEL] = (float("inf"), wire.ModelInfo(ref=MODEL, path="/m", context_length=0))
-    monkeypatch.setattr(daemon, "set_status", lambda ref, status: None)
+    # the registry at the end of the orchestrator's link for calls it does not wait on
+    harness.registry = daemon.ctx.socket(zmq.ROUTER)
+    harness.registry.bind("inproc://registry")
+    daemon.registry_link = daemon.ctx.socket(zmq.DEALER)
+    daemon.registry_link.connect("inproc://registry")
     monkeypatch.setattr(
         daemon, "send", lambda identity, body: harness.sent.append((identity, wire.decode(body)))
     )
@@ -247,3 +261,48 @@ def test_the_indexes_stay_small_and_agree_with_the_table(h: Harness) -> None:
     assert h.d.free_workers[MODEL] == len(workers)
     assert h.d.open_workers[MODEL] == len(workers)
     assert len(h.d.liveness) == len(workers)
+
+
+def test_the_registry_hears_of_a_models_first_and_last_worker_only(h: Harness) -> None:
+    a = h.register("a")
+    b = h.register("b")
+    h.clock.now += 2.0
+    h.heartbeat(b)
+    h.clock.now += 2.0
+    h.d.sweep()  # a went silent
+    assert set(h.d.workers) == {b}
+    h.clock.now += 4.0
+    h.d.sweep()  # and now b
+    calls = [envelope.msg for _, envelope in h.told_registry()]
+    assert calls == [
+        wire.RegistryCall(op="set_status", args={"ref": MODEL, "status": "deployed"}),
+        wire.RegistryCall(op="set_status", args={"ref": MODEL, "status": "registered"}),
+    ]
+    assert a not in h.d.workers
+
+
+def test_a_stale_resolution_is_used_while_a_fresh_one_is_asked_for(h: Harness) -> None:
+    a = h.register("a", slots=4)
+    h.told_registry()
+    h.d.resolved[MODEL] = (
+        h.clock.now - 1,
+        wire.ModelInfo(ref=MODEL, path="/old", context_length=0),
+    )
+    for _ in range(2):
+        h.infer()
+    sent = [e.msg for i, e in h.sent if i == a and isinstance(e.msg, wire.Infer)]
+    assert [m.model_path for m in sent] == ["/old", "/old"]  # nobody waited for the registry
+    (registry_peer, asked), *more = h.told_registry()
+    assert asked.msg == wire.RegistryCall(op="resolve", args={"ref": MODEL})
+    assert more == []  # one question at a time
+    record = {"name": "m", "version": "1", "path": "/new", "context_length": 0, "params": {}}
+    h.registry.send_multipart(
+        [registry_peer, wire.encode(wire.RegistryReply(result=record), asked.id)]
+    )
+    assert h.d.registry_link.poll(5000)
+    h.d.registry_answers()
+    h.infer()
+    sent = [e.msg for i, e in h.sent if i == a and isinstance(e.msg, wire.Infer)]
+    assert sent[-1].model_path == "/new"
+    assert not h.d.refreshing
+    assert not h.d.refreshes
