@@ -17,7 +17,11 @@ Done.  A client DEALER sends Infer requests as the gateway does.  A fresh orches
     scrape ms   one GET /metrics on the orchestrator
 
 The client, the fake workers and the orchestrator share this machine's cores, so the latencies
-include two extra hops through Python on each side.  Prints figures; asserts nothing.
+include two extra hops through Python on each side.  For scale, each N is first run against a
+"relay" (--no-relay to skip): the least any orchestrator must do, in Python with pyzmq, with the
+same sockets and the same message count (ack every heartbeat, pass each Infer to the next worker
+in turn and each Done back) and nothing else; its figures are this machine's floor.  Prints
+figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 import urllib.request
 import uuid
 from pathlib import Path
@@ -46,6 +51,7 @@ HEARTBEAT_S = 0.5  # what workers use
 REQUEST = {"prompt": "Once upon a time", "max_tokens": 16}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_LIFETIME_S = 900.0  # a fake-worker process left behind stops by itself
+NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # ints: pyzmq's enums cost microseconds
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -157,13 +163,64 @@ def fake_workers(address: str, n: int, model: str, slots: int) -> None:
     ctx.destroy(linger=0)
 
 
+# the floor (a process of its own) ---------------------------------------------------------------
+def relay(ready_file: Path) -> None:
+    """Ack heartbeats, pass each Infer to the next worker and each Done back; until SIGTERM."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.SNDHWM, 100_000)
+    router.setsockopt(zmq.RCVHWM, 100_000)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    ready_file.write_text(json.dumps({"endpoints": {"rpc": f"tcp://127.0.0.1:{port}"}}))
+    ack = wire.encode(wire.Ack(known=True))
+    workers: list[bytes] = []
+    clients: dict[str, bytes] = {}
+    turn = 0
+    started = time.monotonic()
+    while not stopping and time.monotonic() - started < MAX_LIFETIME_S:
+        if not router.poll(50):
+            continue
+        while True:
+            try:
+                identity = router.recv(NOBLOCK)
+                body = router.recv(NOBLOCK)
+            except zmq.Again:
+                break
+            envelope = wire.decode(body)
+            msg = envelope.msg
+            to, answer = identity, ack
+            if isinstance(msg, wire.Heartbeat):
+                pass
+            elif isinstance(msg, wire.Infer):
+                clients[envelope.id] = identity
+                to, answer = workers[turn % len(workers)], body
+                turn += 1
+            elif isinstance(msg, wire.Done):
+                to, answer = clients.pop(envelope.id), body
+            elif isinstance(msg, wire.Register):
+                workers.append(identity)
+            elif isinstance(msg, wire.ResolveModel):
+                answer = wire.reply(
+                    envelope, wire.ModelInfo(ref=msg.ref, path="", context_length=0)
+                )
+            elif isinstance(msg, wire.StatsRequest):
+                stats = wire.Stats(daemon="relay", counters={"workers": len(workers)})
+                answer = wire.reply(envelope, stats)
+            router.send(to, NOBLOCK | SNDMORE)
+            router.send(answer, NOBLOCK)
+    ctx.destroy(linger=0)
+
+
 # daemons -----------------------------------------------------------------------------------------
 class Daemon:
-    def __init__(self, name: str, args: list[str], home: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, argv: list[str], home: Path, env: dict[str, str]) -> None:
         self.ready = home / f"{name}.ready"
         self.log: IO[bytes] = (home / f"{name}.log").open("ab")
         self.popen = subprocess.Popen(
-            [HAIFCTL, *args, "--metrics-port", "0", "--ready-file", str(self.ready)],
+            [*argv, "--ready-file", str(self.ready)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -215,10 +272,11 @@ class Client:
         while True:
             stats = self.call(wire.StatsRequest())
             assert isinstance(stats, wire.Stats)
-            if len(stats.workers) >= n:
+            registered = len(stats.workers) or stats.counters.get("workers", 0)
+            if registered >= n:
                 return
             if time.monotonic() > end:
-                raise TimeoutError(f"{len(stats.workers)} of {n} workers registered")
+                raise TimeoutError(f"{registered} of {n} workers registered")
             time.sleep(0.05)  # polling interval of the probe
 
     def send(self) -> None:
@@ -292,6 +350,11 @@ class Client:
         return latencies
 
 
+def pace_us() -> float:
+    """How fast Python runs here now: figures from a busy or slow machine scale with this."""
+    return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+
+
 def scrape_ms(url: str) -> float:
     start = time.perf_counter()
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -299,13 +362,14 @@ def scrape_ms(url: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def run(n: int, args: argparse.Namespace, registry: str, home: Path, env: dict[str, str]) -> None:
-    orch = Daemon(
-        "orchestrator",
-        ["daemon", "orchestrator", "--registry", registry, "--queue-size", "100000"],
-        home,
-        env,
-    )
+def run(
+    n: int, args: argparse.Namespace, target: str, registry: str, home: Path, env: dict[str, str]
+) -> None:
+    if target == "relay":
+        orch = Daemon("relay", [sys.executable, __file__, "--relay"], home, env)
+    else:
+        daemon = ["daemon", "orchestrator", "--registry", registry, "--queue-size", "100000"]
+        orch = Daemon(target, [HAIFCTL, *daemon, "--metrics-port", "0"], home, env)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     fake: subprocess.Popen[bytes] | None = None
     try:
@@ -341,13 +405,15 @@ def run(n: int, args: argparse.Namespace, registry: str, home: Path, env: dict[s
         completed = client.closed_loop(args.seconds, args.in_flight)
         elapsed = time.monotonic() - t0
         busy = cpu_seconds(pid) - cpu0
-        scrape = min(scrape_ms(orch.endpoints["metrics"]) for _ in range(3))
+        scrape = "-"
+        if "metrics" in orch.endpoints:
+            scrape = f"{min(scrape_ms(orch.endpoints['metrics']) for _ in range(3)):.1f}"
         errors = ", ".join(f"{k} {v}" for k, v in client.errors.items()) or "-"
         print(
-            f"{n:>7,} {idle * 100:>10.1f} {idle / (n / HEARTBEAT_S) * 1e6:>7.1f}"
+            f"{target:<12} {n:>7,} {idle * 100:>10.1f} {idle / (n / HEARTBEAT_S) * 1e6:>7.1f}"
             f" {percentile(latencies, 0.5) * 1e6:>8,.0f} {percentile(latencies, 0.99) * 1e6:>8,.0f}"
             f" {completed / args.seconds:>8,.0f} {(busy - idle * elapsed) / completed * 1e6:>7,.1f}"
-            f" {scrape:>10.1f}  {errors}",
+            f" {scrape:>10}  {errors}",
             flush=True,
         )
     finally:
@@ -371,20 +437,31 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=64, help="closed-loop concurrency")
     parser.add_argument("--slots", type=int, default=4, help="slots per fake worker")
     parser.add_argument("--model", default="stories260K", help="the model the workers serve")
+    parser.add_argument(
+        "--no-relay", action="store_true", help="skip the reference relay (the floor)"
+    )
     parser.add_argument("--fake-workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--orchestrator", help=argparse.SUPPRESS)
+    parser.add_argument("--relay", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fake_workers is not None:
         return fake_workers(args.orchestrator, args.fake_workers, args.model, args.slots)
+    if args.relay:
+        return relay(args.ready_file)
 
     sizes = [int(s) for s in args.workers.split(",")]
     raise_fd_limit(4 * max(sizes) + 256)  # the orchestrator inherits it
     print(
         f"{args.seconds:g} s per phase; open loop at {args.rate:g} req/s; closed loop with "
-        f"{args.in_flight} in flight; {args.slots} slots per worker; {os.cpu_count()} CPUs"
+        f"{args.in_flight} in flight; {args.slots} slots per worker"
     )
     print(
-        f"{'workers':>7} {'idle %core':>10} {'us/hb':>7} {'p50 us':>8} {'p99 us':>8}"
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"sum(range(1000)) in {pace_us():.1f} us (about 10 on an idle modern core)"
+    )
+    print(
+        f"{'':<12} {'workers':>7} {'idle %core':>10} {'us/hb':>7} {'p50 us':>8} {'p99 us':>8}"
         f" {'req/s':>8} {'us/req':>7} {'scrape ms':>10}  errors"
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -392,10 +469,13 @@ def main() -> None:
         env = {**os.environ, "HAIF_HOME": str(home / "home")}
         for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
             env.pop(name, None)
-        registry = Daemon("registry", ["daemon", "registry"], home, env)
+        registry = Daemon(
+            "registry", [HAIFCTL, "daemon", "registry", "--metrics-port", "0"], home, env
+        )
         try:
             for n in sizes:
-                run(n, args, registry.endpoints["rpc"], home, env)
+                for target in ("orchestrator",) if args.no_relay else ("relay", "orchestrator"):
+                    run(n, args, target, registry.endpoints["rpc"], home, env)
         finally:
             registry.stop()
 
