@@ -174,7 +174,9 @@ def relay(ready_file: Path) -> None:
     router.setsockopt(zmq.SNDHWM, 100_000)
     router.setsockopt(zmq.RCVHWM, 100_000)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    ready_file.write_text(json.dumps({"endpoints": {"rpc": f"tcp://127.0.0.1:{port}"}}))
+    tmp = ready_file.with_suffix(".tmp")  # written whole, then renamed: never read half-written
+    tmp.write_text(json.dumps({"endpoints": {"rpc": f"tcp://127.0.0.1:{port}"}}))
+    tmp.replace(ready_file)
     ack = wire.encode(wire.Ack(known=True))
     workers: list[bytes] = []
     clients: dict[str, bytes] = {}
