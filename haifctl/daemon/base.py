@@ -24,6 +24,11 @@ from haifctl.telemetry import Metrics
 
 LOOP_TICK_MS = 50
 HWM = 100_000
+# pyzmq's flags are enums whose arithmetic runs in Python: a few microseconds a message in
+# recv_multipart and send_multipart.  The loops pass plain ints and receive frame by frame.
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE = int(zmq.SNDMORE)
+RCVMORE = int(zmq.RCVMORE)
 
 
 def log(daemon: str, message: str, level: str = "info", **fields: Any) -> None:
@@ -224,7 +229,9 @@ class Daemon:
         as bytes, never decoded); anything else is malformed and dropped."""
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = [sock.recv(NOBLOCK)]
+                while sock.getsockopt(RCVMORE):
+                    frames.append(sock.recv(NOBLOCK))
             except zmq.Again:
                 return
             if len(frames) == 2:
@@ -240,7 +247,8 @@ class Daemon:
         """Send without blocking; a peer that is gone is counted, and its requests are cleaned
         up by the sender's own bookkeeping."""
         try:
-            sock.send_multipart([identity, body], zmq.NOBLOCK)
+            sock.send(identity, NOBLOCK | SNDMORE)
+            sock.send(body, NOBLOCK)
         except zmq.ZMQError:
             self.counters["undeliverable"] += 1
 

@@ -3,29 +3,42 @@
 Workers register and heartbeat; a worker silent for ``heartbeat_timeout_s`` is dropped and its
 unstarted requests go back to the front of their queue.  A request whose tokens had started to
 stream ends with a ``worker_lost`` error instead of a silent retry.
+
+Nothing the loop does per message or per tick grows with the cluster: each model has a heap of
+its workers with a free slot (dispatch pops the least loaded), heartbeat and queue deadlines sit
+in heaps (a sweep looks only at what is due), and the table's gauges are computed when Prometheus
+scrapes them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import heapq
+import itertools
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import zmq
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
+from prometheus_client import Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from haifctl import wire
-from haifctl.daemon.base import Daemon, bind, log, socket
+from haifctl.daemon.base import NOBLOCK, Daemon, bind, log, socket
 from haifctl.errors import HaifError, Kind
 from haifctl.rpc import RpcClient
 from haifctl.tracing import Span, child_traceparent, parent_context
 
 RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request"}
 RESOLVE_CACHE_S = 5.0
+# The answer to a heartbeat, which workers send with no id, deadline or trace: encoded once.
+ACK_KNOWN = wire.encode(wire.Ack(known=True))
 
 
 @dataclass
@@ -47,6 +60,8 @@ class WorkerRec:
     tokens: int = 0
     assigned: int = 0  # requests this orchestrator sent it: spreads ties across idle workers
     draining: bool = False
+    version: int = 0  # which of its entries in the vacancy heaps is current
+    listed: bool = False  # counted among its models' workers with a free slot
 
     @property
     def free(self) -> int:
@@ -110,7 +125,26 @@ class OrchestratorDaemon(Daemon):
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
         self.resolved: dict[str, tuple[float, wire.ModelInfo | wire.Error]] = {}
+        self.refreshing: dict[str, tuple[str, float]] = {}  # ref -> (request id, ask again after)
+        self.refreshes: dict[str, str] = {}  # request id -> ref
         self.finished: deque[Finished] = deque(maxlen=200_000)
+        # indexes over the worker table, kept by index/unindex/reindex
+        self.serving: dict[str, dict[bytes, WorkerRec]] = {}  # model -> its workers
+        self.by_worker_id: dict[str, WorkerRec] = {}
+        self.open_workers: Counter[str] = Counter()  # model -> workers not draining
+        self.free_workers: Counter[str] = Counter()  # model -> workers with a free slot
+        self.busy: Counter[str] = Counter()  # model -> requests running on its workers
+        # model -> heap of (load, assigned, version, worker); entries of an older version are
+        # stale and skipped when they surface
+        self.vacancies: dict[str, list[tuple[float, int, int, WorkerRec]]] = {}
+        self.liveness: list[tuple[float, int, WorkerRec]] = []  # (heartbeat deadline, seq, worker)
+        self.expiries: list[tuple[float, int, str]] = []  # (wall-clock deadline, seq, queued id)
+        self.seq = itertools.count(1)
+        self.queue_wait: dict[str, Histogram] = {}
+        # Gauges over the table are computed at scrape time, in the HTTP server's thread.
+        for gauge in (self.metrics.workers, self.metrics.slots, self.metrics.queue_depth):
+            self.metrics.registry.unregister(gauge)
+        self.metrics.registry.register(TableGauges(self))
 
     def start(self) -> None:
         self.started_mono = time.monotonic()
@@ -118,7 +152,12 @@ class OrchestratorDaemon(Daemon):
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its name back
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
         self.registry = RpcClient(self.ctx, self.registry_address, "registry")
+        # Calls whose answer the loop does not wait for (status updates, cache refreshes): sent
+        # on a socket of their own, answers read with everything else.
+        self.registry_link = socket(self.ctx, zmq.DEALER)
+        self.registry_link.connect(self.registry_address)
         self.watch(self.router, self.read)
+        self.watch(self.registry_link, self.registry_answers)
 
     # loop ------------------------------------------------------------------------------------
     def read(self) -> None:
@@ -140,7 +179,7 @@ class OrchestratorDaemon(Daemon):
         worker.last_seen = time.monotonic()
         self.counters["relayed_frames"] += 1
         try:
-            self.router.send_multipart(frames[1:], zmq.NOBLOCK)
+            self.router.send_multipart(frames[1:], NOBLOCK)
         except zmq.ZMQError:
             self.counters["undeliverable"] += 1
 
@@ -178,9 +217,9 @@ class OrchestratorDaemon(Daemon):
 
     # workers ---------------------------------------------------------------------------------
     def register(self, identity: bytes, envelope: wire.Envelope, msg: wire.Register) -> None:
-        for other in [w for w in self.workers.values() if w.worker_id == msg.worker_id]:
-            if other.identity != identity:
-                self.drop_worker(other, "replaced by a new connection")
+        other = self.by_worker_id.get(msg.worker_id)
+        if other is not None and other.identity != identity:
+            self.drop_worker(other, "replaced by a new connection")
         known = self.workers.get(identity)
         rec = WorkerRec(
             identity=identity,
@@ -195,9 +234,18 @@ class OrchestratorDaemon(Daemon):
             gpu_name=msg.gpu_name,
             gpu_memory_mb=msg.gpu_memory_mb,
         )
+        first = [ref for ref in rec.models if ref not in self.serving]
         if known is not None:
             rec.running = known.running
+            self.unindex(known)
+            if self.by_worker_id.get(known.worker_id) is known:
+                del self.by_worker_id[known.worker_id]
         self.workers[identity] = rec
+        self.by_worker_id[rec.worker_id] = rec
+        self.index(rec)
+        heapq.heappush(
+            self.liveness, (rec.last_seen + self.heartbeat_timeout_s, next(self.seq), rec)
+        )
         self.counters["registrations"] += 1
         log(
             self.name,
@@ -208,7 +256,7 @@ class OrchestratorDaemon(Daemon):
             device=msg.device,
         )
         self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
-        for ref in msg.models:
+        for ref in first:  # the registry hears when a model gains its first worker, not each time
             self.set_status(ref, "deployed")
         self.pump()
 
@@ -218,14 +266,22 @@ class OrchestratorDaemon(Daemon):
             self.send(identity, wire.reply(envelope, wire.Ack(known=False)))
             return
         worker.served, worker.errors, worker.tokens = msg.served, msg.errors, msg.tokens
-        worker.draining = msg.draining
-        self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
+        if msg.draining != worker.draining:
+            self.open_workers.update({ref: -1 if msg.draining else 1 for ref in worker.models})
+            worker.draining = msg.draining
+            self.reindex(worker)
+        if envelope.id or envelope.deadline or envelope.traceparent:
+            self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
+        else:
+            self.send(identity, ACK_KNOWN)
 
     def drop_worker(self, worker: WorkerRec, reason: str) -> None:
-        self.workers.pop(worker.identity, None)
-        for kind in ("busy", "total"):
-            with contextlib.suppress(KeyError):
-                self.metrics.slots.remove(worker.worker_id, kind)
+        if self.workers.get(worker.identity) is not worker:
+            return
+        del self.workers[worker.identity]
+        self.unindex(worker)
+        if self.by_worker_id.get(worker.worker_id) is worker:
+            del self.by_worker_id[worker.worker_id]
         self.counters["workers_dropped"] += 1
         log(
             self.name,
@@ -257,9 +313,9 @@ class OrchestratorDaemon(Daemon):
                 self.metrics.failovers.inc()
                 pending.worker = None
                 pending.tried.add(worker.identity)
-                self.queues.setdefault(pending.model_ref, deque()).appendleft(request_id)
+                self.requeue(pending)
         for ref in worker.models:
-            if not any(ref in w.models for w in self.workers.values()):
+            if ref not in self.serving:
                 self.set_status(ref, "registered")
         self.pump()
 
@@ -278,13 +334,13 @@ class OrchestratorDaemon(Daemon):
             self.counters["stray_worker_messages"] += 1
             return
         msg = envelope.msg
-        worker.running.discard(envelope.id)
+        self.release(worker, envelope.id)
         if isinstance(msg, wire.Error) and not pending.streamed and msg.code in RETRYABLE:
             pending.worker = None
             pending.tried.add(worker.identity)
             self.counters["retries"] += 1
             self.metrics.retries.inc()
-            self.queues.setdefault(pending.model_ref, deque()).appendleft(envelope.id)
+            self.requeue(pending)
         elif isinstance(msg, wire.Done):
             queue_ms = round((time.monotonic() - pending.enqueued_at) * 1000 - msg.generation_ms, 3)
             self.finish(pending, msgspec.structs.replace(msg, queue_ms=max(0.0, queue_ms)))
@@ -311,8 +367,8 @@ class OrchestratorDaemon(Daemon):
                 ok=isinstance(msg, wire.Done),
             )
         )
-        if pending.worker is not None and pending.worker in self.workers:
-            self.workers[pending.worker].running.discard(pending.envelope.id)
+        if worker is not None:
+            self.release(worker, pending.envelope.id)
         queue = self.queues.get(pending.model_ref)
         if queue is not None and pending.envelope.id in queue:
             queue.remove(pending.envelope.id)
@@ -321,39 +377,83 @@ class OrchestratorDaemon(Daemon):
 
     # requests --------------------------------------------------------------------------------
     def resolve(self, ref: str) -> wire.ModelInfo | wire.Error:
+        """What a model reference names.  Only a reference never seen before waits for the
+        registry; an answer older than RESOLVE_CACHE_S is still used while a fresh one is asked
+        for in the background."""
         now = time.monotonic()
         cached = self.resolved.get(ref)
-        if cached is not None and cached[0] > now:
+        if cached is not None:
+            if cached[0] <= now:
+                self.refresh(ref, now)
             return cached[1]
-        answer: wire.ModelInfo | wire.Error
         try:
             reply = self.registry.call(wire.RegistryCall(op="resolve", args={"ref": ref}), 2.0)
         except HaifError as exc:
             return msgspec.structs.replace(exc.to_wire(), retry_after=2.0)
+        answer = self.model_info(reply)
+        self.resolved[ref] = (now + RESOLVE_CACHE_S, answer)
+        return answer
+
+    @staticmethod
+    def model_info(reply: wire.Msg) -> wire.ModelInfo | wire.Error:
         if isinstance(reply, wire.RegistryReply) and isinstance(reply.result, dict):
             record = reply.result
-            answer = wire.ModelInfo(
+            return wire.ModelInfo(
                 ref=f"{record['name']}:{record['version']}",
                 path=record["path"],
                 context_length=record.get("context_length"),
                 params=record.get("params") or {},
             )
-        elif isinstance(reply, wire.Error):
-            answer = reply
-        else:
-            answer = wire.Error(
-                kind=Kind.internal, code="protocol_error", message="unexpected registry answer"
-            )
-        self.resolved[ref] = (now + RESOLVE_CACHE_S, answer)
-        return answer
+        if isinstance(reply, wire.Error):
+            return reply
+        return wire.Error(
+            kind=Kind.internal, code="protocol_error", message="unexpected registry answer"
+        )
+
+    def refresh(self, ref: str, now: float) -> None:
+        """Ask the registry again about ``ref``, once at a time (again if unanswered in time)."""
+        asked = self.refreshing.get(ref)
+        if asked is not None:
+            if asked[1] > now:
+                return
+            self.refreshes.pop(asked[0], None)
+        request_id = wire.new_id()
+        self.refreshing[ref] = (request_id, now + RESOLVE_CACHE_S)
+        self.refreshes[request_id] = ref
+        self.tell_registry(wire.RegistryCall(op="resolve", args={"ref": ref}), request_id)
 
     def set_status(self, ref: str, status: str) -> None:
+        call = wire.RegistryCall(op="set_status", args={"ref": ref, "status": status})
+        self.tell_registry(call, wire.new_id())
+
+    def tell_registry(self, call: wire.RegistryCall, request_id: str) -> None:
         try:
-            self.registry.call(
-                wire.RegistryCall(op="set_status", args={"ref": ref, "status": status}), 1.0
-            )
-        except HaifError as exc:
-            log(self.name, "could not update model status", level="warning", error=exc.message)
+            self.registry_link.send(wire.encode(call, request_id), NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["registry_unsent"] += 1
+
+    def registry_answers(self) -> None:
+        """Answers to what tell_registry sent: fresh resolutions, and failed status updates."""
+        while True:
+            try:
+                frame = self.registry_link.recv(NOBLOCK)
+            except zmq.Again:
+                return
+            envelope = self.decode(frame)
+            if envelope is None:
+                continue
+            ref = self.refreshes.pop(envelope.id, None)
+            if ref is not None:
+                self.refreshing.pop(ref, None)
+                answer = self.model_info(envelope.msg)
+                self.resolved[ref] = (time.monotonic() + RESOLVE_CACHE_S, answer)
+            elif isinstance(envelope.msg, wire.Error):
+                log(
+                    self.name,
+                    "could not update model status",
+                    level="warning",
+                    error=envelope.msg.message,
+                )
 
     def infer(
         self, gateway: bytes, envelope: wire.Envelope, msg: wire.Infer, accepting: bool
@@ -385,7 +485,7 @@ class OrchestratorDaemon(Daemon):
         info = self.resolve(str(msg.request.get("model") or self.default_model))
         if isinstance(info, wire.Error):
             return refuse(info)
-        if not any(info.ref in w.models and not w.draining for w in self.workers.values()):
+        if not self.open_workers[info.ref]:
             return refuse(
                 wire.Error(
                     kind=Kind.unavailable,
@@ -418,7 +518,7 @@ class OrchestratorDaemon(Daemon):
             self.pending[envelope.id] = pending
             return None
         if len(queue) >= self.queue_size:
-            busy = sum(len(w.running) for w in self.workers.values() if info.ref in w.models)
+            busy = self.busy[info.ref]
             return refuse(
                 wire.Error(
                     kind=Kind.overloaded,
@@ -431,6 +531,7 @@ class OrchestratorDaemon(Daemon):
             )
         self.pending[envelope.id] = pending
         queue.append(envelope.id)
+        self.expire_later(pending)
         return None
 
     def traced(self, pending: Pending) -> Pending:
@@ -453,30 +554,32 @@ class OrchestratorDaemon(Daemon):
         return pending
 
     def dispatch(self, pending: Pending) -> bool:
-        candidates = [
-            w for w in self.workers.values() if pending.model_ref in w.models and w.free > 0
-        ]
-        if not candidates:
+        worker = self.pick(pending.model_ref, pending.tried)
+        if worker is None:
             return False
-        fresh = [w for w in candidates if w.identity not in pending.tried] or candidates
-        worker = min(fresh, key=lambda w: (len(w.running) / w.slots, w.assigned))
-        worker.assigned += 1
         if pending.queue_span is not None:
             pending.queue_span.set_attributes(
                 {
                     "haif.worker": worker.worker_id,
                     "haif.attempt": pending.attempts + 1,
-                    "haif.candidates": len(candidates),
+                    "haif.candidates": self.free_workers[pending.model_ref],
                 }
             )
             pending.queue_span.end()
             pending.queue_span = None
-        self.metrics.queue_wait.labels(pending.model_ref).observe(
-            time.monotonic() - pending.enqueued_at
-        )
+        queue_wait = self.queue_wait.get(pending.model_ref)
+        if queue_wait is None:  # labels() takes a lock and builds a key: once per model
+            queue_wait = self.queue_wait[pending.model_ref] = self.metrics.queue_wait.labels(
+                pending.model_ref
+            )
+        queue_wait.observe(time.monotonic() - pending.enqueued_at)
         pending.worker = worker.identity
         pending.attempts += 1
+        worker.assigned += 1
         worker.running.add(pending.envelope.id)
+        for ref in worker.models:
+            self.busy[ref] += 1
+        self.reindex(worker)
         env = pending.envelope
         self.send(
             worker.identity, wire.encode(pending.infer, env.id, env.deadline, pending.traceparent)
@@ -521,38 +624,133 @@ class OrchestratorDaemon(Daemon):
         else:
             self.send(pending.worker, wire.encode(wire.Cancel(), request_id))
 
-    def gauges(self) -> None:
-        states = {"ready": 0, "busy": 0, "draining": 0}
-        for w in self.workers.values():
-            state = "draining" if w.draining else ("busy" if w.free == 0 else "ready")
-            states[state] += 1
-            self.metrics.slots.labels(w.worker_id, "busy").set(len(w.running))
-            self.metrics.slots.labels(w.worker_id, "total").set(w.slots)
-        for state, n in states.items():
-            self.metrics.workers.labels(state).set(n)
-        for ref, queue in self.queues.items():
-            self.metrics.queue_depth.labels(ref).set(len(queue))
-
     def sweep(self) -> None:
-        self.gauges()
+        """Drop silent workers and expire queued requests: only the heaps' due entries."""
         now = time.monotonic()
-        for worker in list(self.workers.values()):
+        while self.liveness and self.liveness[0][0] < now:
+            _, _, worker = heapq.heappop(self.liveness)
+            if self.workers.get(worker.identity) is not worker:
+                continue  # dropped, or registered again (with an entry of its own)
             if now - worker.last_seen > self.heartbeat_timeout_s:
                 self.drop_worker(worker, f"silent for {now - worker.last_seen:.1f}s")
+            else:  # heard from since: one entry per worker, moved on to its new deadline
+                deadline = worker.last_seen + self.heartbeat_timeout_s
+                heapq.heappush(self.liveness, (deadline, next(self.seq), worker))
         wall = time.time()
-        for queue in self.queues.values():
-            for request_id in [r for r in queue if r in self.pending]:
-                pending = self.pending[request_id]
-                if wire.expired(pending.envelope, wall):
-                    self.counters["expired_in_queue"] += 1
-                    self.finish(
-                        pending,
-                        wire.Error(
-                            kind=Kind.timeout,
-                            code="deadline_exceeded",
-                            message="the deadline passed in the queue",
-                        ),
-                    )
+        while self.expiries and self.expiries[0][0] < wall:
+            _, _, request_id = heapq.heappop(self.expiries)
+            pending = self.pending.get(request_id)
+            if pending is None or pending.worker is not None:
+                continue  # finished, or running: only a queued request expires here
+            self.counters["expired_in_queue"] += 1
+            self.finish(
+                pending,
+                wire.Error(
+                    kind=Kind.timeout,
+                    code="deadline_exceeded",
+                    message="the deadline passed in the queue",
+                ),
+            )
+        queued = sum(len(queue) for queue in self.queues.values())
+        if len(self.expiries) > 2 * queued + 1024:  # entries of requests long since dispatched
+            self.expiries = [e for e in self.expiries if self.queued(e[2])]
+            heapq.heapify(self.expiries)
+
+    def queued(self, request_id: str) -> bool:
+        pending = self.pending.get(request_id)
+        return pending is not None and pending.worker is None
+
+    def expire_later(self, pending: Pending) -> None:
+        """Note a queued request's deadline for the sweep."""
+        if pending.envelope.deadline > 0:
+            entry = (pending.envelope.deadline, next(self.seq), pending.envelope.id)
+            heapq.heappush(self.expiries, entry)
+
+    def requeue(self, pending: Pending) -> None:
+        """Put an unstarted request back at the front of its queue (retry, failover)."""
+        self.queues.setdefault(pending.model_ref, deque()).appendleft(pending.envelope.id)
+        self.expire_later(pending)
+
+    # worker index ----------------------------------------------------------------------------
+    def index(self, worker: WorkerRec) -> None:
+        """Enter a worker, newly in the table, in the per-model indexes."""
+        for ref in worker.models:
+            self.serving.setdefault(ref, {})[worker.identity] = worker
+            self.busy[ref] += len(worker.running)
+            if not worker.draining:
+                self.open_workers[ref] += 1
+        self.reindex(worker)
+
+    def unindex(self, worker: WorkerRec) -> None:
+        """Take a worker, just removed from the table, out of the per-model indexes."""
+        worker.version = -1  # its heap entries go stale
+        for ref in worker.models:
+            serving = self.serving.get(ref, {})
+            serving.pop(worker.identity, None)
+            if not serving:
+                self.serving.pop(ref, None)
+                self.vacancies.pop(ref, None)
+            self.busy[ref] -= len(worker.running)
+            if not worker.draining:
+                self.open_workers[ref] -= 1
+            if worker.listed:
+                self.free_workers[ref] -= 1
+        worker.listed = False
+
+    def reindex(self, worker: WorkerRec) -> None:
+        """After a change in a worker's load or state: a fresh entry in its models' heaps of
+        workers with a free slot, which makes the older ones stale."""
+        worker.version = next(self.seq)
+        free = worker.free > 0
+        if free != worker.listed:
+            self.free_workers.update({ref: 1 if free else -1 for ref in worker.models})
+            worker.listed = free
+        if not free:
+            return
+        entry = (len(worker.running) / worker.slots, worker.assigned, worker.version, worker)
+        for ref in worker.models:
+            heap = self.vacancies.setdefault(ref, [])
+            heapq.heappush(heap, entry)
+            if len(heap) > 4 * len(self.serving[ref]) + 64:  # mostly stale: rebuild
+                heap[:] = [
+                    (len(w.running) / w.slots, w.assigned, w.version, w)
+                    for w in self.serving[ref].values()
+                    if w.free > 0
+                ]
+                heapq.heapify(heap)
+
+    def pick(self, ref: str, tried: set[bytes]) -> WorkerRec | None:
+        """The least loaded worker of ``ref`` with a free slot (ties: the one sent the fewest
+        requests), preferring one this request has not tried."""
+        heap = self.vacancies.get(ref)
+        if not heap:
+            return None
+        passed_over: list[tuple[float, int, int, WorkerRec]] = []
+        chosen = None
+        while heap:
+            worker = heap[0][3]
+            if worker.version != heap[0][2] or worker.free <= 0:
+                heapq.heappop(heap)  # stale
+            elif worker.identity in tried:
+                passed_over.append(heapq.heappop(heap))
+            else:
+                chosen = worker
+                break
+        for entry in passed_over:
+            heapq.heappush(heap, entry)
+        if chosen is None and passed_over:
+            chosen = passed_over[0][3]  # every free worker was tried: the best of them again
+        return chosen
+
+    def release(self, worker: WorkerRec, request_id: str) -> None:
+        """A request left the worker's slot."""
+        if request_id not in worker.running:
+            return
+        worker.running.discard(request_id)
+        if self.workers.get(worker.identity) is worker:
+            for ref in worker.models:
+                self.busy[ref] -= 1
+            self.reindex(worker)
 
     def list_models(self) -> wire.Msg:
         """Registered models, with how many live workers serve each."""
@@ -578,7 +776,7 @@ class OrchestratorDaemon(Daemon):
                     aliases=list(record.get("aliases") or []),
                     created_at=str(record.get("created_at", "")),
                     status=str(record.get("status", "")),
-                    workers=sum(ref in w.models for w in self.workers.values()),
+                    workers=len(self.serving.get(ref, ())),
                 )
             )
         return wire.ModelList(models=models)
@@ -646,3 +844,58 @@ class OrchestratorDaemon(Daemon):
     def stop(self) -> None:
         self.registry.close()
         super().stop()
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _items(table: dict[K, V]) -> list[tuple[K, V]]:
+    """The items of a dict that the loop's thread may change meanwhile (a copy is one C call)."""
+    for _ in range(100):
+        try:
+            return list(table.copy().items())
+        except RuntimeError:  # changed size during the copy: try again
+            continue
+    return []
+
+
+class TableGauges(Collector):
+    """haif_workers, haif_worker_slots and haif_queue_depth, read from the orchestrator's table
+    when Prometheus scrapes (in the HTTP server's thread) instead of set every tick for every
+    worker.  Same names, help and labels as the gauges in :mod:`haifctl.telemetry`."""
+
+    def __init__(self, daemon: OrchestratorDaemon) -> None:
+        self.daemon = daemon
+        m = daemon.metrics
+        self.help = {
+            metric.name: metric.documentation
+            for gauge in (m.workers, m.slots, m.queue_depth)
+            for metric in gauge.describe()
+        }
+
+    def families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        def family(name: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, self.help[name], labels=labels)
+
+        return (
+            family("haif_workers", ["state"]),
+            family("haif_worker_slots", ["worker", "kind"]),
+            family("haif_queue_depth", ["model"]),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self.families())
+
+    def collect(self) -> Iterator[Metric]:
+        workers, slots, depth = self.families()
+        states = {"ready": 0, "busy": 0, "draining": 0}
+        for _, w in _items(self.daemon.workers):
+            states["draining" if w.draining else ("busy" if w.free <= 0 else "ready")] += 1
+            slots.add_metric([w.worker_id, "busy"], len(w.running))
+            slots.add_metric([w.worker_id, "total"], w.slots)
+        for state, n in states.items():
+            workers.add_metric([state], n)
+        for ref, queue in _items(self.daemon.queues):
+            depth.add_metric([ref], len(queue))
+        return iter((workers, slots, depth))
