@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ async def load(url: str, streams: int, requests: int, tokens: int) -> tuple[int,
 
 
 def main() -> None:
+    # `timeout` and Ctrl-C alike: leave through the finally blocks that stop the cluster
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=256)
