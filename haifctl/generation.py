@@ -18,8 +18,8 @@ from haifctl import wire
 from haifctl.chat import build_prompt
 from haifctl.config import Settings
 from haifctl.gguf_info import check_model_path, read_facts
-from haifctl.runtime.base import CancelToken, LoadedModel, LoadOptions, TokenEvent
-from haifctl.runtime.engine import Sink
+from haifctl.runtime.base import CancelToken, LoadOptions, TokenEvent
+from haifctl.runtime.engine import LoadedModel, Sink
 from haifctl.schema import InferenceRequest
 
 

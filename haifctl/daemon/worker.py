@@ -13,9 +13,7 @@ never waits for the network and heartbeats never wait for the engine.
 from __future__ import annotations
 
 import os
-import shutil
 import socket as pysocket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -28,8 +26,9 @@ from haifctl.daemon.base import Daemon, log, socket
 from haifctl.errors import HaifError, Kind, Unavailable
 from haifctl.generation import load_model, looks_like_path, model_at, render_prompt
 from haifctl.rpc import RpcClient
-from haifctl.runtime.base import LoadedModel, SamplingParams, TokenEvent
-from haifctl.runtime.engine import Job, Step, deliver_to_queues
+from haifctl.runtime.base import SamplingParams, TokenEvent
+from haifctl.runtime.engine import Job, LoadedModel, Step, deliver_to_queues
+from haifctl.runtime.llamacpp import nvidia_smi
 from haifctl.schema import validate_request
 
 STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
@@ -175,19 +174,12 @@ class WorkerDaemon(Daemon):
     def gpu_facts(self) -> tuple[str, int]:
         """GPU name and memory (MiB) for the registration, when nvidia-smi can tell."""
         assert self.loaded is not None
-        if self.loaded.device.backend != "cuda" or shutil.which("nvidia-smi") is None:
+        if self.loaded.device.backend != "cuda":
             return "", 0
+        facts = nvidia_smi("name", "memory.total")
         try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=True,
-            ).stdout.splitlines()[0]
-            name, memory = (part.strip() for part in out.split(","))
-            return name, int(float(memory))
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return facts[0], int(float(facts[1]))
+        except (IndexError, ValueError):
             return "", 0
 
     def register(self) -> None:

@@ -8,14 +8,13 @@ several at once (``slots``): nothing here assumes one request at a time.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 if TYPE_CHECKING:
-    from haifctl.runtime.engine import Engine, Job, Sink
+    from haifctl.runtime.engine import Model, Sink
 
 FinishReason = str  # "stop" (end of text or a stop string), "length", "cancelled", "error"
 
@@ -91,35 +90,10 @@ class CancelToken:
         return self._event.is_set()
 
 
-class LoadedModel(Protocol):
-    """A model in memory and the engine that decodes with it."""
-
-    info: ModelInfo
-    device: DeviceFacts
-    slots: int
-    engine: Engine
-
-    def job(
-        self,
-        prompt: str,
-        params: SamplingParams,
-        cancel: CancelToken | None = None,
-        tag: Any = None,
-    ) -> Job: ...
-
-    def generate(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
-    ) -> Iterator[TokenEvent]: ...
-
-    def count_tokens(self, text: str) -> int: ...
-
-    def close(self) -> None: ...
-
-
 class Runtime(Protocol):
     name: str
 
-    def load(self, path: Path, options: LoadOptions, sink: Sink | None = None) -> LoadedModel: ...
+    def load(self, path: Path, options: LoadOptions, sink: Sink | None = None) -> Model: ...
 
 
 class StopScanner:

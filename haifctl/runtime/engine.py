@@ -19,8 +19,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from haifctl.errors import HaifError
-from haifctl.runtime.base import CancelToken, SamplingParams, StopScanner, TokenEvent
+from haifctl.errors import HaifError, InvalidInput
+from haifctl.runtime.base import (
+    CancelToken,
+    DeviceFacts,
+    ModelInfo,
+    SamplingParams,
+    StopScanner,
+    TokenEvent,
+)
 
 
 class Job:
@@ -204,3 +211,52 @@ class Engine(ABC):
     @abstractmethod
     def free(self) -> None:
         """Free native state; the thread has stopped."""
+
+
+class Model(ABC):
+    """A loaded model and its engine: what every runtime's model shares (sizing a request for
+    the engine, streaming one in-process); runtimes supply tokenising and closing."""
+
+    info: ModelInfo
+    device: DeviceFacts
+    engine: Engine
+    slots: int
+    _closed = False
+
+    @abstractmethod
+    def tokenize(self, prompt: str) -> list[int]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def job(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        cancel: CancelToken | None = None,
+        tag: Any = None,
+    ) -> Job:
+        """Tokenise and size a request for the engine; a prompt that does not fit is refused."""
+        if self._closed:
+            raise HaifError("model_closed", "the model has been unloaded")
+        tokens = self.tokenize(prompt)
+        n_ctx = self.info.n_ctx
+        if len(tokens) >= n_ctx:
+            raise InvalidInput(
+                "prompt_too_long",
+                f"the prompt is {len(tokens)} tokens; the context window holds {n_ctx}",
+                "shorten the prompt or raise --n-ctx (up to the model's trained context)",
+            )
+        return Job(tokens, params, min(params.max_tokens, n_ctx - len(tokens)), tag, cancel)
+
+    def generate(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
+    ) -> Iterator[TokenEvent]:
+        """Stream the completion of ``prompt``.  Closing the iterator stops generation."""
+        return self.engine.generate(self.job(prompt, params, cancel))
+
+
+LoadedModel = Model  # what callers hold: a model in memory and the engine that decodes with it

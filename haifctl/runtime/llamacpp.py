@@ -12,20 +12,17 @@ from __future__ import annotations
 import importlib
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from haifctl.errors import HaifError, InvalidInput
+from haifctl.errors import HaifError
 from haifctl.runtime.base import (
-    CancelToken,
     DeviceFacts,
     LoadOptions,
     ModelInfo,
-    SamplingParams,
     TokenEvent,
 )
-from haifctl.runtime.engine import Emitter, Engine, Job, Sink, Step
+from haifctl.runtime.engine import Emitter, Engine, Job, Model, Sink, Step
 
 N_BATCH = 512  # tokens per llama_decode: generating sequences first, then prompt chunks
 PENALTY_LAST_N = 64
@@ -47,6 +44,28 @@ def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def nvidia_smi(*fields: str) -> list[str]:
+    """The first GPU's ``fields`` as nvidia-smi reports them (``[]`` when it cannot tell)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    query = f"--query-gpu={','.join(fields)}"
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return []
+    values = [v.strip() for v in line.split(",")]
+    return values if len(values) == len(fields) else []
+
+
 MAX_AUTO_SLOTS = 16
 KV_SHARE = 0.25  # of the memory available, what automatic slots may give to KV caches
 
@@ -55,20 +74,11 @@ def available_memory(backend: str) -> int:
     """Bytes free for KV caches: the GPU's free memory (as nvidia-smi reports it) when the model
     is offloaded to CUDA, else the machine's available RAM."""
     if backend == "cuda":
-        import shutil
-        import subprocess
-
-        if shutil.which("nvidia-smi"):
+        gpu = nvidia_smi("memory.free")
+        if gpu:
             try:
-                out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-                    capture_output=True,
-                    text=True,
-                    timeout=5,
-                    check=True,
-                ).stdout.split()
-                return int(float(out[0])) * 1024 * 1024
-            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                return int(float(gpu[0])) * 1024 * 1024
+            except ValueError:
                 pass
     try:
         with open("/proc/meminfo") as f:
@@ -91,7 +101,7 @@ def _internals() -> Any:
     return importlib.import_module("llama_cpp._internals")
 
 
-class LlamaCppModel:
+class LlamaCppModel(Model):
     """One GGUF model loaded by llama.cpp and the engine that decodes with it.  Owns its native
     handles: call :meth:`close` (the engine stops and frees its context before the weights)."""
 
@@ -169,9 +179,6 @@ class LlamaCppModel:
         )
         return tokens
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
-
     def piece(self, token: int) -> bytes:
         """The bytes of one token (cached: the vocabulary is fixed)."""
         piece = self._pieces.get(token)
@@ -184,34 +191,6 @@ class LlamaCppModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(self._is_eog(self._vocab, token))
-
-    # generation ------------------------------------------------------------------------------
-    def job(
-        self,
-        prompt: str,
-        params: SamplingParams,
-        cancel: CancelToken | None = None,
-        tag: Any = None,
-    ) -> Job:
-        """Tokenise and size a request for the engine; a prompt that does not fit is refused."""
-        if self._closed:
-            raise HaifError("model_closed", "the model has been unloaded")
-        tokens = self.tokenize(prompt)
-        n_ctx = self.info.n_ctx
-        if len(tokens) >= n_ctx:
-            raise InvalidInput(
-                "prompt_too_long",
-                f"the prompt is {len(tokens)} tokens; the context window holds {n_ctx}",
-                "shorten the prompt or raise --n-ctx (up to the model's trained context)",
-            )
-        budget = min(params.max_tokens, n_ctx - len(tokens))
-        return Job(tokens, params, budget, tag, cancel)
-
-    def generate(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
-    ) -> Iterator[TokenEvent]:
-        """Stream the completion of ``prompt``.  Closing the iterator stops generation."""
-        return self.engine.generate(self.job(prompt, params, cancel))
 
     def close(self) -> None:
         if not self._closed:

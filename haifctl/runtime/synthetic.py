@@ -7,26 +7,22 @@ llama.cpp's cost, such as measuring what the relays cost per token on their own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from haifctl.errors import HaifError, InvalidInput
+from haifctl.errors import HaifError
 from haifctl.runtime.base import (
-    CancelToken,
     DeviceFacts,
     LoadOptions,
     ModelInfo,
-    SamplingParams,
     TokenEvent,
 )
-from haifctl.runtime.engine import Emitter, Engine, Job, Sink, Step
+from haifctl.runtime.engine import Emitter, Engine, Job, Model, Sink, Step
 
 WORDS = ("once", "upon", "a", "time", "there", "was", "little", "fox", "who", "ran", "far", ".")
 EOS = len(WORDS)
 
 
-class SyntheticModel:
+class SyntheticModel(Model):
     """Tokens are the words of :data:`WORDS` (each followed by a space); generation cycles
     through them, so a sequence's text is known in advance."""
 
@@ -49,35 +45,16 @@ class SyntheticModel:
         index = {w: i for i, w in enumerate(WORDS)}
         return [index.get(w, 0) for w in prompt.split()] or [0]
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
-
     def piece(self, token: int) -> bytes:
         return (WORDS[token] + " ").encode() if token < EOS else b""
 
     def is_eog(self, token: int) -> bool:
         return token == EOS
 
-    def job(
-        self,
-        prompt: str,
-        params: SamplingParams,
-        cancel: CancelToken | None = None,
-        tag: Any = None,
-    ) -> Job:
-        tokens = self.tokenize(prompt)
-        if len(tokens) >= self.info.n_ctx:
-            raise InvalidInput("prompt_too_long", f"the prompt is {len(tokens)} tokens")
-        budget = min(params.max_tokens, self.info.n_ctx - len(tokens))
-        return Job(tokens, params, budget, tag, cancel)
-
-    def generate(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
-    ) -> Iterator[TokenEvent]:
-        return self.engine.generate(self.job(prompt, params, cancel))
-
     def close(self) -> None:
-        self.engine.close()
+        if not self._closed:
+            self._closed = True
+            self.engine.close()
 
 
 class _Seq:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from haifctl.errors import HaifError
-from haifctl.runtime.base import CancelToken, LoadedModel, LoadOptions, SamplingParams, TokenEvent
-from haifctl.runtime.engine import Step, deliver_to_queues
+from haifctl.runtime.base import CancelToken, LoadOptions, SamplingParams, TokenEvent
+from haifctl.runtime.engine import LoadedModel, Step, deliver_to_queues
 from haifctl.runtime.llamacpp import LlamaCppRuntime
 from haifctl.runtime.synthetic import SyntheticRuntime
 
