@@ -1,0 +1,94 @@
+"""The load generator's arithmetic: percentiles, per-level summaries and ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from haifctl.loadgen import Batch, Result, Target, merge, percentile, prompt_text, ratios, summarize
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 99) == pytest.approx(3.97)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError, match="outside"):
+        percentile(values, 101)
+
+
+def ok(ttft: float, latency: float, tokens: int, itls: list[float] | None = None) -> Result:
+    return Result(
+        ok=True,
+        status=200,
+        ttft=ttft,
+        latency=latency,
+        prompt_tokens=10,
+        completion_tokens=tokens,
+        itls=itls or [],
+        has_usage=True,
+    )
+
+
+def test_summary_counts_tokens_from_usage_and_latencies_over_successes() -> None:
+    results = [
+        ok(0.1, 1.1, 11, [0.1] * 10),
+        ok(0.3, 2.3, 11, [0.2] * 10),
+        Result(error="HTTP 429: overloaded", status=429, latency=0.01),
+        Result(error="HTTP 429: overloaded", status=429, latency=0.01),
+        Result(error="ConnectError", latency=0.01),
+    ]
+    s = summarize(results, wall=2.0)
+    assert (s["requests"], s["ok"], s["errors"]) == (5, 2, 3)
+    assert s["error_kinds"] == {"HTTP 429: overloaded": 2, "ConnectError": 1}
+    assert s["completion_tokens"] == 22
+    assert s["output_tokens_per_s"] == 11.0
+    assert s["requests_per_s"] == 1.0
+    assert s["prompt_tokens_mean"] == 10
+    assert s["ttft_ms"]["p50"] == pytest.approx(200.0)
+    assert s["ttft_ms"]["mean"] == pytest.approx(200.0)
+    assert s["ttft_ms"]["p99"] == pytest.approx(298.0)
+    # TPOT: (latency - ttft) / (tokens - 1) -> 100 ms and 200 ms
+    assert s["tpot_ms"]["p50"] == pytest.approx(150.0)
+    assert s["itl_ms"]["p50"] == pytest.approx(150.0)
+    assert s["latency_ms"]["p99"] == pytest.approx(2288.0)
+
+
+def test_summary_of_nothing_but_failures_has_no_latencies() -> None:
+    s = summarize([Result(error="timed out after 1s", latency=1.0)], wall=1.0)
+    assert s["ok"] == 0
+    assert s["output_tokens_per_s"] == 0
+    assert s["prompt_tokens_mean"] is None
+    assert s["ttft_ms"] == {"mean": None, "p50": None, "p99": None}
+
+
+def test_one_token_has_no_time_per_output_token() -> None:
+    assert ok(0.1, 0.1, 1).tpot is None
+    assert ok(0.1, 0.5, 5).tpot == pytest.approx(0.1)
+
+
+def test_rounds_merge_and_ratios_divide_a_by_b() -> None:
+    t = Target("http://x")
+    results, wall = merge(
+        [Batch(t, 1, [ok(0.1, 1.0, 10)], 1.0), Batch(t, 1, [ok(0.1, 1.0, 10)], 1.5)]
+    )
+    assert (len(results), wall) == (2, 2.5)
+    a = summarize(results, wall)
+    b = summarize([ok(0.2, 1.0, 10), ok(0.2, 1.0, 10)], 5.0)
+    q = ratios(a, b)
+    assert q["output_tokens_per_s"] == pytest.approx(2.0)
+    assert q["requests_per_s"] == pytest.approx(2.0)
+    assert q["ttft_p50"] == pytest.approx(0.5)
+    assert q["itl_p50"] is None  # neither side had two content events
+    failed = summarize([Result(error="x")], 1.0)
+    assert ratios(a, failed)["ttft_p50"] is None
+    assert ratios(a, failed)["output_tokens_per_s"] is None
+
+
+def test_prompts_are_deterministic_and_differ_per_request() -> None:
+    assert prompt_text(5, 3) == prompt_text(5, 3)
+    assert prompt_text(5, 3) != prompt_text(5, 4)
+    assert len(prompt_text(40).split()) == 40
+    assert prompt_text(0) != ""
