@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":config"|":down"|":infer"|":keys"|":logs"|":models"|":status"|":top"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":bench"|":config"|":down"|":infer"|":keys"|":logs"|":models"|":status"|":top"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top worker models config keys'
+            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top bench worker models config keys'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -73,6 +73,20 @@ _haifctl() {
                 --interval) COMPREPLY=(); return ;;
                 --sort) COMPREPLY=(); return ;;
                 --gateway) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "bench")
+            opts='--concurrency -c --requests -r --prompt-tokens -p --max-tokens -n --against --repeat --model -m --api-key --timeout --json --help -h'; cmds=''
+            case "$prev" in
+                --concurrency|-c) COMPREPLY=(); return ;;
+                --requests|-r) COMPREPLY=(); return ;;
+                --prompt-tokens|-p) COMPREPLY=(); return ;;
+                --max-tokens|-n) COMPREPLY=(); return ;;
+                --against) COMPREPLY=(); return ;;
+                --repeat) COMPREPLY=(); return ;;
+                --model|-m) COMPREPLY=(); return ;;
+                --api-key) COMPREPLY=(); return ;;
+                --timeout) COMPREPLY=(); return ;;
             esac
             ;;
         "worker")

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from haifctl import __version__
+from haifctl.commands import bench as bench_cmd
 from haifctl.commands import cluster as cluster_cmd
 from haifctl.commands import config as config_cmd
 from haifctl.commands import daemon as daemon_cmd
@@ -47,6 +48,7 @@ app.command()(cluster_cmd.down)
 app.command()(cluster_cmd.status)
 app.command()(cluster_cmd.logs)
 app.command()(top_cmd.top)
+app.command()(bench_cmd.bench)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys_cmd.app, name="keys")

@@ -1,9 +1,12 @@
-"""The load generator's arithmetic: percentiles, per-level summaries and ratios."""
+"""The load generator's arithmetic: percentiles, per-level summaries, ratios, and bench's inputs."""
 
 from __future__ import annotations
 
 import pytest
+import typer
 
+from haifctl.commands.bench import normalize_url, parse_levels
+from haifctl.errors import InvalidInput
 from haifctl.loadgen import Batch, Result, Target, merge, percentile, prompt_text, ratios, summarize
 
 
@@ -92,3 +95,16 @@ def test_prompts_are_deterministic_and_differ_per_request() -> None:
     assert prompt_text(5, 3) != prompt_text(5, 4)
     assert len(prompt_text(40).split()) == 40
     assert prompt_text(0) != ""
+
+
+def test_levels_and_urls() -> None:
+    assert parse_levels("1, 8,32") == [1, 8, 32]
+    for bad in ("", "1,,2", "0", "-1", "x", "1.5", "99999"):
+        with pytest.raises(typer.BadParameter):
+            parse_levels(bad)
+    assert normalize_url("127.0.0.1:8080") == "http://127.0.0.1:8080"
+    assert normalize_url("http://h:1/v1/") == "http://h:1"
+    assert normalize_url("https://h/api/") == "https://h/api"
+    for bad in ("ftp://h", "http://", "http://:80"):
+        with pytest.raises(InvalidInput):
+            normalize_url(bad)
