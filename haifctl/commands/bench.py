@@ -132,7 +132,8 @@ def warm_up_error(target: Target, result: Result) -> HaifError:
     return HaifError(
         "bench_warm_up_failed",
         f"the warm-up request to {where} failed: {result.error}",
-        "check --model (without it the server's default model is used) and the server's logs",
+        "check --model (without it the server's default model is used; GET /v1/models lists "
+        "them) and the server's logs",
         kind=kind,
     )
 
