@@ -38,13 +38,14 @@ class Child:
 
 
 def share_of_cores(cores: int, workers: int) -> int:
-    """llama.cpp threads for each of ``workers`` workers on one machine: the cores divided
-    among them, so that they never ask for more threads than there are cores (oversubscribed
-    llama.cpp thread pools spin against each other and starve everything else); above four
-    cores one is left to the relays and the HTTP bridge.  Capped at 8: past that, token
-    generation on a CPU is bound by memory bandwidth, not threads."""
-    spare = cores - 1 if cores > 4 else cores
-    return max(1, min(8, spare // max(1, workers)))
+    """llama.cpp threads for each of ``workers`` workers on one machine: the cores less one
+    (left to the bridge, the relays and the clients), divided among the workers.  llama.cpp's
+    thread pool waits for every thread at each step of a decode, so one thread that loses its
+    core to another process stalls them all: on 2 cores, a worker with 2 threads served the
+    cluster's first token later and fewer tokens/s than one with 1 (16.9 against 11.9 ms,
+    1,591 against 1,967 tok/s).  Capped at 8: past that, token generation on a CPU is bound
+    by memory bandwidth, not threads."""
+    return max(1, min(8, (cores - 1) // max(1, workers)))
 
 
 class Supervisor:
