@@ -11,6 +11,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 HAIFCTL=${HAIFCTL:-$here/.venv/bin/haifctl}
+BENCH=${BENCH:-$HAIFCTL}  # the client: the same haifctl bench whichever haifctl serves
 LLAMA_SERVER=${LLAMA_SERVER:-$(bash "$here/../shared/peer/build-llama-server.sh")}
 MODEL=$here/haifctl/data/stories260K.gguf
 NP=${NP:-8}
@@ -31,5 +32,5 @@ done
 curl -sf "http://127.0.0.1:$PORT/health" >/dev/null
 echo "haifctl $("$HAIFCTL" --version | cut -d' ' -f2) (A) against llama-server -np $NP -t ${LST:-2} (B); $(nproc) cores"
 # shellcheck disable=SC2086  # EXTRA holds several options
-"$HAIFCTL" bench "$bridge" --against "http://127.0.0.1:$PORT" -c "${LEVELS:-1,8,32}" \
+"$BENCH" bench "$bridge" --against "http://127.0.0.1:$PORT" -c "${LEVELS:-1,8,32}" \
     -n "${TOKENS:-256}" --repeat "${REPEAT:-2}" ${EXTRA:-}
