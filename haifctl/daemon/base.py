@@ -133,17 +133,7 @@ class Daemon:
         self.tracing = tracing.setup(self.name)
         try:
             self.start()
-            if self.metrics_port is not None:
-                try:
-                    port = self.metrics.serve(self.metrics_port, self.metrics_host)
-                except OSError as exc:
-                    raise HaifError(
-                        "metrics_port_unavailable",
-                        f"cannot serve /metrics on {self.metrics_host}:{self.metrics_port}: "
-                        f"{exc.strerror}",
-                        "pick another with --metrics-port or OTEL_PROMETHEUS_PORT (0: any free)",
-                    ) from None
-                self.endpoints["metrics"] = f"http://{self.metrics_host}:{port}/metrics"
+            self.serve_metrics()
             self.announce_ready()
             self.serve()
         finally:
@@ -151,6 +141,20 @@ class Daemon:
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def serve_metrics(self) -> None:
+        """Serve /metrics (when a port is set) and record its address for the ready file."""
+        if self.metrics_port is None:
+            return
+        try:
+            port = self.metrics.serve(self.metrics_port, self.metrics_host)
+        except OSError as exc:
+            raise HaifError(
+                "metrics_port_unavailable",
+                f"cannot serve /metrics on {self.metrics_host}:{self.metrics_port}: {exc.strerror}",
+                "pick another with --metrics-port or OTEL_PROMETHEUS_PORT (0: any free)",
+            ) from None
+        self.endpoints["metrics"] = f"http://{self.metrics_host}:{port}/metrics"
 
     @property
     def accepting(self) -> bool:

@@ -9,11 +9,10 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import signal
 import socket as pysocket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from opentelemetry.trace import StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
 from haifctl import __version__, tracing, wire
-from haifctl.daemon.base import log
+from haifctl.daemon.base import Daemon, log
 from haifctl.errors import HaifError, Kind, Unavailable
 from haifctl.keys import KeyStore
 from haifctl.telemetry import Metrics
@@ -389,11 +388,11 @@ def create_app(
     gateway: str,
     keys: KeyStore,
     *,
-    ready_file: Path | None = None,
-    endpoint: str = "",
+    on_ready: Callable[[], None] | None = None,
     metrics: Metrics | None = None,
-    metrics_endpoint: str = "",
 ) -> FastAPI:
+    """The bridge's app; ``on_ready`` runs once the gateway link is open (the daemon announces
+    itself there)."""
     link: GatewayLink | None = None
     tracer = tracing.setup("bridge")
 
@@ -402,22 +401,14 @@ def create_app(
         nonlocal link
         link = GatewayLink(gateway)
         link.start()
-        if ready_file is not None:
-            endpoints = {"rpc": endpoint}
-            if metrics_endpoint:
-                endpoints["metrics"] = metrics_endpoint
-            info = {"daemon": "bridge", "pid": os.getpid(), "endpoints": endpoints}
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(info))
-            tmp.replace(ready_file)
         log(
             "bridge",
-            "ready",
-            pid=os.getpid(),
-            endpoints={"http": endpoint},
+            "gateway link open",
             gateway=gateway,
             auth="keys" if keys.enabled else "open (loopback only)",
         )
+        if on_ready is not None:
+            on_ready()
         yield
         await link.close()
         if tracer is not None:
@@ -759,8 +750,10 @@ def parse_http_bind(bind: str) -> tuple[str, int]:
     return (host or "127.0.0.1").strip("[]"), int(port or 8080)
 
 
-class BridgeDaemon:
-    """Runs the app on uvicorn; SIGTERM lets in-flight responses finish (graceful shutdown)."""
+class BridgeDaemon(Daemon):
+    """Runs the app on uvicorn; SIGTERM lets in-flight responses finish (graceful shutdown).
+    The ready file and /metrics are the base class's, as for every daemon; the loop is
+    uvicorn's."""
 
     name = "bridge"
 
@@ -773,12 +766,12 @@ class BridgeDaemon:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
     ) -> None:
+        super().__init__(ready_file)
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self.gateway = gateway
         self.host, self.port = parse_http_bind(bind)
         self.keys = keys
-        self.ready_file = ready_file
 
     def run(self) -> None:
         import uvicorn
@@ -789,19 +782,10 @@ class BridgeDaemon:
         sock.bind((self.host, self.port))
         sock.listen(2048)
         host, port = sock.getsockname()[:2]
-        endpoint = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        metrics = Metrics("bridge")
-        metrics_endpoint = ""
-        if self.metrics_port is not None:
-            port = metrics.serve(self.metrics_port, self.metrics_host)
-            metrics_endpoint = f"http://{self.metrics_host}:{port}/metrics"
+        self.endpoints["rpc"] = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.serve_metrics()
         app = create_app(
-            self.gateway,
-            self.keys,
-            ready_file=self.ready_file,
-            endpoint=endpoint,
-            metrics=metrics,
-            metrics_endpoint=metrics_endpoint,
+            self.gateway, self.keys, on_ready=self.announce_ready, metrics=self.metrics
         )
         # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with a
         # handler of ours in place that re-raise is a no-op and the process exits with 0.
@@ -810,7 +794,10 @@ class BridgeDaemon:
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on"
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            self.ctx.destroy(linger=0)
 
 
 __all__ = ["BridgeDaemon", "create_app"]
