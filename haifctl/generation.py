@@ -214,7 +214,7 @@ class LocalGeneration(Generation):
         self.cancel_token.cancel()
         if self.finished is None:
             # The runtime's stream may already be dead (an interrupt raised inside it): then
-            # there is no closing event to drain, and the counts come from what was seen.
+            # there is no closing event to wait for, and the counts come from what was seen.
             for _ in self:
                 pass
         self.stop(self._prompt_tokens)

@@ -162,7 +162,7 @@ class Daemon:
         return self.draining_until is None
 
     def watch(self, sock: zmq.Socket[bytes], reader: Callable[[], None]) -> None:
-        """Call ``reader`` whenever ``sock`` has messages (it drains them without blocking)."""
+        """Call ``reader`` whenever ``sock`` has messages (it reads them all, without blocking)."""
         if sock in self._readers:
             self._poller.unregister(sock)
         self._readers[sock] = reader
