@@ -100,8 +100,9 @@ class Generation:
     (the one with a ``finish_reason``) stops the clock.
     """
 
-    def __init__(self, model: str, load_ms: float = 0.0) -> None:
+    def __init__(self, model: str, load_ms: float = 0.0, keep_text: bool = True) -> None:
         self.model = model
+        self.keep_text = keep_text  # a worker streams its text away: it only needs the clock
         self.load_ms = load_ms
         self.started = time.perf_counter()
         self.first_token: float | None = None
@@ -116,7 +117,8 @@ class Generation:
         now = time.perf_counter()
         if self.first_token is None and event.n_tokens:
             self.first_token = now
-        self._text.append(event.text)
+        if self.keep_text:
+            self._text.append(event.text)
         self.n_tokens += event.n_tokens
         if event.finish_reason is not None:
             self.finished = now

@@ -24,7 +24,7 @@ from haifctl import wire
 from haifctl.config import Settings
 from haifctl.daemon.base import Daemon, log, socket
 from haifctl.errors import HaifError, Kind, Unavailable
-from haifctl.generation import load_model, looks_like_path, model_at, render_prompt
+from haifctl.generation import Generation, load_model, looks_like_path, model_at, render_prompt
 from haifctl.rpc import RpcClient
 from haifctl.runtime.base import SamplingParams, TokenEvent
 from haifctl.runtime.engine import Job, LoadedModel, Step, deliver_to_queues
@@ -43,21 +43,19 @@ class Stream:
 
     __slots__ = (
         "envelope",
-        "first",
+        "gen",
         "job",
         "n_pending",
         "pending",
         "route",
-        "started",
         "started_ns",
     )
 
-    def __init__(self, envelope: wire.Envelope, route: tuple[bytes, ...]) -> None:
+    def __init__(self, envelope: wire.Envelope, route: tuple[bytes, ...], model: str) -> None:
         self.envelope = envelope
         self.route = route
-        self.started = time.perf_counter()
+        self.gen = Generation(model, keep_text=False)  # the clock: first token, end
         self.started_ns = time.time_ns()
-        self.first = 0.0
         self.pending: list[str] = []
         self.n_pending = 0
         self.job: Job | None = None
@@ -295,7 +293,7 @@ class WorkerDaemon(Daemon):
         if refusal is not None:
             self.dealer.send(wire.reply(envelope, refusal))
             return
-        stream = Stream(envelope, tuple(reversed(msg.route)))
+        stream = Stream(envelope, tuple(reversed(msg.route)), self.model.ref if self.model else "")
         try:
             request = validate_request(msg.request, "request")
             params = request.sampling(msg.model_params, self.settings.max_tokens)
@@ -304,15 +302,7 @@ class WorkerDaemon(Daemon):
         except HaifError as exc:
             self.counters["errors"] += 1
             self.metrics.requests.labels(self.name, "generate", exc.code).inc()
-            self.trace(
-                envelope,
-                stream.started_ns,
-                stream.started,
-                None,
-                time.perf_counter(),
-                None,
-                exc.code,
-            )
+            self.trace(envelope, stream, None, exc.code)
             self.dealer.send(wire.reply(envelope, exc.to_wire()))
             return
         self.streams[envelope.id] = stream
@@ -331,6 +321,8 @@ class WorkerDaemon(Daemon):
             if not isinstance(stream, Stream):
                 deliver_to_queues([(job, event)])  # an in-process generation (the warm-up)
                 continue
+            first = event.n_tokens and stream.gen.first_token is None
+            stream.gen.record(event)
             if event.n_tokens or event.text:
                 stream.pending.append(event.text)
                 stream.n_pending += event.n_tokens
@@ -342,8 +334,7 @@ class WorkerDaemon(Daemon):
                     self._dirty.append(box)
                 if len(stream.pending) == 1:
                     box.streams.append(stream)
-                if not stream.first and event.n_tokens:
-                    stream.first = now
+                if first:
                     started.append(stream.envelope.id)
                     urgent.append(box)  # a first token never waits
             if event.finish_reason is not None:
@@ -366,7 +357,7 @@ class WorkerDaemon(Daemon):
                     keep.append(box)
             self._dirty = keep
         for stream, event in finished:
-            self.finish(out, stream, event, now)
+            self.finish(out, stream, event)
 
     def flush(self, out: zmq.Socket[bytes], box: Outbox) -> None:
         parts = []
@@ -378,24 +369,24 @@ class WorkerDaemon(Daemon):
         del self._outboxes[box.route]  # made again on demand: clients come and go
         out.send_multipart([RELAY, *box.route, wire.encode(wire.Chunks(parts=parts))])
 
-    def finish(self, out: zmq.Socket[bytes], stream: Stream, event: TokenEvent, now: float) -> None:
+    def finish(self, out: zmq.Socket[bytes], stream: Stream, event: TokenEvent) -> None:
         assert self.model is not None
         envelope = stream.envelope
-        first = stream.first or None
+        gen = stream.gen
         msg: wire.Msg
         if event.finish_reason == "error":
             self.counters["errors"] += 1
             self.metrics.requests.labels(self.name, "generate", event.error).inc()
             log(self.name, "generation failed", level="error", error=event.message)
-            self.trace(envelope, stream.started_ns, stream.started, first, now, None, event.error)
+            self.trace(envelope, stream, None, event.error)
             msg = wire.Error(
                 kind=event.kind or Kind.internal,
                 code=event.error,
                 message=f"worker error: {event.message}",
             )
         else:
-            self.record(event, stream.started, first, now)
-            self.trace(envelope, stream.started_ns, stream.started, first, now, event, None)
+            self.record(event, gen)
+            self.trace(envelope, stream, event, None)
             self.counters["served"] += 1
             self.counters["tokens"] += event.completion_tokens
             msg = wire.Done(
@@ -404,39 +395,38 @@ class WorkerDaemon(Daemon):
                 completion_tokens=event.completion_tokens,
                 model=self.model.ref,
                 worker=self.worker_id,
-                time_to_first_token_ms=(
-                    round((first - stream.started) * 1000, 3) if first else None
-                ),
-                generation_ms=round((now - stream.started) * 1000, 3),
+                time_to_first_token_ms=gen.ttft_ms,
+                generation_ms=gen.generation_ms,
             )
         out.send_multipart([FINAL, envelope.id.encode(), wire.reply(envelope, msg)])
 
-    def record(self, event: TokenEvent, started: float, first: float | None, now: float) -> None:
+    def record(self, event: TokenEvent, gen: Generation) -> None:
         assert self.model is not None
         model = self.model.ref
         m = self.metrics
         m.requests.labels(self.name, "generate", event.finish_reason or "stop").inc()
-        m.request_duration.labels(self.name, "generate").observe(now - started)
+        m.request_duration.labels(self.name, "generate").observe(gen.generation_ms / 1000)
         m.prompt_tokens.labels(model).inc(event.prompt_tokens)
         m.generated_tokens.labels(model).inc(event.completion_tokens)
-        if first is not None:
-            m.ttft.labels(self.name, model).observe(first - started)
+        if gen.ttft_ms is not None:
+            m.ttft.labels(self.name, model).observe(gen.ttft_ms / 1000)
             if event.completion_tokens > 1:
-                m.tpot.labels(model).observe((now - first) / (event.completion_tokens - 1))
+                decode_s = (gen.generation_ms - gen.ttft_ms) / 1000
+                m.tpot.labels(model).observe(decode_s / (event.completion_tokens - 1))
 
     def trace(
         self,
         envelope: wire.Envelope,
-        started_ns: int,
-        started: float,
-        first: float | None,
-        now: float,
+        stream: Stream,
         event: TokenEvent | None,
         error: str | None,
     ) -> None:
         """Spans for one generation: the whole of it, prompt processing, and decoding."""
         if self.tracing is None:
             return
+        started_ns, started = stream.started_ns, stream.gen.started
+        first = stream.gen.first_token
+        now = stream.gen.finished or time.perf_counter()
         from opentelemetry import trace as otel
         from opentelemetry.trace import StatusCode
 
