@@ -12,9 +12,9 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -29,6 +29,19 @@ HWM = 100_000
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
 RCVMORE = int(zmq.RCVMORE)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+
+
+def incoming(sock: zmq.Socket[bytes]) -> Iterator[list[bytes]]:
+    """Every whole message waiting on ``sock``, without blocking.  ZMQ_EVENTS says whether one
+    is there, rather than a raised ``zmq.Again`` ending each read (12% of the gateway's samples
+    in a profile at 270 short requests/s)."""
+    while cast(int, sock.getsockopt(EVENTS)) & POLLIN:
+        frames = [sock.recv(NOBLOCK)]
+        while sock.getsockopt(RCVMORE):
+            frames.append(sock.recv(NOBLOCK))
+        yield frames
 
 
 def log(daemon: str, message: str, level: str = "info", **fields: Any) -> None:
@@ -231,13 +244,7 @@ class Daemon:
         """Handle every message waiting on a ROUTER.  A message from a DEALER peer is
         [identity, body]; [identity, route..., body] is a stream frame for ``relay`` (forwarded
         as bytes, never decoded); anything else is malformed and dropped."""
-        while True:
-            try:
-                frames = [sock.recv(NOBLOCK)]
-                while sock.getsockopt(RCVMORE):
-                    frames.append(sock.recv(NOBLOCK))
-            except zmq.Again:
-                return
+        for frames in incoming(sock):
             if len(frames) == 2:
                 envelope = self.decode(frames[1])
                 if envelope is not None:

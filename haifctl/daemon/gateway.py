@@ -19,6 +19,7 @@ from haifctl import wire
 from haifctl.daemon.base import (
     Daemon,
     bind,
+    incoming,
     log,
     socket,
     trace_id,
@@ -132,11 +133,7 @@ class GatewayDaemon(Daemon):
 
     def read_orchestrator(self) -> None:
         """[body] is a message to decode; [client, body] a stream frame, forwarded as bytes."""
-        while True:
-            try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in incoming(self.dealer):
             if len(frames) == 1:
                 self.safely(self.from_orchestrator, frames[0])
             elif len(frames) == 2:

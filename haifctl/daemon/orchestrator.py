@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from haifctl import wire
-from haifctl.daemon.base import NOBLOCK, Daemon, bind, log, socket
+from haifctl.daemon.base import NOBLOCK, Daemon, bind, incoming, log, socket
 from haifctl.errors import HaifError, Kind
 from haifctl.rpc import RpcClient
 from haifctl.tracing import Span, child_traceparent, parent_context
@@ -434,12 +434,8 @@ class OrchestratorDaemon(Daemon):
 
     def registry_answers(self) -> None:
         """Answers to what tell_registry sent: fresh resolutions, and failed status updates."""
-        while True:
-            try:
-                frame = self.registry_link.recv(NOBLOCK)
-            except zmq.Again:
-                return
-            envelope = self.decode(frame)
+        for frames in incoming(self.registry_link):
+            envelope = self.decode(frames[-1])
             if envelope is None:
                 continue
             ref = self.refreshes.pop(envelope.id, None)

@@ -22,7 +22,7 @@ import zmq
 
 from haifctl import wire
 from haifctl.config import Settings
-from haifctl.daemon.base import Daemon, log, socket
+from haifctl.daemon.base import Daemon, incoming, log, socket
 from haifctl.errors import HaifError, Kind, Unavailable
 from haifctl.generation import Generation, load_model, looks_like_path, model_at, render_prompt
 from haifctl.rpc import RpcClient
@@ -228,11 +228,7 @@ class WorkerDaemon(Daemon):
 
     def read_results(self) -> None:
         """Forward what the engine produced; forget requests that have finished."""
-        while True:
-            try:
-                frames = self.results.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in incoming(self.results):
             kind = frames[0]
             if kind == FINAL:
                 self.streams.pop(frames[1].decode(), None)
@@ -243,12 +239,8 @@ class WorkerDaemon(Daemon):
                 self.dealer.send(frames[1])
 
     def read_orchestrator(self) -> None:
-        while True:
-            try:
-                frame = self.dealer.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            envelope = self.decode(frame)
+        for frames in incoming(self.dealer):
+            envelope = self.decode(frames[-1])
             if envelope is None:
                 continue
             msg = envelope.msg
