@@ -5,8 +5,10 @@ Every ZeroMQ message is ``[routing frames..., body]`` where ``body`` is one msgp
 
 Streamed text travels differently, so that relays never decode it: a worker sends, once per
 engine step and destination, ``[gateway identity, client identity, body]`` where ``body`` is a
-:class:`Chunks` envelope holding the new text of every stream bound there.  The orchestrator and
-the gateway each pop one routing frame and forward the rest as bytes; the client decodes it.
+:class:`Chunks` envelope holding the new text of every stream bound there (then, in the same
+ZeroMQ message, a :class:`Started` note for the orchestrator when it carries a stream's first
+text).  The orchestrator and the gateway each pop one routing frame and forward the rest as
+bytes; the client decodes it.
 Requests name their route in :attr:`Infer.route` (each hop appends the identity it received
 the request from).  The envelope carries the protocol version, the request id, an absolute deadline
 (Unix seconds; 0 = none), the W3C ``traceparent`` and one typed message.  Anything that does not
@@ -141,8 +143,9 @@ class Chunks(Msg, frozen=True, tag=True, kw_only=True):
 
 
 class Started(Msg, frozen=True, tag=True, kw_only=True):
-    """Worker -> orchestrator: these requests' first tokens have gone out (a request that has
-    started streaming is never retried elsewhere)."""
+    """Worker -> orchestrator, as the last frame of the stream frame that carries these
+    requests' first text: they have started (a request that has started streaming is never
+    retried elsewhere)."""
 
     ids: list[str]
 

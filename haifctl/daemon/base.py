@@ -242,14 +242,16 @@ class Daemon:
         relay: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         """Handle every message waiting on a ROUTER.  A message from a DEALER peer is
-        [identity, body]; [identity, route..., body] is a stream frame for ``relay`` (forwarded
-        as bytes, never decoded); anything else is malformed and dropped."""
+        [identity, body]; [identity, route..., body(, note)] is a stream frame for ``relay``
+        (its body forwarded as bytes, never decoded); anything else is malformed and dropped."""
         for frames in incoming(sock):
             if len(frames) == 2:
                 envelope = self.decode(frames[1])
                 if envelope is not None:
                     self.safely(handler, frames[0], envelope, frames[1])
-            elif relay is not None and len(frames) == 2 + wire.ROUTE_FRAMES:
+            elif (
+                relay is not None and 2 + wire.ROUTE_FRAMES <= len(frames) <= 3 + wire.ROUTE_FRAMES
+            ):
                 self.safely(relay, frames)
             else:
                 self.count_malformed()

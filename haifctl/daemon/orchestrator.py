@@ -170,8 +170,9 @@ class OrchestratorDaemon(Daemon):
         self.sweep()
 
     def relay(self, frames: list[bytes]) -> None:
-        """A worker's stream frame [worker, gateway, client, body]: forward it to the gateway
-        as bytes.  Its arrival is the worker's proof of life."""
+        """A worker's stream frame [worker, gateway, client, body(, started)]: forward
+        [client, body] to the gateway as bytes.  Its arrival is the worker's proof of life; a
+        ``Started`` note after the body names the requests whose first text it carries."""
         worker = self.workers.get(frames[0])
         if worker is None:
             self.counters["stray_worker_messages"] += 1
@@ -179,9 +180,13 @@ class OrchestratorDaemon(Daemon):
         worker.last_seen = time.monotonic()
         self.counters["relayed_frames"] += 1
         try:
-            self.router.send_multipart(frames[1:], NOBLOCK)
+            self.router.send_multipart(frames[1 : 2 + wire.ROUTE_FRAMES], NOBLOCK)
         except zmq.ZMQError:
             self.counters["undeliverable"] += 1
+        if len(frames) == 3 + wire.ROUTE_FRAMES:
+            envelope = self.decode(frames[-1])
+            if envelope is not None and isinstance(envelope.msg, wire.Started):
+                self.started_streams(worker, envelope.msg)
 
     def send(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
@@ -192,9 +197,7 @@ class OrchestratorDaemon(Daemon):
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if isinstance(msg, wire.Started) and worker is not None:
-            self.started_streams(worker, msg)
-        elif isinstance(msg, wire.Done | wire.Error) and worker is not None:
+        if isinstance(msg, wire.Done | wire.Error) and worker is not None:
             self.from_worker(worker, envelope, body)
         elif isinstance(msg, wire.Heartbeat):
             self.heartbeat(identity, envelope, msg)

@@ -34,7 +34,7 @@ from haifctl.schema import validate_request
 STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
 
 # What the engine thread hands the main loop: the first frame says what follows.
-RELAY, FINAL, MESSAGE = b"R", b"F", b"M"
+RELAY, FINAL = b"R", b"F"
 
 
 class Stream:
@@ -233,10 +233,8 @@ class WorkerDaemon(Daemon):
             if kind == FINAL:
                 self.streams.pop(frames[1].decode(), None)
                 self.dealer.send(frames[2])
-            elif kind == RELAY:
+            else:  # RELAY
                 self.dealer.send_multipart(frames[1:])
-            else:
-                self.dealer.send(frames[1])
 
     def read_orchestrator(self) -> None:
         for frames in incoming(self.dealer):
@@ -306,7 +304,7 @@ class WorkerDaemon(Daemon):
         Done or Error of each request that finished."""
         now = time.perf_counter()
         urgent: list[Outbox] = []
-        started: list[str] = []
+        started: set[str] = set()
         finished: list[tuple[Stream, TokenEvent]] = []
         for job, event in step:
             stream = job.tag
@@ -327,7 +325,7 @@ class WorkerDaemon(Daemon):
                 if len(stream.pending) == 1:
                     box.streams.append(stream)
                 if first:
-                    started.append(stream.envelope.id)
+                    started.add(stream.envelope.id)
                     urgent.append(box)  # a first token never waits
             if event.finish_reason is not None:
                 finished.append((stream, event))
@@ -338,20 +336,22 @@ class WorkerDaemon(Daemon):
         if out is None:
             out = self._out = socket(self.ctx, zmq.PUSH)
             out.connect(self.results_address)
-        if started:
-            out.send_multipart([MESSAGE, wire.encode(wire.Started(ids=started))])
         if self._dirty:
             keep = []
             for box in self._dirty:
                 if box.streams and (now >= box.due or box in urgent):
-                    self.flush(out, box)
+                    self.flush(out, box, started)
                 elif box.streams:
                     keep.append(box)
             self._dirty = keep
         for stream, event in finished:
             self.finish(out, stream, event)
 
-    def flush(self, out: zmq.Socket[bytes], box: Outbox) -> None:
+    def flush(self, out: zmq.Socket[bytes], box: Outbox, started: set[str]) -> None:
+        """One stream frame with every pending part bound for ``box``'s client.  The ids of
+        streams whose first text it carries ride in the same ZeroMQ message, after the body
+        (delivered whole or not at all): the orchestrator counts a request as started only
+        when its first text is really on its way."""
         parts = []
         for stream in box.streams:
             parts.append(wire.Part(stream.envelope.id, "".join(stream.pending), stream.n_pending))
@@ -359,7 +359,11 @@ class WorkerDaemon(Daemon):
             stream.n_pending = 0
         box.streams.clear()
         del self._outboxes[box.route]  # made again on demand: clients come and go
-        out.send_multipart([RELAY, *box.route, wire.encode(wire.Chunks(parts=parts))])
+        frames = [RELAY, *box.route, wire.encode(wire.Chunks(parts=parts))]
+        first = [part.id for part in parts if part.id in started]
+        if first:
+            frames.append(wire.encode(wire.Started(ids=first)))
+        out.send_multipart(frames)
 
     def finish(self, out: zmq.Socket[bytes], stream: Stream, event: TokenEvent) -> None:
         assert self.model is not None

@@ -119,6 +119,25 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
         worker.send(wire.encode(done, "r1"))
         assert client.poll(5000)
         assert isinstance(wire.decode(client.recv()).msg, wire.Done)
+
+        # A Started note rides in the frame that carries a request's first text: once it has
+        # gone through, losing the worker fails the request (worker_lost), never retries it.
+        client.send(wire.encode(wire.Infer(request={"prompt": "x"}), "r2"))
+        infer = None
+        while infer is None and worker.poll(10_000):
+            envelope = wire.decode(worker.recv())
+            if isinstance(envelope.msg, wire.Infer):
+                infer = envelope.msg
+        assert infer is not None
+        started = wire.encode(wire.Started(ids=["r2"]))
+        worker.send_multipart([*reversed(infer.route), b"first text", started])
+        assert client.poll(5000)
+        assert client.recv() == b"first text"  # the note itself stays at the orchestrator
+        worker.close(linger=0)  # the worker goes silent: dropped after the heartbeat timeout
+        assert client.poll(15_000), "the started request was never answered"
+        error = wire.decode(client.recv()).msg
+        assert isinstance(error, wire.Error)
+        assert error.code == "worker_lost"
     finally:
         ctx.destroy(linger=0)
         bare.stop()
