@@ -95,13 +95,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
         client = ctx.socket(zmq.DEALER)
         client.setsockopt(zmq.LINGER, 0)
         client.connect(bare.gateway)
-        client.send(wire.encode(wire.Infer(request={"prompt": "x"}), "r1"))
-        infer = None
-        while infer is None and worker.poll(10_000):
-            envelope = wire.decode(worker.recv())
-            if isinstance(envelope.msg, wire.Infer):
-                infer = envelope.msg
-        assert infer is not None, "the request never reached the worker"
+        infer = dispatched(client, worker, "r1")
         assert len(infer.route) == wire.ROUTE_FRAMES
         opaque = b"\xc1 not msgpack: the relays must not look inside"
         worker.send_multipart([*reversed(infer.route), opaque])
@@ -122,13 +116,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
 
         # A Started note rides in the frame that carries a request's first text: once it has
         # gone through, losing the worker fails the request (worker_lost), never retries it.
-        client.send(wire.encode(wire.Infer(request={"prompt": "x"}), "r2"))
-        infer = None
-        while infer is None and worker.poll(10_000):
-            envelope = wire.decode(worker.recv())
-            if isinstance(envelope.msg, wire.Infer):
-                infer = envelope.msg
-        assert infer is not None
+        infer = dispatched(client, worker, "r2")
         started = wire.encode(wire.Started(ids=["r2"]))
         worker.send_multipart([*reversed(infer.route), b"first text", started])
         assert client.poll(5000)
@@ -141,3 +129,13 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
     finally:
         ctx.destroy(linger=0)
         bare.stop()
+
+
+def dispatched(client: zmq.Socket[bytes], worker: zmq.Socket[bytes], request_id: str) -> wire.Infer:
+    """Send a request through the gateway; return it as the (hand-made) worker receives it."""
+    client.send(wire.encode(wire.Infer(request={"prompt": "x"}), request_id))
+    while worker.poll(10_000):
+        envelope = wire.decode(worker.recv())
+        if isinstance(envelope.msg, wire.Infer) and envelope.id == request_id:
+            return envelope.msg
+    raise AssertionError(f"{request_id} never reached the worker")
