@@ -49,7 +49,6 @@ def load_model(
         n_ctx=settings.n_ctx,
         n_gpu_layers=settings.n_gpu_layers,
         threads=settings.threads,
-        n_ctx_train=model.context_length,
         slots=settings.slots if slots is None else slots,
     )
     return LlamaCppRuntime().load(Path(model.path), options, sink)

@@ -39,9 +39,6 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     n_gpu_layers: int = -1
     threads: int = 0  # 0: let the runtime decide
     slots: int = 1  # sequences decoded at once; 0: as many as memory allows (up to a cap)
-    # The model's trained context when the caller already knows it (the registry does);
-    # otherwise the runtime reads it from the file.
-    n_ctx_train: int | None = None
 
 
 class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
