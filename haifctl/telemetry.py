@@ -86,6 +86,23 @@ class Metrics:
         self.malformed = Counter(
             "haif_malformed_frames", "Malformed frames dropped.", ["daemon"], registry=r
         )
+        self.registry_stale = Counter(
+            "haif_registry_stale_answers",
+            "Model lookups answered from the last good registry answer while the registry was "
+            "unreachable.",
+            registry=r,
+        )
+        self.orchestrator_losses = Counter(
+            "haif_orchestrator_losses",
+            "Times the gateway found its orchestrator dead or restarted.",
+            registry=r,
+        )
+        self.auth_refused = Counter(
+            "haif_auth_refused",
+            "ZeroMQ peers or messages refused: an unknown key, or a role not allowed here.",
+            ["daemon", "reason"],
+            registry=r,
+        )
         self.model_load = Gauge(
             "haif_model_load_seconds", "Time the loaded model took to load.", ["model"], registry=r
         )

@@ -27,6 +27,7 @@ import msgspec
 PROTOCOL_VERSION = 1
 ROUTE_FRAMES = 2  # [gateway, client] in front of a worker's stream frame
 MAX_FRAME_BYTES = 1024 * 1024  # a body above this is dropped unread (prompts are capped lower)
+MAX_MODEL_REF_CHARS = 256  # a longer model name is refused before any lookup
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
@@ -43,6 +44,9 @@ class Pong(Msg, frozen=True, tag=True, kw_only=True):
     pid: int
     version: str
     ready: bool = True
+    # Random per process start: a peer that sees it change knows the daemon restarted and
+    # forgot what it was doing.
+    instance: str = ""
 
 
 class StatsRequest(Msg, frozen=True, tag=True, kw_only=True):
@@ -191,6 +195,9 @@ class Register(Msg, frozen=True, tag=True, kw_only=True):
     n_ctx: int
     pid: int
     host: str
+    # Requests still holding one of its slots (a worker registering again after a silence):
+    # the orchestrator counts them as busy until their Done or Error arrives.
+    running: list[str] = []
 
 
 class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
@@ -206,6 +213,9 @@ class Ack(Msg, frozen=True, tag=True, kw_only=True):
     """The orchestrator's answer to Register and Heartbeat; ``known`` False asks to re-register."""
 
     known: bool = True
+    # Answer to a Register: requests the worker reported running that are not its to run any
+    # more (failed or moved elsewhere while it was silent): it stops them and sends nothing.
+    cancel: list[str] = []
 
 
 class ResolveModel(Msg, frozen=True, tag=True, kw_only=True):

@@ -101,13 +101,24 @@ def gateway(
     burst: Annotated[
         float | None, typer.Option("--burst", help="Token-bucket burst per client key.")
     ] = None,
+    heartbeat_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--heartbeat-timeout", help="Seconds of silence before the orchestrator is lost."
+        ),
+    ] = None,
     metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Validate, rate-limit and forward requests; relay token streams."""
     from haifctl.daemon.gateway import GatewayDaemon, Limits
 
-    settings = state(ctx).settings(rate_limit=rate, rate_burst=burst, metrics_port=metrics_port)
+    settings = state(ctx).settings(
+        rate_limit=rate,
+        rate_burst=burst,
+        heartbeat_timeout=heartbeat_timeout,
+        metrics_port=metrics_port,
+    )
     limits = Limits(
         max_prompt_chars=settings.max_prompt_chars,
         max_tokens_cap=settings.max_tokens_cap,
@@ -115,7 +126,14 @@ def gateway(
         rate_per_s=settings.rate_limit,
         burst=settings.rate_burst,
     )
-    _run(GatewayDaemon(bind, orchestrator, limits=limits, ready_file=ready_file), settings)
+    daemon = GatewayDaemon(
+        bind,
+        orchestrator,
+        limits=limits,
+        orchestrator_timeout_s=settings.heartbeat_timeout,
+        ready_file=ready_file,
+    )
+    _run(daemon, settings)
 
 
 @app.command()

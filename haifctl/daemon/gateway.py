@@ -3,11 +3,19 @@
 Validates every request against the schema and the limits, rate-limits per client key (token
 bucket), attaches a deadline, forwards to the orchestrator and relays the token stream back.
 Invalid requests are answered with a typed error and never forwarded.
+
+It watches the orchestrator: pings every second, and the orchestrator's instance id in each
+Pong.  An orchestrator silent for ``orchestrator_timeout_s`` or answering under a new instance
+id is lost: every stream that had started ends with an explicit ``orchestrator_lost`` error,
+and every request that had not is sent again (same id, so a live orchestrator that only
+stalled recognises it) once an orchestrator answers, or answered 503 after
+``ORCHESTRATOR_GRACE_S``.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from haifctl.schema import validate_request
 from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
 
 PING_EVERY_S = 1.0
+ORCHESTRATOR_GRACE_S = 10.0  # unstarted requests wait this long for a lost orchestrator
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,9 @@ class Route:
     traceparent: str = ""
     client_key: str = ""
     span: Span | None = None
+    forward: bytes = b""  # what was sent to the orchestrator, to send again if it is lost
+    sent: bool = False  # forwarded to the orchestrator we have now
+    streamed: bool = False  # its first text has passed: never sent again
 
 
 class TokenBucket:
@@ -85,6 +97,7 @@ class GatewayDaemon(Daemon):
         *,
         limits: Limits | None = None,
         drain_grace_s: float = 30.0,
+        orchestrator_timeout_s: float = 3.0,
         ready_file: Path | None = None,
     ) -> None:
         super().__init__(ready_file)
@@ -96,18 +109,34 @@ class GatewayDaemon(Daemon):
         self.routes: dict[str, Route] = {}
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.burst)
         self.last_orchestrator_pong = 0.0
+        self.orchestrator_timeout_s = orchestrator_timeout_s
+        self.orchestrator_instance = ""
+        self.lost_since: float | None = None  # the orchestrator is lost: since when
+        self.abandoned: list[str] = []  # streams failed when it was lost: cancelled if it stalled
+        self.identity = f"gateway/{uuid.uuid4().hex[:12]}".encode()
 
     def start(self) -> None:
         self.router = socket(self.ctx, zmq.ROUTER)
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
-        self.dealer = socket(self.ctx, zmq.DEALER)
-        self.dealer.connect(self.orchestrator)
         self.watch(self.router, self.read_clients)
+        self.connect()
+        self.last_orchestrator_pong = time.monotonic()  # silence is counted from here
+
+    def connect(self) -> None:
+        """A fresh link to the orchestrator under our stable identity: whatever the old one
+        had queued for a lost orchestrator is dropped, never delivered late."""
+        old = getattr(self, "dealer", None)
+        if old is not None:
+            self.unwatch(old)
+            old.close(linger=0)
+        self.dealer = socket(self.ctx, zmq.DEALER)
+        self.dealer.setsockopt(zmq.ROUTING_ID, self.identity)
+        self.dealer.connect(self.orchestrator)
         self.watch(self.dealer, self.read_orchestrator)
 
     @property
     def orchestrator_ok(self) -> bool:
-        return time.monotonic() - self.last_orchestrator_pong < 3 * PING_EVERY_S
+        return self.lost_since is None and self.orchestrator_instance != ""
 
     def pong(self) -> wire.Pong:
         pong = super().pong()
@@ -126,7 +155,91 @@ class GatewayDaemon(Daemon):
         if now >= self.next_ping:
             self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
             self.next_ping = now + PING_EVERY_S
+        silent = now - self.last_orchestrator_pong
+        if self.lost_since is None and silent > self.orchestrator_timeout_s:
+            self.orchestrator_lost(f"silent for {silent:.1f}s")
         self.sweep()
+
+    def on_drain(self) -> None:
+        if self.lost_since is not None:
+            self.answer_unsent("the gateway is shutting down and the orchestrator is away")
+
+    # the orchestrator's health ---------------------------------------------------------------
+    def orchestrator_pong(self, pong: wire.Pong) -> None:
+        self.last_orchestrator_pong = time.monotonic()
+        if self.orchestrator_instance and pong.instance != self.orchestrator_instance:
+            if self.lost_since is None:
+                self.orchestrator_lost("restarted")
+            self.abandoned.clear()  # a new orchestrator never knew them
+        elif self.lost_since is not None:
+            for request_id in self.abandoned:  # it only stalled: stop what we gave up on
+                self.dealer.send(wire.encode(wire.Cancel(), request_id))
+            self.abandoned.clear()
+        self.orchestrator_instance = pong.instance
+        if self.lost_since is not None:
+            unsent = [route for route in self.routes.values() if not route.sent]
+            log(self.name, "orchestrator answering", instance=pong.instance, resent=len(unsent))
+            self.lost_since = None
+            for route in unsent:
+                self.counters["resent"] += 1
+                self.dealer.send(route.forward)
+                route.sent = True
+
+    def orchestrator_lost(self, why: str) -> None:
+        """Answer every started stream with an error now; keep the rest to send again."""
+        self.lost_since = time.monotonic()
+        self.counters["orchestrator_losses"] += 1
+        self.metrics.orchestrator_losses.inc()
+        failed = 0
+        for request_id, route in list(self.routes.items()):
+            if route.stats or route.streamed:
+                failed += 1
+                self.routes.pop(request_id)
+                if not route.stats:
+                    self.abandoned.append(request_id)
+                self.answer(
+                    route,
+                    request_id,
+                    wire.Error(
+                        kind=Kind.unavailable,
+                        code="orchestrator_lost",
+                        message=f"the orchestrator went away mid-request ({why})",
+                        hint="retry the request",
+                        retry_after=2.0,
+                    ),
+                )
+            else:
+                route.sent = False
+        log(
+            self.name,
+            "orchestrator lost",
+            level="warning",
+            reason=why,
+            failed=failed,
+            waiting=len(self.routes),
+        )
+        self.connect()
+
+    def answer_unsent(self, why: str) -> None:
+        for request_id, route in list(self.routes.items()):
+            if not route.sent:
+                self.routes.pop(request_id)
+                self.answer(
+                    route,
+                    request_id,
+                    wire.Error(
+                        kind=Kind.unavailable,
+                        code="unavailable",
+                        message=f"no orchestrator to run the request: {why}",
+                        hint="retry shortly; `haifctl status` shows the cluster",
+                        retry_after=2.0,
+                    ),
+                )
+
+    def answer(self, route: Route, request_id: str, error: wire.Error) -> None:
+        if not route.stats:
+            self.observe(route, error)
+        self.to_client(route.client, wire.encode(error, request_id))
 
     def read_clients(self) -> None:
         self.read_router(self.router, self.from_client)
@@ -136,13 +249,23 @@ class GatewayDaemon(Daemon):
         for frames in incoming(self.dealer):
             if len(frames) == 1:
                 self.safely(self.from_orchestrator, frames[0])
-            elif len(frames) == 2:
+            elif 2 <= len(frames) <= 3:
                 try:
-                    self.router.send_multipart(frames, zmq.NOBLOCK)
+                    self.router.send_multipart(frames[:2], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     self.counters["undeliverable"] += 1
+                if len(frames) == 3:  # a Started note: these streams can no longer be resent
+                    self.safely(self.mark_started, frames[2])
             else:
                 self.count_malformed()
+
+    def mark_started(self, note: bytes) -> None:
+        envelope = self.decode(note)
+        if envelope is not None and isinstance(envelope.msg, wire.Started):
+            for request_id in envelope.msg.ids:
+                route = self.routes.get(request_id)
+                if route is not None:
+                    route.streamed = True
 
     def to_client(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
@@ -161,8 +284,12 @@ class GatewayDaemon(Daemon):
         elif isinstance(msg, wire.StatsRequest | wire.ListModels):
             if not envelope.id or envelope.id in self.routes:
                 return
-            self.routes[envelope.id] = Route(identity, time.monotonic() + 5.0, stats=True)
-            self.dealer.send(wire.encode(msg, envelope.id))
+            forward = wire.encode(msg, envelope.id)
+            route = Route(identity, time.monotonic() + 5.0, stats=True, forward=forward)
+            self.routes[envelope.id] = route
+            if self.lost_since is None:
+                self.dealer.send(forward)
+                route.sent = True
         else:
             self.counters["unexpected_messages"] += 1
 
@@ -230,7 +357,8 @@ class GatewayDaemon(Daemon):
                 attributes={"haif.request_id": envelope.id, "haif.client": key},
             )
             traceparent = child_traceparent(span)
-        self.routes[envelope.id] = Route(
+        forward = wire.Infer(request=msgspec.to_builtins(request), client=key, route=[identity])
+        route = self.routes[envelope.id] = Route(
             identity,
             mono_deadline,
             started=time.monotonic(),
@@ -238,9 +366,11 @@ class GatewayDaemon(Daemon):
             traceparent=traceparent,
             client_key=key,
             span=span,
+            forward=wire.encode(forward, envelope.id, deadline, traceparent),
         )
-        forward = wire.Infer(request=msgspec.to_builtins(request), client=key, route=[identity])
-        self.dealer.send(wire.encode(forward, envelope.id, deadline, traceparent))
+        if self.lost_since is None:
+            self.dealer.send(route.forward)
+            route.sent = True
         self.counters["forwarded"] += 1
         return None
 
@@ -250,7 +380,7 @@ class GatewayDaemon(Daemon):
             return
         msg = envelope.msg
         if isinstance(msg, wire.Pong) and envelope.id == "gateway-ping":
-            self.last_orchestrator_pong = time.monotonic()
+            self.orchestrator_pong(msg)
             return
         route = self.routes.get(envelope.id)
         if route is None:
@@ -309,6 +439,8 @@ class GatewayDaemon(Daemon):
 
     def sweep(self) -> None:
         now = time.monotonic()
+        if self.lost_since is not None and now - self.lost_since > ORCHESTRATOR_GRACE_S:
+            self.answer_unsent(f"the orchestrator has been away {ORCHESTRATOR_GRACE_S:g}s")
         for request_id, route in list(self.routes.items()):
             if now > route.deadline + 0.5:
                 self.routes.pop(request_id)

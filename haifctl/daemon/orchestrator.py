@@ -8,6 +8,11 @@ Nothing the loop does per message or per tick grows with the cluster: each model
 its workers with a free slot (dispatch pops the least loaded), heartbeat and queue deadlines sit
 in heaps (a sweep looks only at what is due), and the table's gauges are computed when Prometheus
 scrapes them.
+
+The loop never waits for another daemon.  Registry calls go out on a DEALER read by the same
+poller and their answers are matched by id; requests naming a model being looked up are parked
+on that one call.  A known model is served from the last good answer while the registry is away
+(stale-while-error); a failed lookup is remembered briefly; status updates are fire-and-forget.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
+import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import zmq
@@ -31,12 +37,22 @@ from prometheus_client.registry import Collector
 
 from haifctl import wire
 from haifctl.daemon.base import NOBLOCK, Daemon, bind, incoming, log, socket
-from haifctl.errors import HaifError, Kind
-from haifctl.rpc import RpcClient
+from haifctl.errors import Kind
 from haifctl.tracing import Span, child_traceparent, parent_context
 
-RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request"}
-RESOLVE_CACHE_S = 5.0
+RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request", "worker_lost"}
+RESOLVE_CACHE_S = 5.0  # a registry answer is fresh this long (then used while asking again)
+FAILED_LOOKUP_S = (
+    1.0  # an unknown model, or a registry that did not answer, is remembered this long
+)
+STALE_RETRY_S = 1.0  # while the registry is away, ask again about a known model this often
+REGISTRY_TIMEOUT_S = 2.0
+MAX_RESOLVED = 1024  # model references remembered (least recently used forgotten first)
+MAX_LOOKUPS = 1024  # registry calls in flight
+MAX_PARKED = 4096  # requests waiting for a registry answer
+# A model whose every worker went away keeps its queue this long for one to come back (a
+# supervisor restarts a crashed worker in seconds); then the queue is answered 503.
+ORPHAN_QUEUE_S = 15.0
 # The answer to a heartbeat, which workers send with no id, deadline or trace: encoded once.
 ACK_KNOWN = wire.encode(wire.Ack(known=True))
 
@@ -61,6 +77,8 @@ class WorkerRec:
     assigned: int = 0  # requests this orchestrator sent it: spreads ties across idle workers
     draining: bool = False
     version: int = 0  # which of its entries in the vacancy heaps is current
+    # Requests it is stopping that are not its to run (see Ack.cancel): their text is dropped.
+    orphans: set[str] = field(default_factory=set)
     listed: bool = False  # counted among its models' workers with a free slot
 
     @property
@@ -79,6 +97,25 @@ class Finished:
 
 
 WINDOW_S = 60.0
+
+Answer = wire.ModelInfo | wire.Error
+Waiter = Callable[[Any], None]  # called with a registry call's outcome
+
+
+@dataclass
+class Resolution:
+    answer: Answer
+    fresh_until: float
+
+
+@dataclass
+class Lookup:
+    """One registry call in flight and whoever waits for its answer."""
+
+    op: str  # "resolve" or "list"
+    ref: str
+    sent: float
+    waiters: list[Waiter] = field(default_factory=list)
 
 
 @dataclass
@@ -124,9 +161,13 @@ class OrchestratorDaemon(Daemon):
         self.workers: dict[bytes, WorkerRec] = {}
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
-        self.resolved: dict[str, tuple[float, wire.ModelInfo | wire.Error]] = {}
-        self.refreshing: dict[str, tuple[str, float]] = {}  # ref -> (request id, ask again after)
-        self.refreshes: dict[str, str] = {}  # request id -> ref
+        self.instance = uuid.uuid4().hex[:12]
+        self.resolved: OrderedDict[str, Resolution] = OrderedDict()
+        self.lookups: dict[str, Lookup] = {}  # registry call id -> call, oldest first
+        self.resolving: dict[str, str] = {}  # model ref -> id of its resolve call in flight
+        self.parked: set[str] = set()  # requests waiting for a model lookup
+        self.registry_ok = True
+        self.orphaned: dict[str, float] = {}  # model with a queue and no worker -> since when
         self.finished: deque[Finished] = deque(maxlen=200_000)
         # indexes over the worker table, kept by index/unindex/reindex
         self.serving: dict[str, dict[bytes, WorkerRec]] = {}  # model -> its workers
@@ -151,10 +192,10 @@ class OrchestratorDaemon(Daemon):
         self.router = socket(self.ctx, zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its name back
         self.endpoints["rpc"] = bind(self.router, self.bind_address)
-        self.registry = RpcClient(self.ctx, self.registry_address, "registry")
-        # Calls whose answer the loop does not wait for (status updates, cache refreshes): sent
-        # on a socket of their own, answers read with everything else.
+        # Every registry call: the loop sends and goes on; answers are read with everything
+        # else.  IMMEDIATE: with the registry down a send fails at once instead of queueing.
         self.registry_link = socket(self.ctx, zmq.DEALER)
+        self.registry_link.setsockopt(zmq.IMMEDIATE, 1)
         self.registry_link.connect(self.registry_address)
         self.watch(self.router, self.read)
         self.watch(self.registry_link, self.registry_answers)
@@ -164,10 +205,14 @@ class OrchestratorDaemon(Daemon):
         self.read_router(self.router, self.handle, self.relay)
 
     def in_flight(self) -> int:
-        return len(self.pending)
+        return len(self.pending) + len(self.parked)
 
     def on_tick(self, now: float) -> None:
         self.sweep()
+        self.expire_lookups(now)
+
+    def pong(self) -> wire.Pong:
+        return msgspec.structs.replace(super().pong(), instance=self.instance)
 
     def relay(self, frames: list[bytes]) -> None:
         """A worker's stream frame [worker, gateway, client, body(, started)]: forward
@@ -179,14 +224,37 @@ class OrchestratorDaemon(Daemon):
             return
         worker.last_seen = time.monotonic()
         self.counters["relayed_frames"] += 1
-        try:
-            self.router.send_multipart(frames[1 : 2 + wire.ROUTE_FRAMES], NOBLOCK)
-        except zmq.ZMQError:
-            self.counters["undeliverable"] += 1
+        started = None
         if len(frames) == 3 + wire.ROUTE_FRAMES:
             envelope = self.decode(frames[-1])
             if envelope is not None and isinstance(envelope.msg, wire.Started):
-                self.started_streams(worker, envelope.msg)
+                started = envelope.msg
+        if worker.orphans and not self.without_orphans(worker, frames):
+            return
+        try:
+            # the Started note goes on to the gateway too: it tells a started stream (which a
+            # lost orchestrator fails) from one it may send again
+            self.router.send_multipart(frames[1:], NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["undeliverable"] += 1
+        if started is not None:
+            self.started_streams(worker, started)
+
+    def without_orphans(self, worker: WorkerRec, frames: list[bytes]) -> bool:
+        """Drop the text of requests the worker is stopping (rare: only right after it
+        registered again), rewriting ``frames`` in place; False when nothing is left."""
+        body = wire.decode(frames[1 + wire.ROUTE_FRAMES])
+        if not isinstance(body.msg, wire.Chunks):
+            return False
+        parts = [p for p in body.msg.parts if p.id not in worker.orphans]
+        if not parts:
+            return False
+        frames[1 + wire.ROUTE_FRAMES] = wire.encode(wire.Chunks(parts=parts))
+        if len(frames) == 3 + wire.ROUTE_FRAMES:
+            note = wire.decode(frames[-1]).msg
+            ids = [i for i in getattr(note, "ids", []) if i not in worker.orphans]
+            frames[-1] = wire.encode(wire.Started(ids=ids))
+        return True
 
     def send(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
@@ -208,22 +276,29 @@ class OrchestratorDaemon(Daemon):
         elif isinstance(msg, wire.Cancel):
             self.cancel(envelope.id)
         elif isinstance(msg, wire.ResolveModel):
-            self.send(identity, wire.reply(envelope, self.resolve(msg.ref)))
+            self.resolve(msg.ref, lambda answer: self.send(identity, wire.reply(envelope, answer)))
         elif isinstance(msg, wire.Ping):
             self.send(identity, wire.reply(envelope, self.pong()))
         elif isinstance(msg, wire.StatsRequest):
             self.send(identity, wire.reply(envelope, self.stats()))
         elif isinstance(msg, wire.ListModels):
-            self.send(identity, wire.reply(envelope, self.list_models()))
+            self.list_models(lambda answer: self.send(identity, wire.reply(envelope, answer)))
         else:
             self.counters["unexpected_messages"] += 1
 
     # workers ---------------------------------------------------------------------------------
     def register(self, identity: bytes, envelope: wire.Envelope, msg: wire.Register) -> None:
+        """A worker joins, or announces itself again after a silence.  A worker keeps its
+        identity across silences: what it reports running and what this table says it runs
+        are reconciled (requests failed or moved meanwhile are stopped), and nothing it still
+        runs is forgotten.  A new process under a known identity replaces the old record."""
         other = self.by_worker_id.get(msg.worker_id)
         if other is not None and other.identity != identity:
             self.drop_worker(other, "replaced by a new connection")
         known = self.workers.get(identity)
+        if known is not None and (known.pid, known.host) != (msg.pid, msg.host):
+            self.drop_worker(known, "restarted")
+            known = None
         rec = WorkerRec(
             identity=identity,
             worker_id=msg.worker_id,
@@ -238,8 +313,18 @@ class OrchestratorDaemon(Daemon):
             gpu_memory_mb=msg.gpu_memory_mb,
         )
         first = [ref for ref in rec.models if ref not in self.serving]
+        ours = {
+            rid
+            for rid in msg.running
+            if (p := self.pending.get(rid)) is not None and p.worker == identity
+        }
+        rec.orphans = set(msg.running) - ours
+        # Busy until their Done or Error: what it still runs, ours or not, and what we sent it
+        # that it has not answered yet (messages on one connection arrive in order).
+        rec.running = set(msg.running)
         if known is not None:
-            rec.running = known.running
+            rec.running |= known.running
+            rec.draining = known.draining
             self.unindex(known)
             if self.by_worker_id.get(known.worker_id) is known:
                 del self.by_worker_id[known.worker_id]
@@ -252,13 +337,17 @@ class OrchestratorDaemon(Daemon):
         self.counters["registrations"] += 1
         log(
             self.name,
-            "worker registered",
+            "worker registered" if known is None else "worker registered again",
             worker=msg.worker_id,
             models=msg.models,
             slots=msg.slots,
             device=msg.device,
+            running=len(rec.running),
+            orphans=len(rec.orphans),
         )
-        self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
+        self.send(identity, wire.reply(envelope, wire.Ack(known=True, cancel=sorted(rec.orphans))))
+        for ref in rec.models:
+            self.orphaned.pop(ref, None)
         for ref in first:  # the registry hears when a model gains its first worker, not each time
             self.set_status(ref, "deployed")
         self.pump()
@@ -273,6 +362,9 @@ class OrchestratorDaemon(Daemon):
             self.open_workers.update({ref: -1 if msg.draining else 1 for ref in worker.models})
             worker.draining = msg.draining
             self.reindex(worker)
+            if msg.draining:
+                for ref in worker.models:  # the last worker of a model drains: nobody waits
+                    self.answer_orphaned_queue(ref, "its last worker is shutting down")
         if envelope.id or envelope.deadline or envelope.traceparent:
             self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
         else:
@@ -320,7 +412,32 @@ class OrchestratorDaemon(Daemon):
         for ref in worker.models:
             if ref not in self.serving:
                 self.set_status(ref, "registered")
+            if not self.open_workers[ref] and self.queues.get(ref):
+                # a crashed worker is usually restarted in seconds: its queue waits that long
+                self.orphaned.setdefault(ref, time.monotonic())
         self.pump()
+
+    def answer_orphaned_queue(self, ref: str, why: str) -> None:
+        """A model with no worker left to take its queue: answer the queue 503 at once."""
+        self.orphaned.pop(ref, None)
+        if self.open_workers[ref]:
+            return
+        queue = self.queues.get(ref)
+        while queue:
+            pending = self.pending.get(queue.popleft())
+            if pending is None:
+                continue
+            self.counters["unserved_queued"] += 1
+            self.finish(
+                pending,
+                wire.Error(
+                    kind=Kind.unavailable,
+                    code="unavailable",
+                    message=f"no worker can run {ref}: {why}",
+                    hint="retry shortly, or start a worker for it",
+                    retry_after=2.0,
+                ),
+            )
 
     def started_streams(self, worker: WorkerRec, msg: wire.Started) -> None:
         """These requests have streamed: from now on a lost worker fails them, never retries."""
@@ -335,6 +452,9 @@ class OrchestratorDaemon(Daemon):
         pending = self.pending.get(envelope.id)
         if pending is None or pending.worker != worker.identity:
             self.counters["stray_worker_messages"] += 1
+            worker.orphans.discard(envelope.id)
+            self.release(worker, envelope.id)  # an orphan's end frees its slot
+            self.pump()
             return
         msg = envelope.msg
         self.release(worker, envelope.id)
@@ -378,27 +498,134 @@ class OrchestratorDaemon(Daemon):
         self.counters["finished_" + type(msg).__name__.lower()] += 1
         self.send(pending.gateway, wire.reply(pending.envelope, msg))
 
-    # requests --------------------------------------------------------------------------------
-    def resolve(self, ref: str) -> wire.ModelInfo | wire.Error:
-        """What a model reference names.  Only a reference never seen before waits for the
-        registry; an answer older than RESOLVE_CACHE_S is still used while a fresh one is asked
-        for in the background."""
-        now = time.monotonic()
-        cached = self.resolved.get(ref)
-        if cached is not None:
-            if cached[0] <= now:
-                self.refresh(ref, now)
-            return cached[1]
-        try:
-            reply = self.registry.call(wire.RegistryCall(op="resolve", args={"ref": ref}), 2.0)
-        except HaifError as exc:
-            return msgspec.structs.replace(exc.to_wire(), retry_after=2.0)
-        answer = self.model_info(reply)
-        self.resolved[ref] = (now + RESOLVE_CACHE_S, answer)
-        return answer
+    # the registry ----------------------------------------------------------------------------
+    def resolve(self, ref: str, then: Callable[[Answer], None]) -> None:
+        """Call ``then`` with what a model reference names: at once when known (a stale answer
+        too, while a fresh one is asked for), else when the registry answers."""
+        if len(ref) > wire.MAX_MODEL_REF_CHARS:
+            then(
+                wire.Error(
+                    kind=Kind.invalid,
+                    code="invalid_model_ref",
+                    message=f"a model name is at most {wire.MAX_MODEL_REF_CHARS} characters; "
+                    f"this one has {len(ref)}",
+                )
+            )
+            return
+        known = self.resolved.get(ref)
+        if known is not None:
+            self.resolved.move_to_end(ref)
+            if known.fresh_until > time.monotonic():
+                then(known.answer)
+                return
+            if isinstance(known.answer, wire.ModelInfo):
+                self.ask_registry("resolve", ref, None)
+                then(known.answer)
+                return
+        self.ask_registry("resolve", ref, then)
+
+    def ask_registry(self, op: str, ref: str, waiter: Waiter | None) -> None:
+        """Send one registry call (one per model at a time) and park ``waiter`` on it."""
+        call_id = self.resolving.get(ref) if op == "resolve" else None
+        if call_id is not None:
+            if waiter is not None:
+                self.lookups[call_id].waiters.append(waiter)
+            return
+        lookup = Lookup(op, ref, time.monotonic(), [waiter] if waiter is not None else [])
+        if len(self.lookups) >= MAX_LOOKUPS:
+            return self.settle(
+                lookup,
+                wire.Error(
+                    kind=Kind.overloaded,
+                    code="overloaded",
+                    message="too many model lookups at once",
+                    retry_after=1.0,
+                ),
+            )
+        call_id = wire.new_id()
+        args = {"ref": ref} if op == "resolve" else {}
+        if not self.tell_registry(wire.RegistryCall(op=op, args=args), call_id):
+            return self.settle(lookup, self.registry_down("not connected"))
+        self.lookups[call_id] = lookup
+        if op == "resolve":
+            self.resolving[ref] = call_id
+        return None
+
+    def registry_down(self, why: str) -> wire.Error:
+        return wire.Error(
+            kind=Kind.unavailable,
+            code="registry_unreachable",
+            message=f"the model registry is unreachable ({why})",
+            hint="`haifctl status` shows the cluster",
+            retry_after=2.0,
+        )
+
+    def expire_lookups(self, now: float) -> None:
+        """Calls unanswered for REGISTRY_TIMEOUT_S fail (oldest first: sent in order)."""
+        while self.lookups:
+            call_id, lookup = next(iter(self.lookups.items()))
+            if now - lookup.sent < REGISTRY_TIMEOUT_S:
+                break
+            del self.lookups[call_id]
+            self.settle(lookup, self.registry_down(f"no answer in {REGISTRY_TIMEOUT_S:g}s"))
+
+    def settle(self, lookup: Lookup, reply: wire.Msg) -> None:
+        """A registry call's outcome: remember it and answer everyone parked on it."""
+        if lookup.op == "resolve":
+            call_id = self.resolving.get(lookup.ref)
+            if call_id is not None and call_id not in self.lookups:  # this call's entry
+                del self.resolving[lookup.ref]
+            reply = self.remember(lookup.ref, self.model_info(reply))
+        elif isinstance(reply, wire.RegistryReply | wire.Error):
+            self.registry_reachable(not self.registry_trouble(reply))
+        for waiter in lookup.waiters:
+            self.safely(waiter, reply)
 
     @staticmethod
-    def model_info(reply: wire.Msg) -> wire.ModelInfo | wire.Error:
+    def registry_trouble(reply: wire.Msg) -> bool:
+        """An error that says nothing about the model: the registry (or its database) failed."""
+        return isinstance(reply, wire.Error) and reply.kind in (
+            Kind.unavailable,
+            Kind.timeout,
+            Kind.internal,
+        )
+
+    def remember(self, ref: str, answer: Answer) -> Answer:
+        """Cache a lookup's outcome; while the registry is in trouble a known model keeps its
+        last good answer (stale-while-error) and the trouble is reported, not cached long."""
+        now = time.monotonic()
+        trouble = self.registry_trouble(answer)
+        self.registry_reachable(not trouble)
+        known = self.resolved.get(ref)
+        if trouble and known is not None and isinstance(known.answer, wire.ModelInfo):
+            known.fresh_until = now + STALE_RETRY_S
+            self.counters["registry_stale_answers"] += 1
+            self.metrics.registry_stale.inc()
+            return known.answer
+        ttl = RESOLVE_CACHE_S if isinstance(answer, wire.ModelInfo) else FAILED_LOOKUP_S
+        self.resolved[ref] = Resolution(answer, now + ttl)
+        self.resolved.move_to_end(ref)
+        while len(self.resolved) > MAX_RESOLVED:
+            self.resolved.popitem(last=False)
+        return answer
+
+    def registry_reachable(self, ok: bool) -> None:
+        """Log when the registry goes away and when it comes back, not at every call."""
+        if ok == self.registry_ok:
+            return
+        self.registry_ok = ok
+        if ok:
+            log(self.name, "registry answering again")
+        else:
+            self.counters["registry_outages"] += 1
+            log(
+                self.name,
+                "registry unreachable; known models are served from their last good answer",
+                level="warning",
+            )
+
+    @staticmethod
+    def model_info(reply: wire.Msg) -> Answer:
         if isinstance(reply, wire.RegistryReply) and isinstance(reply.result, dict):
             record = reply.result
             return wire.ModelInfo(
@@ -413,39 +640,28 @@ class OrchestratorDaemon(Daemon):
             kind=Kind.internal, code="protocol_error", message="unexpected registry answer"
         )
 
-    def refresh(self, ref: str, now: float) -> None:
-        """Ask the registry again about ``ref``, once at a time (again if unanswered in time)."""
-        asked = self.refreshing.get(ref)
-        if asked is not None:
-            if asked[1] > now:
-                return
-            self.refreshes.pop(asked[0], None)
-        request_id = wire.new_id()
-        self.refreshing[ref] = (request_id, now + RESOLVE_CACHE_S)
-        self.refreshes[request_id] = ref
-        self.tell_registry(wire.RegistryCall(op="resolve", args={"ref": ref}), request_id)
-
     def set_status(self, ref: str, status: str) -> None:
+        """Fire and forget: nobody waits for it; a failure is logged when its answer comes."""
         call = wire.RegistryCall(op="set_status", args={"ref": ref, "status": status})
         self.tell_registry(call, wire.new_id())
 
-    def tell_registry(self, call: wire.RegistryCall, request_id: str) -> None:
+    def tell_registry(self, call: wire.RegistryCall, call_id: str) -> bool:
         try:
-            self.registry_link.send(wire.encode(call, request_id), NOBLOCK)
+            self.registry_link.send(wire.encode(call, call_id), NOBLOCK)
+            return True
         except zmq.ZMQError:
             self.counters["registry_unsent"] += 1
+            return False
 
     def registry_answers(self) -> None:
-        """Answers to what tell_registry sent: fresh resolutions, and failed status updates."""
+        """Answers to registry calls: lookups, and failed status updates."""
         for frames in incoming(self.registry_link):
             envelope = self.decode(frames[-1])
             if envelope is None:
                 continue
-            ref = self.refreshes.pop(envelope.id, None)
-            if ref is not None:
-                self.refreshing.pop(ref, None)
-                answer = self.model_info(envelope.msg)
-                self.resolved[ref] = (time.monotonic() + RESOLVE_CACHE_S, answer)
+            lookup = self.lookups.pop(envelope.id, None)
+            if lookup is not None:
+                self.settle(lookup, envelope.msg)
             elif isinstance(envelope.msg, wire.Error):
                 log(
                     self.name,
@@ -454,6 +670,38 @@ class OrchestratorDaemon(Daemon):
                     error=envelope.msg.message,
                 )
 
+    def list_models(self, then: Callable[[wire.Msg], None]) -> None:
+        """Registered models, with how many live workers serve each."""
+
+        def answer(reply: wire.Msg) -> None:
+            if isinstance(reply, wire.Error):
+                return then(reply)
+            if not isinstance(reply, wire.RegistryReply) or not isinstance(reply.result, list):
+                return then(
+                    wire.Error(
+                        kind=Kind.internal,
+                        code="protocol_error",
+                        message="unexpected registry answer",
+                    )
+                )
+            models = []
+            for record in reply.result:
+                ref = f"{record['name']}:{record['version']}"
+                models.append(
+                    wire.ModelEntry(
+                        ref=ref,
+                        name=record["name"],
+                        aliases=list(record.get("aliases") or []),
+                        created_at=str(record.get("created_at", "")),
+                        status=str(record.get("status", "")),
+                        workers=len(self.serving.get(ref, ())),
+                    )
+                )
+            return then(wire.ModelList(models=models))
+
+        self.ask_registry("list", "", answer)
+
+    # requests --------------------------------------------------------------------------------
     def infer(
         self, gateway: bytes, envelope: wire.Envelope, msg: wire.Infer, accepting: bool
     ) -> None:
@@ -477,13 +725,47 @@ class OrchestratorDaemon(Daemon):
                     kind=Kind.timeout, code="deadline_exceeded", message="the deadline had passed"
                 )
             )
-        if envelope.id in self.pending:
+        if envelope.id in self.parked or envelope.id in self.pending:
+            known = self.pending.get(envelope.id)
+            if known is None or known.gateway == gateway:
+                # The same request again from the same gateway (sent again after its link to
+                # us was reset): it is already here.
+                self.counters["duplicates_ignored"] += 1
+                return None
             return refuse(
                 wire.Error(kind=Kind.invalid, code="duplicate_request", message="request id in use")
             )
-        info = self.resolve(str(msg.request.get("model") or self.default_model))
-        if isinstance(info, wire.Error):
-            return refuse(info)
+        if len(self.parked) >= MAX_PARKED:
+            return refuse(
+                wire.Error(
+                    kind=Kind.overloaded,
+                    code="overloaded",
+                    message="too many requests waiting for a model lookup",
+                    retry_after=1.0,
+                )
+            )
+        self.parked.add(envelope.id)
+
+        def resolved(info: Answer) -> None:
+            if envelope.id not in self.parked:
+                return None  # cancelled meanwhile
+            self.parked.discard(envelope.id)
+            if isinstance(info, wire.Error):
+                return refuse(info)
+            return self.admit(gateway, envelope, msg, info, refuse)
+
+        self.resolve(str(msg.request.get("model") or self.default_model), resolved)
+        return None
+
+    def admit(
+        self,
+        gateway: bytes,
+        envelope: wire.Envelope,
+        msg: wire.Infer,
+        info: wire.ModelInfo,
+        refuse: Callable[[wire.Error], None],
+    ) -> None:
+        """Queue (or dispatch at once) a request whose model is known."""
         if not self.open_workers[info.ref]:
             return refuse(
                 wire.Error(
@@ -610,6 +892,10 @@ class OrchestratorDaemon(Daemon):
                 queue.popleft()
 
     def cancel(self, request_id: str) -> None:
+        if request_id in self.parked:
+            self.parked.discard(request_id)
+            self.counters["cancelled"] += 1
+            return
         pending = self.pending.get(request_id)
         if pending is None:
             return
@@ -626,6 +912,9 @@ class OrchestratorDaemon(Daemon):
     def sweep(self) -> None:
         """Drop silent workers and expire queued requests: only the heaps' due entries."""
         now = time.monotonic()
+        for ref, since in list(self.orphaned.items()):
+            if now - since > ORPHAN_QUEUE_S:
+                self.answer_orphaned_queue(ref, f"no worker came back in {ORPHAN_QUEUE_S:g}s")
         while self.liveness and self.liveness[0][0] < now:
             _, _, worker = heapq.heappop(self.liveness)
             if self.workers.get(worker.identity) is not worker:
@@ -751,35 +1040,6 @@ class OrchestratorDaemon(Daemon):
                 self.busy[ref] -= 1
             self.reindex(worker)
 
-    def list_models(self) -> wire.Msg:
-        """Registered models, with how many live workers serve each."""
-        try:
-            reply = self.registry.call(wire.RegistryCall(op="list"), 2.0)
-        except HaifError as exc:
-            return msgspec.structs.replace(exc.to_wire(), retry_after=2.0)
-        if not isinstance(reply, wire.RegistryReply) or not isinstance(reply.result, list):
-            return (
-                reply
-                if isinstance(reply, wire.Error)
-                else wire.Error(
-                    kind=Kind.internal, code="protocol_error", message="unexpected registry answer"
-                )
-            )
-        models = []
-        for record in reply.result:
-            ref = f"{record['name']}:{record['version']}"
-            models.append(
-                wire.ModelEntry(
-                    ref=ref,
-                    name=record["name"],
-                    aliases=list(record.get("aliases") or []),
-                    created_at=str(record.get("created_at", "")),
-                    status=str(record.get("status", "")),
-                    workers=len(self.serving.get(ref, ())),
-                )
-            )
-        return wire.ModelList(models=models)
-
     def window(self) -> wire.Window:
         now = time.monotonic()
         while self.finished and now - self.finished[0].at > WINDOW_S:
@@ -839,10 +1099,6 @@ class OrchestratorDaemon(Daemon):
             window=self.window(),
             uptime_s=round(now - self.started_mono, 1),
         )
-
-    def stop(self) -> None:
-        self.registry.close()
-        super().stop()
 
 
 K = TypeVar("K")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from haifctl.daemon.base import log
 from haifctl.daemon.state import log_dir, remove_state, run_dir, write_state
+from haifctl.files import open_log, private_dir
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -74,7 +75,10 @@ class Supervisor:
         self.failed = ""
         self.started_at = time.time()
         self.registry_url = registry_url
-        common = ["--home", str(home), "--registry-url", registry_url]
+        # the registry URL may hold a password: it reaches the daemons through their
+        # environment (HAIF_REGISTRY_URL, see child_env), never their command lines, which
+        # every user of the machine can read in /proc/PID/cmdline
+        common = ["--home", str(home)]
         self.children = [
             Child("registry", [*common, "daemon", "registry"], "tcp://127.0.0.1:0"),
             Child(
@@ -88,7 +92,11 @@ class Supervisor:
                 ],
                 orchestrator_bind,
             ),
-            Child("gateway", [*common, "daemon", "gateway"], gateway_bind),
+            Child(
+                "gateway",
+                [*common, "daemon", "gateway", "--heartbeat-timeout", str(heartbeat_timeout_s)],
+                gateway_bind,
+            ),
         ]
         if bridge_bind is not None:
             self.children.append(Child("bridge", [*common, "daemon", "bridge"], bridge_bind))
@@ -125,8 +133,8 @@ class Supervisor:
 
     def run(self) -> int:
         self.install_signal_handlers()
-        run_dir(self.home).mkdir(parents=True, exist_ok=True)
-        log_dir(self.home).mkdir(parents=True, exist_ok=True)
+        private_dir(run_dir(self.home))
+        private_dir(log_dir(self.home))
         try:
             for child in self.children:
                 self.spawn(child)
@@ -163,19 +171,27 @@ class Supervisor:
         args += ["--metrics-port", str(port)]
         return [*args, "--ready-file", str(self.ready_file(child))]
 
+    def child_env(self) -> dict[str, str]:
+        """A daemon's environment: ours, plus the settings that must not be on its command
+        line.  The environment wins over the config file and loses only to flags."""
+        return {**os.environ, "HAIF_REGISTRY_URL": self.registry_url}
+
     def ready_file(self, child: Child) -> Path:
         return run_dir(self.home) / f"{child.name}.ready"
 
     def spawn(self, child: Child) -> None:
         self.ready_file(child).unlink(missing_ok=True)
-        logfile = (log_dir(self.home) / f"{child.name}.log").open("ab")
-        child.popen = subprocess.Popen(
-            self.args_for(child),
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        logfile.close()
+        logfile = open_log(log_dir(self.home) / f"{child.name}.log")  # 0600
+        try:
+            child.popen = subprocess.Popen(
+                self.args_for(child),
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.child_env(),
+            )
+        finally:
+            os.close(logfile)
         child.pid = child.popen.pid
         child.started_at = time.time()
         child.state = "starting"

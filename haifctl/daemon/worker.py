@@ -2,7 +2,8 @@
 
 No thread per request.  The main loop owns the orchestrator link: it validates requests, renders
 and tokenises their prompts and hands them to the model's engine, relays cancels, heartbeats,
-re-registers when the orchestrator forgets it, and drains on SIGTERM.  The engine thread decodes
+re-registers when the orchestrator forgets it or falls silent (on the same connection, under
+the same identity, reporting what it still runs), and drains on SIGTERM.  The engine thread decodes
 every running sequence together and, once per step, hands all their events to :meth:`on_step`,
 which turns them into one stream frame per destination (coalesced for at most
 ``stream_interval_s``; a first token and a stream's end go out at once) and the final Done or
@@ -157,16 +158,15 @@ class WorkerDaemon(Daemon):
         self.endpoints["orchestrator"] = self.orchestrator
 
     def connect(self) -> None:
-        """(Re)open the orchestrator link and announce ourselves."""
-        old = getattr(self, "dealer", None)
-        if old is not None:
-            self.unwatch(old)
-            old.close(linger=0)
+        """Open the orchestrator link, once: ZeroMQ reconnects it by itself, and keeping it
+        keeps the order of everything sent both ways (an Infer on its way is never lost to
+        a new socket).  The identity is the worker id, stable across silences."""
         self.dealer = socket(self.ctx, zmq.DEALER)
-        self.dealer.setsockopt(zmq.ROUTING_ID, f"{self.worker_id}/{uuid.uuid4().hex[:8]}".encode())
+        self.dealer.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
         self.dealer.connect(self.orchestrator)
         self.watch(self.dealer, self.read_orchestrator)
         self.last_ack = time.monotonic()
+        self.registered_at = 0.0
         self.register()
 
     def gpu_facts(self) -> tuple[str, int]:
@@ -183,6 +183,7 @@ class WorkerDaemon(Daemon):
     def register(self) -> None:
         assert self.loaded is not None
         assert self.model is not None
+        self.registered_at = time.monotonic()
         self.dealer.send(
             wire.encode(
                 wire.Register(
@@ -195,6 +196,7 @@ class WorkerDaemon(Daemon):
                     n_ctx=self.loaded.info.n_ctx,
                     pid=os.getpid(),
                     host=pysocket.gethostname(),
+                    running=list(self.streams),
                 )
             )
         )
@@ -208,9 +210,12 @@ class WorkerDaemon(Daemon):
 
     def on_tick(self, now: float) -> None:
         self.heartbeat()
-        if now - self.last_ack > self.orchestrator_timeout_s:
-            log(self.name, "orchestrator silent; reconnecting", level="warning")
-            self.connect()
+        if (
+            now - self.last_ack > self.orchestrator_timeout_s
+            and now - self.registered_at > self.orchestrator_timeout_s
+        ):
+            log(self.name, "orchestrator silent; announcing ourselves again", level="warning")
+            self.register()
 
     def heartbeat(self) -> None:
         self.dealer.send(
@@ -243,10 +248,13 @@ class WorkerDaemon(Daemon):
                 continue
             msg = envelope.msg
             if isinstance(msg, wire.Ack):
-                self.last_ack = time.monotonic()
-                if not msg.known:
+                now = self.last_ack = time.monotonic()
+                if not msg.known and now - self.registered_at > 0.5:
+                    # (heartbeats queued while it was away each get this answer: once is enough)
                     log(self.name, "orchestrator does not know us; registering again")
                     self.register()
+                for request_id in msg.cancel:
+                    self.stop_orphan(request_id)
             elif isinstance(msg, wire.Infer):
                 self.last_ack = time.monotonic()
                 self.safely(self.accept, envelope, msg)
@@ -260,6 +268,16 @@ class WorkerDaemon(Daemon):
                 self.dealer.send(wire.reply(envelope, self.pong()))
             else:
                 self.counters["unexpected_messages"] += 1
+
+    def stop_orphan(self, request_id: str) -> None:
+        """A request the orchestrator gave up on while we were silent (failed, or sent to
+        another worker): stop it; the orchestrator drops its text and frees the slot when its
+        end arrives."""
+        stream = self.streams.get(request_id)
+        if stream is not None and stream.job is not None:
+            stream.job.cancel.cancel()
+            self.counters["orphans_stopped"] += 1
+            log(self.name, "stopped a request the orchestrator gave up on", request_id=request_id)
 
     def accept(self, envelope: wire.Envelope, msg: wire.Infer) -> None:
         assert self.loaded is not None

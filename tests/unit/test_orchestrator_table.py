@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from haifctl import wire
 from haifctl.daemon import orchestrator as orchestrator_module
-from haifctl.daemon.orchestrator import OrchestratorDaemon
+from haifctl.daemon.orchestrator import OrchestratorDaemon, Resolution
 
 MODEL = "m:1"
 GATEWAY = b"gateway"
@@ -123,7 +123,9 @@ def h(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     )
     harness = Harness(daemon, clock)
     daemon.started_mono = clock.now
-    daemon.resolved[MODEL] = (float("inf"), wire.ModelInfo(ref=MODEL, path="/m", context_length=0))
+    daemon.resolved[MODEL] = Resolution(
+        wire.ModelInfo(ref=MODEL, path="/m", context_length=0), float("inf")
+    )
     # the registry at the end of the orchestrator's link for calls it does not wait on
     harness.registry = daemon.ctx.socket(zmq.ROUTER)
     harness.registry.bind("inproc://registry")
@@ -284,9 +286,8 @@ def test_the_registry_hears_of_a_models_first_and_last_worker_only(h: Harness) -
 def test_a_stale_resolution_is_used_while_a_fresh_one_is_asked_for(h: Harness) -> None:
     a = h.register("a", slots=4)
     h.told_registry()
-    h.d.resolved[MODEL] = (
-        h.clock.now - 1,
-        wire.ModelInfo(ref=MODEL, path="/old", context_length=0),
+    h.d.resolved[MODEL] = Resolution(
+        wire.ModelInfo(ref=MODEL, path="/old", context_length=0), h.clock.now - 1
     )
     for _ in range(2):
         h.infer()
@@ -304,5 +305,5 @@ def test_a_stale_resolution_is_used_while_a_fresh_one_is_asked_for(h: Harness) -
     h.infer()
     sent = [e.msg for i, e in h.sent if i == a and isinstance(e.msg, wire.Infer)]
     assert sent[-1].model_path == "/new"
-    assert not h.d.refreshing
-    assert not h.d.refreshes
+    assert not h.d.lookups
+    assert not h.d.resolving
