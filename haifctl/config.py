@@ -6,12 +6,13 @@ Every value remembers where it came from so that ``haifctl config show`` can say
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 import platformdirs
 
@@ -193,18 +194,64 @@ class Settings:
         if name == "registry_url":
             return mask_url(str(value))
         if _BY_NAME[name].secret and value:
-            return "********"
+            return MASK
         return str(value)
 
 
-def mask_url(url: str) -> str:
-    """Hide the password in a URL, keeping everything else readable."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:********@{netloc}"))
+MASK = "********"
+
+# ``password=VALUE`` (also libpq's ``sslpassword``) in a URL's query or a key=value conninfo
+# string: the value runs to the next ``&``, whitespace or ``#``, or is a quoted conninfo value.
+_PASSWORD_PARAM = re.compile(
+    r"(?i)(?<![A-Za-z0-9_])((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s#]+)"
+)
+
+
+def mask_url(text: str, source: str | None = None) -> str:
+    """Hide every password in a URL, keeping everything else readable: the one masking
+    function, for ``config show``, error messages, logs and ``status``.
+
+    Masks both forms a Postgres URL can carry one in: the userinfo
+    (``postgresql://user:PASS@host/db``) and the query (``...?password=PASS``, which libpq also
+    accepts as a ``password=PASS`` conninfo keyword).  ``text`` may also be a message about a
+    URL (a driver's error): with ``source``, the URL it is about, every password of ``source``
+    is masked wherever it appears in ``text`` too, raw or percent-decoded.  Never raises.
+    """
+    masked = _PASSWORD_PARAM.sub(lambda m: m.group(1) + MASK, text)
+    if source is not None:
+        for secret in sorted(_passwords(source), key=len, reverse=True):
+            masked = masked.replace(secret, MASK)
+    start, _, userinfo = _userinfo(masked)
+    if ":" not in userinfo:
+        return masked
+    user = userinfo.split(":", 1)[0]
+    return f"{masked[:start]}{user}:{MASK}@{masked[start + len(userinfo) + 1 :]}"
+
+
+def _userinfo(url: str) -> tuple[int, int, str]:
+    """Where the authority of ``scheme://userinfo@host/...`` starts and ends, and its userinfo
+    ("" when there is none)."""
+    scheme_end = url.find("://")
+    if scheme_end < 0:
+        return 0, 0, ""
+    start = scheme_end + 3
+    end = len(url)
+    for stop in "/?#":
+        found = url.find(stop, start)
+        if found >= 0:
+            end = min(end, found)
+    userinfo, at, _ = url[start:end].rpartition("@")
+    return start, end, userinfo if at else ""
+
+
+def _passwords(url: str) -> set[str]:
+    """The passwords a URL carries, as written and percent-decoded (at least 3 characters: a
+    shorter one would mask random bits of a message)."""
+    found = [m.group(2).strip("'") for m in _PASSWORD_PARAM.finditer(url)]
+    userinfo = _userinfo(url)[2]
+    if ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    return {s for raw in found for s in (raw, unquote(raw)) if len(s) >= 3}
 
 
 def default_home() -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from haifctl.errors import InvalidInput, NotFound
+from haifctl.files import private_dir
 
 PREFIX = "haif-"
 
@@ -45,7 +46,7 @@ class KeyStore:
         return self._keys
 
     def _save(self, keys: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"keys": keys}, indent=2))
         tmp.chmod(0o600)

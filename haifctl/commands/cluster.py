@@ -18,6 +18,7 @@ from rich.table import Table
 from haifctl.client import ClusterClient
 from haifctl.commands._dispatch import open_cli_registry
 from haifctl.commands._shared import JsonFlag, print_json, state, stderr, stdout, want_json
+from haifctl.config import mask_url
 from haifctl.daemon.state import (
     daemon_endpoint,
     log_dir,
@@ -28,6 +29,7 @@ from haifctl.daemon.state import (
     running_state,
 )
 from haifctl.errors import HaifError, InvalidInput, Unavailable
+from haifctl.files import open_log, private_dir
 
 
 class RestartPolicy(StrEnum):
@@ -133,8 +135,6 @@ def up(
         "haifctl",
         "--home",
         str(home),
-        "--registry-url",
-        settings.registry_url,
         "daemon",
         "supervise",
         "--workers",
@@ -154,19 +154,26 @@ def up(
     ]
     for ref in refs:
         args += ["--model", ref]
+    # the registry URL may hold a password: the environment carries it (to the supervisor, and
+    # from it to the daemons), never a command line that `ps` shows to every user
+    env = {**os.environ, "HAIF_REGISTRY_URL": settings.registry_url}
     if foreground:
-        os.execv(sys.executable, args)
-    log_dir(home).mkdir(parents=True, exist_ok=True)
-    run_dir(home).mkdir(parents=True, exist_ok=True)
+        os.execve(sys.executable, args, env)
+    private_dir(log_dir(home))
+    private_dir(run_dir(home))
     remove_state(home)
-    with (log_dir(home) / "supervisor.log").open("ab") as logfile:
+    logfile = open_log(log_dir(home) / "supervisor.log")  # 0600
+    try:
         supervisor = subprocess.Popen(
             args,
             stdout=logfile,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=env,
         )
+    finally:
+        os.close(logfile)
     data = _wait_ready(home, supervisor, timeout)
     gateway = daemon_endpoint(data, "gateway")
     _wait_workers(gateway, workers, time.monotonic() + timeout)
@@ -297,6 +304,7 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
             {
                 "state": data.get("state"),
                 "supervisor_pid": data.get("supervisor_pid"),
+                "registry": mask_url(str(data.get("registry_url", ""))),
                 "daemons": daemons,
                 "workers": workers,
                 "queues": queues,
@@ -318,6 +326,7 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
         )
     out = stdout()
     out.print(table)
+    out.print(f"\nregistry: {mask_url(str(data.get('registry_url', '')))}", markup=False)
     wt = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("WORKER", "MODEL", "DEVICE", "LOAD", "SERVED", "TOKENS", "ERRORS", "HOST"):
         wt.add_column(column)

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 from haifctl.config import mask_url
 from haifctl.errors import HaifError, InvalidInput, Unavailable
+from haifctl.files import private_dir
 
 Params = Mapping[str, Any]
 
@@ -47,7 +48,7 @@ class SQLiteBackend:
 
         self.location = str(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)  # the haifctl home, usually: 0700 when we create it
             # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE), so a
             # read-then-write never deadlocks against another process upgrading its lock.
             conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -118,11 +119,12 @@ class PostgresBackend:
         except psycopg.ProgrammingError as exc:
             raise InvalidInput(
                 "bad_registry_url",
-                f"the registry URL {self.location} is not valid: {exc}",
+                f"the registry URL {self.location} is not valid: {mask_url(str(exc), url)}",
                 "use postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
             ) from None
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            reason = mask_url(reason, url)  # a driver's message may quote the URL's parts
             raise Unavailable(
                 "registry_unreachable",
                 f"cannot reach the Postgres registry at {self.location}: {reason}",

@@ -81,3 +81,46 @@ def test_bad_config_files_are_named(home: Path, text: str, message: str) -> None
 def test_bad_env_integer_names_the_variable(home: Path) -> None:
     with pytest.raises(InvalidInput, match="HAIF_THREADS: expected an integer"):
         resolve(env={"HAIF_HOME": str(home), "HAIF_THREADS": "many"})
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:s3cret@h:5432/db", "postgresql://u:********@h:5432/db"),
+        ("postgresql://u@h/db?password=s3cret", "postgresql://u@h/db?password=********"),
+        (
+            "postgres://u@h/db?sslmode=disable&password=s3cret&options=-cx",
+            "postgres://u@h/db?sslmode=disable&password=********&options=-cx",
+        ),
+        (
+            "postgresql://u:s3cret@h/db?PASSWORD=s3cret#top",
+            "postgresql://u:********@h/db?PASSWORD=********#top",
+        ),
+        ("postgresql://:s3cret@h/db", "postgresql://:********@h/db"),
+        ("postgresql://h/db?sslpassword=s3cret", "postgresql://h/db?sslpassword=********"),
+        ("host=h password=s3cret dbname=db", "host=h password=******** dbname=db"),
+        ("postgresql://u@h/db?passwords_seen=2", "postgresql://u@h/db?passwords_seen=2"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+        ("postgresql://[not a url", "postgresql://[not a url"),
+    ],
+)
+def test_mask_url_masks_both_password_forms(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_mask_url_masks_a_urls_password_in_a_message_about_it() -> None:
+    url = "postgresql://u:p%40ss-word@h/db?password=other-one"
+    message = 'invalid percent-encoded token: "p%40ss-word"; p@ss-word; other-one refused'
+    masked = mask_url(message, url)
+    assert "ss-word" not in masked
+    assert "other-one" not in masked
+    assert masked.startswith("invalid percent-encoded token: ")
+
+
+def test_config_show_masks_a_query_password(home: Path) -> None:
+    url = "postgresql://u@h/db?password=hunter2&sslmode=disable"
+    settings = resolve(env={"HAIF_HOME": str(home), "HAIF_REGISTRY_URL": url})
+    assert settings.display_value("registry_url") == (
+        "postgresql://u@h/db?password=********&sslmode=disable"
+    )
