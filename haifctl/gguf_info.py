@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import msgspec
 
 from haifctl.errors import HaifError, InvalidInput, NotFound
+from haifctl.files import open_regular
 
 GGUF_MAGIC = b"GGUF"
 
@@ -36,11 +38,14 @@ def check_model_path(path: Path) -> Path:
     path = path.expanduser()
     if not path.exists():
         raise NotFound("file_not_found", f"no such file: {path}", "check the path and try again")
-    if path.is_dir():
-        raise InvalidInput("not_a_file", f"{path} is a directory, not a GGUF file")
     try:
-        with path.open("rb") as fh:
+        # a FIFO, device or directory is refused before any read: reading a FIFO blocks
+        with os.fdopen(open_regular(path), "rb") as fh:
             magic = fh.read(4)
+    except FileNotFoundError:
+        raise NotFound(
+            "file_not_found", f"no such file: {path}", "check the path and try again"
+        ) from None
     except OSError as exc:
         raise InvalidInput("unreadable_file", f"cannot read {path}: {exc.strerror}") from None
     if magic != GGUF_MAGIC:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+from haifctl.files import open_regular
 
 CHUNK = 4 * 1024 * 1024
 
@@ -14,7 +17,8 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
     digest = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    with path.open("rb", buffering=0) as fh:
+    # refuses a FIFO or device (InvalidInput) instead of blocking on it or hashing it forever
+    with os.fdopen(open_regular(path), "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
             digest.update(view[:n])
             if progress is not None:

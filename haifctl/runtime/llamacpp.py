@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from haifctl.errors import HaifError
+from haifctl.files import open_regular
 from haifctl.runtime.base import (
     DeviceFacts,
     LoadOptions,
@@ -114,6 +115,8 @@ class LlamaCppModel(Model):
         threads = options.threads or default_threads()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers if offload else 0
+        # llama.cpp would block forever opening a FIFO: only a regular file gets that far
+        os.close(open_regular(path))
         try:
             self._model: Any = _internals().LlamaModel(
                 path_model=str(path), params=mparams, verbose=False
