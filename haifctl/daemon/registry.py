@@ -11,6 +11,7 @@ import msgspec
 import zmq
 
 from haifctl import wire
+from haifctl.config import mask_url
 from haifctl.daemon.base import Daemon, bind, log, socket
 from haifctl.errors import HaifError, Kind
 from haifctl.gguf_info import GGUFFacts
@@ -101,6 +102,16 @@ class RegistryDaemon(Daemon):
                 kind=Kind.invalid,
                 code="invalid_request",
                 message=f"bad arguments for {msg.op}: {exc}",
+            )
+        except Exception as exc:
+            # answer, always: a caller left without one waits out its whole timeout
+            self.metrics.requests.labels(self.name, msg.op, "internal_error").inc()
+            error = mask_url(f"{type(exc).__name__}: {exc}", self.registry_url)
+            log(self.name, "registry call failed", level="error", op=msg.op, error=error)
+            return wire.Error(
+                kind=Kind.internal,
+                code="registry_error",
+                message=f"the registry failed on {msg.op}: {error}",
             )
         return wire.RegistryReply(result=msgspec.to_builtins(result))
 

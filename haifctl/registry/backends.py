@@ -38,6 +38,22 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _params(params: Params | None) -> dict[str, Any]:
+    """The statement's parameters, after refusing a text value with a NUL byte on every backend
+    alike: Postgres cannot store one (psycopg raises DataError, which no caller expects) and
+    SQLite would store it but compare it oddly.  The registry refuses such names first; this
+    keeps any other path from turning one into an internal error."""
+    values = dict(params or {})
+    for key, value in values.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidInput(
+                "invalid_text",
+                f"{key} {value[:60]!r} contains a NUL byte",
+                "names and values hold no control characters",
+            )
+    return values
+
+
 class SQLiteBackend:
     """A registry in one SQLite file, in WAL mode so that readers never wait on a writer."""
 
@@ -65,11 +81,11 @@ class SQLiteBackend:
         self._depth = 0
 
     def query(self, sql: str, params: Params | None = None) -> list[dict[str, Any]]:
-        return list(self.db.query(sql, dict(params or {})))
+        return list(self.db.query(sql, _params(params)))
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         try:
-            cursor = self.db.execute(sql, dict(params or {}))
+            cursor = self.db.execute(sql, _params(params))
         except sqlite3.IntegrityError as exc:
             raise Conflict(str(exc)) from exc
         return int(cursor.rowcount)
@@ -137,16 +153,18 @@ class PostgresBackend:
         return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
 
     def query(self, sql: str, params: Params | None = None) -> list[dict[str, Any]]:
+        values = _params(params)
         with self.conn.cursor() as cur:
-            cur.execute(self._sql(sql), dict(params or {}))
+            cur.execute(self._sql(sql), values)
             return list(cur.fetchall()) if cur.description else []
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         import psycopg
 
+        values = _params(params)
         try:
             with self.conn.cursor() as cur:
-                cur.execute(self._sql(sql), dict(params or {}))
+                cur.execute(self._sql(sql), values)
                 return int(cur.rowcount)
         except psycopg.errors.IntegrityError as exc:
             raise Conflict(str(exc)) from exc

@@ -25,7 +25,14 @@ STATUSES: tuple[str, ...] = ("registered", "deployed", "retired")
 BUILTIN_VERSION = "1"
 BUILTIN_SHA256 = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_NAME_CHARS = 128  # a name, a version or an alias
+# The longest NAME:VERSION the registry can hold: other daemons cap a model name with it before
+# asking the registry about it.
+MAX_REF_CHARS = 2 * MAX_NAME_CHARS + 1
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}")
+# C0 controls (NUL included), DEL and C1 controls: never part of a name, and Postgres refuses
+# a NUL in any text value.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,8 +75,35 @@ def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
     return (*key, (1, 0, ""))
 
 
+def _shown(text: str) -> str:
+    """A name quoted for a message, control characters escaped, a long one cut short."""
+    return repr(text) if len(text) <= 60 else repr(text[:60]) + "..."
+
+
+def check_ref_text(ref: str, what: str = "model reference") -> str:
+    """Refuse, before any lookup, what no model name, version or alias can be: text with a NUL
+    or another control character, or longer than the registry's limits (NAME and VERSION
+    ``MAX_NAME_CHARS`` each, ``MAX_REF_CHARS`` in all)."""
+    code = "invalid_model_ref" if what == "model reference" else f"invalid_{what}"
+    if _CONTROL.search(ref):
+        raise InvalidInput(
+            code,
+            f"{what} {_shown(ref)} contains a control character",
+            "names hold only letters, digits, '.', '_' and '-'",
+        )
+    name, _, version = ref.strip().partition(":")
+    if len(ref) > MAX_REF_CHARS or max(len(name), len(version)) > MAX_NAME_CHARS:
+        raise InvalidInput(
+            code,
+            f"{what} {_shown(ref)} is too long ({len(ref)} characters)",
+            f"a name, a version and an alias are at most {MAX_NAME_CHARS} characters each",
+        )
+    return ref
+
+
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """Split ``NAME[:VERSION]``."""
+    check_ref_text(ref)
     name, sep, version = ref.strip().partition(":")
     if not name or (sep and not version):
         raise InvalidInput(
@@ -79,10 +113,10 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
 
 
 def check_name(kind: str, value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise InvalidInput(
             f"invalid_{kind}",
-            f"{kind} {value!r} is not allowed",
+            f"{kind} {_shown(value)} is not allowed",
             f"a {kind} starts with a letter or digit and holds only letters, digits, '.', '_' "
             "and '-' (at most 128 characters)",
         )
@@ -367,6 +401,7 @@ class Registry:
         return self.resolve(target.ref)
 
     def remove_alias(self, alias: str) -> None:
+        check_ref_text(alias, "alias")
         if not self.backend.execute("DELETE FROM aliases WHERE alias = :a", {"a": alias}):
             raise NotFound(
                 "alias_not_found", f"no alias {alias!r}", "`haifctl models list` shows aliases"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -11,7 +12,15 @@ import pytest
 from haifctl.errors import InvalidInput, NotFound, Unavailable
 from haifctl.registry.backends import SQLiteBackend
 from haifctl.registry.migrations import MIGRATIONS
-from haifctl.registry.service import BUILTIN_SHA256, Registry, open_registry
+from haifctl.registry.remote import RemoteRegistry
+from haifctl.registry.service import (
+    BUILTIN_SHA256,
+    MAX_NAME_CHARS,
+    MAX_REF_CHARS,
+    Registry,
+    open_registry,
+)
+from tests.cluster import Proc
 
 
 @pytest.fixture
@@ -198,3 +207,95 @@ def test_bad_registry_urls(url: str, code: str) -> None:
 def test_sqlite_registry_in_a_directory_path(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="points at a directory"):
         open_registry(f"sqlite://{tmp_path}")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://nobody:s3cret-pw@127.0.0.1:1/db",
+        "postgresql://nobody@127.0.0.1:1/db?password=s3cret-pw",
+        "postgresql://x:s3cret-pw@127.0.0.1/db?bogus=1",
+        "postgresql://x@127.0.0.1/db?password=s3cret-pw&bogus=1",
+    ],
+)
+def test_registry_errors_mask_the_password(url: str) -> None:
+    with pytest.raises((InvalidInput, Unavailable)) as info:
+        open_registry(url)
+    assert "s3cret-pw" not in info.value.message + info.value.hint
+    assert "********" in info.value.message
+
+
+BAD_REFS = [
+    pytest.param("tiny\x00", id="nul"),
+    pytest.param("ti\x00ny:1", id="nul-inside"),
+    pytest.param("tiny\x1b[2J", id="escape"),
+    pytest.param("tiny\n", id="newline"),
+    pytest.param("tiny\x7f", id="del"),
+    pytest.param("t" * (MAX_NAME_CHARS + 1), id="long-name"),
+    pytest.param("tiny:" + "1" * (MAX_NAME_CHARS + 1), id="long-version"),
+    pytest.param("t" * (MAX_REF_CHARS + 1), id="long-ref"),
+    pytest.param("t" * 1_000_000, id="huge"),
+]
+
+
+@pytest.mark.parametrize("ref", BAD_REFS)
+def test_control_characters_and_overlong_refs_are_invalid_input(
+    registry: Registry, gguf_copy: Path, ref: str
+) -> None:
+    """On both backends (Postgres cannot even store a NUL): a clear InvalidInput, before any
+    lookup, from every operation that takes a name."""
+    registry.register(gguf_copy, name="tiny", aliases=["story"])
+    operations = [
+        lambda: registry.resolve(ref),
+        lambda: registry.remove(ref),
+        lambda: registry.set_default(ref),
+        lambda: registry.set_status(ref, "retired"),
+        lambda: registry.set_alias("other", ref),
+        lambda: registry.set_alias(ref, "tiny:1"),
+        lambda: registry.remove_alias(ref),
+        lambda: registry.register(gguf_copy, name=ref),
+        lambda: registry.register(gguf_copy, name="tiny2", aliases=[ref]),
+    ]
+    for operation in operations:
+        with pytest.raises(InvalidInput) as info:
+            operation()
+        assert info.value.code.startswith("invalid_")
+        assert "\x00" not in info.value.message  # shown escaped
+        assert len(info.value.message) < 300  # a huge name is not echoed whole
+        assert info.value.hint
+    assert [r.ref for r in registry.all()] == ["tiny:1"]
+    assert registry.resolve("story").ref == "tiny:1"  # nothing changed, the backend still works
+
+
+def test_a_ref_at_the_limit_is_looked_up(registry: Registry) -> None:
+    name = "t" * MAX_NAME_CHARS
+    with pytest.raises(NotFound):
+        registry.resolve(f"{name}:{'1' * MAX_NAME_CHARS}")
+    assert len(f"{name}:{'1' * MAX_NAME_CHARS}") == MAX_REF_CHARS
+
+
+def test_backends_refuse_a_nul_in_any_text_parameter(registry: Registry) -> None:
+    backend = registry.backend
+    with pytest.raises(InvalidInput, match="contains a NUL byte"):
+        backend.query("SELECT name FROM models WHERE name = :n", {"n": "a\x00b"})
+    with pytest.raises(InvalidInput, match="contains a NUL byte"):
+        backend.execute("DELETE FROM aliases WHERE alias = :a", {"a": "a\x00b"})
+    assert backend.query("SELECT count(*) AS n FROM models")[0]["n"] >= 0  # still usable
+
+
+def test_registry_daemon_answers_a_nul_name_at_once(registry_url: str, tmp_path: Path) -> None:
+    """A NUL in a model name used to escape the daemon's handler on Postgres (psycopg's
+    DataError), leaving the caller without an answer until its timeout."""
+    env = {**os.environ, "HAIF_REGISTRY_URL": registry_url, "HAIF_HOME": str(tmp_path / "h")}
+    proc = Proc("registry", ["daemon", "registry"], tmp_path, env)
+    try:
+        with RemoteRegistry(proc.endpoint(), timeout=20.0) as remote:
+            for ref in ("tiny\x00", "x" * (MAX_REF_CHARS + 1)):
+                with pytest.raises(InvalidInput) as info:
+                    remote.resolve(ref)
+                assert info.value.code == "invalid_model_ref"
+            with pytest.raises(InvalidInput):
+                remote.remove_alias("a\x00")
+            assert remote.resolve("stories260K").ref == "stories260K:1"
+    finally:
+        assert proc.stop() == 0, proc.tail()
