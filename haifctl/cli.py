@@ -15,6 +15,7 @@ from haifctl.commands import cluster as cluster_cmd
 from haifctl.commands import config as config_cmd
 from haifctl.commands import daemon as daemon_cmd
 from haifctl.commands import infer as infer_cmd
+from haifctl.commands import join as join_cmd
 from haifctl.commands import keys as keys_cmd
 from haifctl.commands import models as models_cmd
 from haifctl.commands import top as top_cmd
@@ -53,6 +54,7 @@ app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys_cmd.app, name="keys")
 app.command()(daemon_cmd.worker)
+app.command("join-token")(join_cmd.join_token)
 app.add_typer(daemon_cmd.app, name="daemon", hidden=True)
 
 

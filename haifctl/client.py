@@ -12,14 +12,16 @@ import zmq
 from haifctl import wire
 from haifctl.errors import Unavailable
 from haifctl.rpc import RpcClient
+from haifctl.security import ADMIN, Keyring
 
 
 class ClusterClient:
-    def __init__(self, address: str, key: str = "") -> None:
+    def __init__(self, address: str, keyring: Keyring, key: str = "") -> None:
         self.address = address
         self.key = key
+        self.keyring = keyring
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.rpc = RpcClient(self.ctx, address, "gateway")
+        self.rpc = RpcClient(self.ctx, address, "gateway", keyring)
         self._idle: zmq.Socket[bytes] | None = None  # kept connected between streams
 
     def close(self) -> None:
@@ -34,6 +36,7 @@ class ClusterClient:
             return sock
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        self.keyring.client(sock, ADMIN)
         sock.connect(self.address)
         return sock
 

@@ -13,15 +13,25 @@ import zmq
 
 from haifctl import wire
 from haifctl.errors import HaifError, Unavailable
+from haifctl.security import ADMIN, Keyring
 
 Answer = TypeVar("Answer", bound=wire.Msg)
 
 
 class RpcClient:
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, name: str) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        name: str,
+        keyring: Keyring | None,
+        role: str = ADMIN,
+    ) -> None:
         self.ctx = ctx
         self.address = address
         self.name = name
+        self.keyring = keyring
+        self.role = role
         self._sock: zmq.Socket[bytes] | None = None
 
     def _socket(self) -> zmq.Socket[bytes]:
@@ -29,6 +39,8 @@ class RpcClient:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES + 4096)
+            if self.keyring is not None:
+                self.keyring.client(sock, self.role)
             sock.connect(self.address)
             self._sock = sock
         return self._sock

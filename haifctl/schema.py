@@ -11,6 +11,24 @@ from haifctl.errors import InvalidInput
 from haifctl.runtime.base import SamplingParams
 
 MAX_STOP_STRINGS = 8
+# Bounds every layer shares (the HTTP bridge's request bodies too): llama.cpp takes top_k as a
+# C int, and msgpack, the wire's encoding, holds no integer over 2**64 - 1.
+MAX_TOKENS_LIMIT = 1_048_576
+MAX_TOP_K = 2**31 - 1
+
+
+def check_text(value: str) -> str:
+    """``value`` if it is valid Unicode, else ValueError: a lone surrogate (what JSON's
+    ``"\\ud800"`` escape or an undecodable command-line byte becomes) has no UTF-8 encoding, so no
+    daemon could send or tokenize it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text holds a lone surrogate (U+{ord(value[exc.start]):04X}) at index {exc.start}, "
+            "which is not valid Unicode"
+        ) from None
+    return value
 
 
 class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -20,10 +38,10 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     prompt: str | None = None
     messages: list[Message] | None = None
     system: str | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_048_576)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
@@ -38,6 +56,14 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             raise ValueError("`messages` must hold at least one message")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"`stop` takes at most {MAX_STOP_STRINGS} strings")
+        for name in ("model", "prompt", "system"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_field(name, value)
+        for i, message in enumerate(self.messages or ()):
+            _check_field(f"messages[{i}].content", message.content)
+        for i, stop in enumerate(self.stops):
+            _check_field(f"stop[{i}]" if isinstance(self.stop, list) else "stop", stop)
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -76,6 +102,13 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 
 SAMPLING_KEYS = tuple(SamplingParams.__struct_fields__)
+
+
+def _check_field(name: str, value: str) -> None:
+    try:
+        check_text(value)
+    except ValueError as exc:
+        raise ValueError(f"`{name}`: {exc}") from None
 
 
 def decode_request(data: bytes, source: str = "payload") -> InferenceRequest:

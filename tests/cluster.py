@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import zmq
+
 from haifctl.client import ClusterClient
 from haifctl.errors import Unavailable
+from haifctl.security import ADMIN, Keyring
 
 HAIFCTL = str(Path(sys.executable).parent / "haifctl")
 
@@ -106,6 +109,7 @@ class Cluster:
         }
         self.procs: dict[str, Proc] = {}
         self.heartbeat_timeout = heartbeat_timeout
+        self.keyring = Keyring.ensure(workdir / "home")  # what `haifctl up` makes first
         registry = self.start("registry", ["daemon", "registry"])
         self.registry = registry.endpoint()
         orch = self.start(
@@ -122,9 +126,16 @@ class Cluster:
             ],
         )
         self.orchestrator = orch.endpoint()
-        gateway = self.start(
-            "gateway", ["daemon", "gateway", "--orchestrator", self.orchestrator, *gateway_args]
-        )
+        self.gateway_args = [
+            "daemon",
+            "gateway",
+            "--orchestrator",
+            self.orchestrator,
+            "--heartbeat-timeout",
+            str(heartbeat_timeout),
+            *gateway_args,
+        ]
+        gateway = self.start("gateway", self.gateway_args)
         self.gateway = gateway.endpoint()
         self.bridge = ""
         if bridge_env is not None:
@@ -165,7 +176,17 @@ class Cluster:
         )
 
     def client(self) -> ClusterClient:
-        return ClusterClient(self.gateway)
+        return ClusterClient(self.gateway, self.keyring)
+
+    def dealer(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, role: str = ADMIN
+    ) -> zmq.Socket[bytes]:
+        """A hand-made peer holding the cluster's key for ``role``, connected to ``address``."""
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        self.keyring.client(sock, role)
+        sock.connect(address)
+        return sock
 
     def wait_workers(self, n: int, timeout: float = 60.0, ids: set[str] | None = None) -> None:
         """Probe the orchestrator's worker table until it shows what we expect."""

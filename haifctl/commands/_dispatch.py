@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from haifctl import wire
+from haifctl import security, wire
 from haifctl.client import ClusterClient
 from haifctl.config import Settings
 from haifctl.daemon.state import cluster_registry, daemon_endpoint, running_state
@@ -39,7 +39,7 @@ def open_cli_registry(settings: Settings) -> Registry | RemoteRegistry:
     """
     address = cluster_registry(settings.home, settings.registry_url)
     if address:
-        return RemoteRegistry(address)
+        return RemoteRegistry(address, security.local(settings.home))
     registry = open_registry(settings.registry_url)
     registry.ensure_builtin()
     return registry
@@ -115,7 +115,7 @@ def run_cluster(
         body["max_tokens"] = settings.max_tokens
     generation = Generation(str(body.get("model") or settings.model))
     final: wire.Done | None = None
-    with ClusterClient(address) as client:
+    with ClusterClient(address, security.local(settings.home)) as client:
         client.ping(timeout=2.0)  # fail fast when nothing answers there
         stream = client.stream(body)
         try:

@@ -15,6 +15,7 @@ import msgspec
 import typer
 from rich.table import Table
 
+from haifctl import security
 from haifctl.client import ClusterClient
 from haifctl.commands._dispatch import open_cli_registry
 from haifctl.commands._shared import JsonFlag, print_json, state, stderr, stdout, want_json
@@ -157,6 +158,7 @@ def up(
     # the registry URL may hold a password: the environment carries it (to the supervisor, and
     # from it to the daemons), never a command line that `ps` shows to every user
     env = {**os.environ, "HAIF_REGISTRY_URL": settings.registry_url}
+    security.local(home)  # the cluster's keys, made once here rather than raced by the daemons
     if foreground:
         os.execve(sys.executable, args, env)
     private_dir(log_dir(home))
@@ -176,7 +178,7 @@ def up(
         os.close(logfile)
     data = _wait_ready(home, supervisor, timeout)
     gateway = daemon_endpoint(data, "gateway")
-    _wait_workers(gateway, workers, time.monotonic() + timeout)
+    _wait_workers(gateway, workers, time.monotonic() + timeout, security.local(home))
     out = stdout()
     out.print(f"cluster up: {workers} worker(s) serving {', '.join(refs)}")
     out.print(
@@ -225,8 +227,8 @@ def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float)
     )
 
 
-def _wait_workers(gateway: str, n: int, deadline: float) -> None:
-    with ClusterClient(gateway) as client:
+def _wait_workers(gateway: str, n: int, deadline: float, keyring: security.Keyring) -> None:
+    with ClusterClient(gateway, keyring) as client:
         while True:
             try:
                 if client.ping().ready and len(client.stats().workers) >= n:
@@ -293,7 +295,7 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
     gateway = daemon_endpoint(data, "gateway")
     if gateway:
         try:
-            with ClusterClient(gateway) as client:
+            with ClusterClient(gateway, security.local(home)) as client:
                 stats = client.stats(timeout=2.0)
             workers = [msgspec.to_builtins(w) for w in stats.workers]
             queues = stats.queues

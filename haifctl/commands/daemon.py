@@ -54,6 +54,10 @@ def registry(
 
 
 def _run(daemon: Daemon, settings: Settings) -> None:
+    from haifctl import security
+
+    if daemon.keyring is None:
+        daemon.keyring = security.local(settings.home)
     daemon.metrics_port = settings.metrics_port
     daemon.metrics_host = settings.metrics_host
     daemon.run()
@@ -161,14 +165,18 @@ def bridge(
             f"no API keys are configured, so the bridge only listens on loopback, not {host}",
             "create one with `haifctl keys create`, or bind to 127.0.0.1",
         )
-    BridgeDaemon(
+    from haifctl import security
+
+    daemon = BridgeDaemon(
         gateway,
         settings.bridge_bind,
         keys,
         ready_file,
         metrics_port=settings.metrics_port,
         metrics_host=settings.metrics_host,
-    ).run()
+    )
+    daemon.keyring = security.local(settings.home)
+    daemon.run()
 
 
 def worker(
@@ -199,11 +207,25 @@ def worker(
             "--threads", min=0, help="CPU threads for llama.cpp (0: automatic). [env: HAIF_THREADS]"
         ),
     ] = None,
+    join: Annotated[
+        str | None,
+        typer.Option(
+            "--join",
+            help="A join token from `haifctl join-token` on the cluster's machine (a worker "
+            "elsewhere); without it, the keys in this haifctl home. [env: HAIF_JOIN_TOKEN]",
+            envvar="HAIF_JOIN_TOKEN",
+            show_envvar=False,
+        ),
+    ] = None,
     metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
-    """Run a worker that loads a model and joins an orchestrator (on this or another machine)."""
+    """Run a worker that loads a model and joins an orchestrator (on this or another machine).
+
+    Example: haifctl worker --orchestrator tcp://10.0.0.5:5552 --join haif1-...
+    """
     from haifctl.daemon.worker import WorkerDaemon
+    from haifctl.security import Keyring
 
     settings = state(ctx).settings(
         model=model, metrics_port=metrics_port, slots=slots, threads=threads
@@ -218,6 +240,8 @@ def worker(
         stream_interval_s=settings.stream_interval_ms / 1000,
         ready_file=ready_file,
     )
+    if join:
+        daemon.keyring = Keyring.from_token(join)
     _run(daemon, settings)
 
 
@@ -255,21 +279,23 @@ def supervise(
 
 @app.command()
 def ping(
+    typer_ctx: typer.Context,
     address: Annotated[str, typer.Argument(help="A daemon's address, tcp://HOST:PORT.")],
     timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 2.0,
 ) -> None:
     """Exit 0 if the daemon at ADDRESS answers a ping (a container health check)."""
     import zmq
 
-    from haifctl import wire
+    from haifctl import security, wire
     from haifctl.errors import Unavailable
     from haifctl.rpc import RpcClient
 
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        answer = RpcClient(ctx, address, "daemon").call(wire.Ping(), timeout)
+        keyring = security.local(state(typer_ctx).settings().home)
+        answer = RpcClient(zctx, address, "daemon", keyring).call(wire.Ping(), timeout)
     finally:
-        ctx.destroy(linger=0)
+        zctx.destroy(linger=0)
     if not isinstance(answer, wire.Pong) or not answer.ready:
         raise Unavailable("not_ready", f"{address} is not ready")
     typer.echo(f"{answer.daemon} {answer.pid} ready")

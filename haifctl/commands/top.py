@@ -19,6 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from haifctl import security
 from haifctl.client import ClusterClient
 from haifctl.commands._shared import JsonFlag, print_json, state, stdout, want_json
 from haifctl.daemon.state import daemon_endpoint, pid_alive, running_state
@@ -46,7 +47,7 @@ def snapshot(home: Any, gateway_override: str | None = None) -> dict[str, Any]:
                     "restarts": d["restarts"],
                 }
             )
-    with ClusterClient(gateway) as client:
+    with ClusterClient(gateway, security.local(home)) as client:
         stats = client.stats(timeout=2.0)
     window = msgspec.to_builtins(stats.window) if stats.window else {}
     per_worker = window.get("worker_tokens_per_s", {}) if window else {}

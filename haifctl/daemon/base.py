@@ -18,8 +18,9 @@ from typing import Any, cast
 
 import zmq
 
-from haifctl import __version__, tracing, wire
+from haifctl import __version__, security, tracing, wire
 from haifctl.errors import HaifError
+from haifctl.security import Keyring
 from haifctl.telemetry import Metrics
 
 LOOP_TICK_MS = 50
@@ -31,6 +32,18 @@ SNDMORE = int(zmq.SNDMORE)
 RCVMORE = int(zmq.RCVMORE)
 EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
+
+
+def incoming_with_role(sock: zmq.Socket[bytes]) -> Iterator[tuple[str, list[bytes]]]:
+    """Like :func:`incoming`, with the sender's role: the ZAP handler names each connection's
+    User-Id after its key's role, and every message carries it (read from the first frame)."""
+    while cast(int, sock.getsockopt(EVENTS)) & POLLIN:
+        first = sock.recv(NOBLOCK, copy=False)
+        role = security.role_of_frame(first)
+        frames = [first.bytes]
+        while sock.getsockopt(RCVMORE):
+            frames.append(sock.recv(NOBLOCK))
+        yield role, frames
 
 
 def incoming(sock: zmq.Socket[bytes]) -> Iterator[list[bytes]]:
@@ -99,6 +112,7 @@ class Daemon:
     """
 
     name = "daemon"
+    listens = False  # a CURVE server: runs a ZAP authenticator for its own domain
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     metrics_host = "127.0.0.1"
     tick_s = LOOP_TICK_MS / 1000  # how often on_tick runs (at most; the loop sleeps until then)
@@ -120,6 +134,10 @@ class Daemon:
         self.metrics.malformed.labels(self.name)
         self._poller = zmq.Poller()
         self._readers: dict[zmq.Socket[bytes], Callable[[], None]] = {}
+        # The cluster's keys; None only for daemons driven in-process by unit tests, which
+        # never open a network socket.
+        self.keyring: Keyring | None = None
+        self.authenticator: security.Authenticator | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -145,6 +163,7 @@ class Daemon:
         self.install_signal_handlers()
         self.tracing = tracing.setup(self.name)
         try:
+            self.start_auth()
             self.start()
             self.serve_metrics()
             self.announce_ready()
@@ -154,6 +173,57 @@ class Daemon:
 
     def start(self) -> None:
         raise NotImplementedError
+
+    # security --------------------------------------------------------------------------------
+    def start_auth(self) -> None:
+        """Answer ZAP requests for our domain before any socket is bound: without a handler,
+        libzmq would let any CURVE client in."""
+        if self.keyring is None or not self.listens:
+            return
+        self.authenticator = security.Authenticator(self.ctx, self.keyring, self.auth_refused)
+        self.authenticator.start_for([self.name])
+
+    def auth_refused(self, reason: str, role: str | None, key: bytes) -> None:
+        """A connection or message refused for who sent it (called from the ZAP thread too)."""
+        self.counters[f"auth_refused_{reason}"] += 1
+        self.metrics.auth_refused.labels(self.name, reason).inc()
+        log(
+            self.name,
+            "refused a ZeroMQ peer",
+            level="warning",
+            reason=reason,
+            role=role,
+            key=key.decode(errors="replace")[:12],
+        )
+
+    def refuse_role(self, role: str, what: str) -> None:
+        """A message its sender's role may not send here: counted and dropped."""
+        self.counters[f"forbidden_{what}"] += 1
+        self.metrics.auth_refused.labels(self.name, "role_not_allowed").inc()
+
+    def listen(self, kind: int, address: str) -> tuple[zmq.Socket[bytes], str]:
+        """A socket of ours that peers connect to: a CURVE server when we have keys."""
+        sock = socket(self.ctx, kind)
+        if self.keyring is not None:
+            self.keyring.server(sock, self.name)
+            # A peer that fails the handshake itself (no CURVE, the wrong server key, noise)
+            # never reaches the ZAP handler: counted from the socket's monitor.
+            monitor = sock.get_monitor_socket(int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL))
+            self.watch(monitor, lambda: self.read_monitor(monitor))
+        return sock, bind(sock, address)
+
+    def read_monitor(self, monitor: zmq.Socket[bytes]) -> None:
+        for frames in incoming(monitor):
+            if len(frames) == 2 and len(frames[0]) >= 2:
+                self.counters["auth_refused_handshake"] += 1
+                self.metrics.auth_refused.labels(self.name, "handshake").inc()
+
+    def dial(self, kind: int, address: str, role: str) -> zmq.Socket[bytes]:
+        """A socket of ours connected to another daemon, speaking as ``role``."""
+        sock = socket(self.ctx, kind)
+        if self.keyring is not None:
+            self.keyring.client(sock, role)
+        return sock
 
     def serve_metrics(self) -> None:
         """Serve /metrics (when a port is set) and record its address for the ready file."""
@@ -216,6 +286,8 @@ class Daemon:
         """Draining has begun (tell peers now rather than at the next tick)."""
 
     def stop(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.destroy(linger=0)
         if self.tracing is not None:
             self.tracing.shutdown()
@@ -238,21 +310,22 @@ class Daemon:
     def read_router(
         self,
         sock: zmq.Socket[bytes],
-        handler: Callable[[bytes, wire.Envelope, bytes], None],
-        relay: Callable[[list[bytes]], None] | None = None,
+        handler: Callable[[bytes, wire.Envelope, bytes, str], None],
+        relay: Callable[[list[bytes], str], None] | None = None,
     ) -> None:
-        """Handle every message waiting on a ROUTER.  A message from a DEALER peer is
-        [identity, body]; [identity, route..., body(, note)] is a stream frame for ``relay``
-        (its body forwarded as bytes, never decoded); anything else is malformed and dropped."""
-        for frames in incoming(sock):
+        """Handle every message waiting on a ROUTER, with its sender's role.  A message from a
+        DEALER peer is [identity, body]; [identity, route..., body(, note)] is a stream frame
+        for ``relay`` (its body forwarded as bytes, never decoded); anything else is malformed
+        and dropped."""
+        for role, frames in incoming_with_role(sock):
             if len(frames) == 2:
                 envelope = self.decode(frames[1])
                 if envelope is not None:
-                    self.safely(handler, frames[0], envelope, frames[1])
+                    self.safely(handler, frames[0], envelope, frames[1], role)
             elif (
                 relay is not None and 2 + wire.ROUTE_FRAMES <= len(frames) <= 3 + wire.ROUTE_FRAMES
             ):
-                self.safely(relay, frames)
+                self.safely(relay, frames, role)
             else:
                 self.count_malformed()
 

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import math
 import signal
 import socket as pysocket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import zmq
 import zmq.asyncio
@@ -23,16 +25,24 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry.trace import StatusCode
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from haifctl import __version__, tracing, wire
+from haifctl import __version__, security, tracing, wire
 from haifctl.daemon.base import Daemon, log
 from haifctl.errors import HaifError, Kind, Unavailable
 from haifctl.keys import KeyStore
+from haifctl.schema import MAX_TOKENS_LIMIT, MAX_TOP_K, check_text
 from haifctl.telemetry import Metrics
 from haifctl.tracing import SpanKind, child_traceparent, parent_context
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
+if TYPE_CHECKING:
+    from haifctl.config import Settings
+
+# One size limit from the HTTP edge to the ZeroMQ link: a body the bridge accepts fits one frame
+# to the gateway (whose socket drops the whole connection, every client's replies with it, on a
+# larger message), and a request that still grows past the frame cap once encoded is refused.
+MAX_BODY_BYTES = wire.MAX_FRAME_BYTES
 REQUEST_TIMEOUT_S = 300.0
 
 # The HTTP status of each kind of error.
@@ -48,11 +58,11 @@ STATUS = {
 }
 # Invalid input that HTTP has a finer status for: clients act on 413 (shrink the request) where a
 # plain 400 would only tell them to fix it.
-STATUS_OF_CODE = {"prompt_too_large": 413, "body_too_large": 413}
+STATUS_OF_CODE = {"prompt_too_large": 413, "body_too_large": 413, "body_timeout": 408}
 
 
 def status_of(error: HaifError) -> int:
-    return STATUS_OF_CODE.get(error.code) or STATUS[error.kind]
+    return getattr(error, "status", None) or STATUS_OF_CODE.get(error.code) or STATUS[error.kind]
 
 
 def public_message(error: HaifError) -> str:
@@ -79,19 +89,24 @@ class HTTPError(HaifError):
 
     kind = Kind.invalid
 
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, param: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(code, message)
         self.param = param
+        self.status = status
 
 
-def error_response(error: HaifError) -> JSONResponse:
+def error_response(error: HaifError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the OpenAI shape, ``{"error": {"message", "type", "param", "code"}}``: the
+    one shape every refusal of the bridge has, whichever layer makes it."""
     status = status_of(error)
     error_type = "invalid_request_error" if status < 500 else "server_error"
     if status == 401:
         error_type = "authentication_error"
     elif status == 429:
         error_type = "rate_limit_error"
-    headers = {}
+    headers = dict(headers or {})
     if error.retry_after is not None or status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after or 1)))
     body = {
@@ -105,57 +120,217 @@ def error_response(error: HaifError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# --- the edge: body limit, trace context, request metrics ------------------------------------
+# --- the edge: auth, body limits, trace context, request metrics -----------------------------
+
+NO_KEYS_HINT = (
+    "create one with `haifctl keys create --name NAME` (or set HAIF_API_KEYS); the bridge "
+    "takes it up at once"
+)
+# A refusal made before the body is read closes the connection: the client stops sending a body
+# nobody reads (and uvicorn stops buffering it).
+CLOSE = {"Connection": "close"}
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What one HTTP client may hold at the bridge: the ``bridge_*`` settings."""
+
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 15.0
+    max_client_connections: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EdgeLimits:
+        return cls(
+            header_timeout_s=settings.bridge_header_timeout,
+            idle_timeout_s=settings.bridge_idle_timeout,
+            max_client_connections=settings.bridge_max_client_connections,
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def protected(path: str) -> bool:
+    """The routes that need a key: the OpenAI API and ``/infer`` (health, docs and the chat
+    page stay open)."""
+    return path == "/v1" or path.startswith(("/v1/", "/infer"))
+
+
+class Auth:
+    """Who may use the protected routes: a holder of an API key or, while none is configured,
+    anyone, but only on a bridge bound to loopback.  A bridge on another address without keys
+    (the last one revoked while it runs) refuses everyone: it never serves off loopback without
+    keys.  Keys are looked up on every request, so a created or revoked key counts at once; each
+    change of state is logged once."""
+
+    def __init__(self, keys: KeyStore, host: str) -> None:
+        self.keys = keys
+        self.host = host
+        self.loopback = is_loopback(host)
+        self.state = ""
+
+    def mode(self) -> Literal["keys", "loopback", "locked"]:
+        """``keys``; ``loopback`` (no keys, open to local clients); or ``locked`` (no keys off
+        loopback: every protected route is refused)."""
+        mode: Literal["keys", "loopback", "locked"] = (
+            "keys" if self.keys.enabled else ("loopback" if self.loopback else "locked")
+        )
+        if mode != self.state:
+            if mode == "locked":
+                log(
+                    "bridge",
+                    "no API keys: refusing every request",
+                    "warning",
+                    bind=self.host,
+                    hint=NO_KEYS_HINT,
+                )
+            elif self.state:
+                log("bridge", "API keys changed", auth=mode)
+            self.state = mode
+        return mode
+
+    def locked(self) -> HaifError:
+        return Unavailable(
+            "no_api_keys",
+            f"the bridge listens on {self.host} and has no API keys, so it refuses every request",
+            NO_KEYS_HINT,
+            retry_after=30.0,
+        )
+
+    def check(self, authorization: str) -> str:
+        """The caller's key id ("local" on an open loopback bridge), else raise."""
+        mode = self.mode()
+        if mode == "loopback":
+            return "local"
+        if mode == "locked":
+            raise self.locked()
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        key_id = self.keys.verify(token) if scheme.lower() == "bearer" and token else None
+        if key_id is None:
+            raise HaifError(
+                "unauthorized",
+                "missing or invalid API key (send Authorization: Bearer KEY)",
+                kind=Kind.unauthorised,
+            )
+        return key_id
+
+
+def body_too_large() -> HTTPError:
+    return HTTPError("body_too_large", f"request body over {MAX_BODY_BYTES // 1024} KiB")
 
 
 class Edge:
-    """Pure ASGI middleware (no per-chunk task hops, unlike ``@app.middleware``): refuses an
-    oversized body before reading it, opens the request's span (which lasts until the last byte
-    of a streamed response) and counts the request by route and status."""
+    """Pure ASGI middleware (no per-chunk task hops, unlike ``@app.middleware``).  Before the
+    body is read it checks the API key of a protected route and a declared Content-Length; while
+    the body is read it counts it (chunked bodies declare no length) and answers 413 the moment
+    it passes the limit, or 408 when the client stops sending it.  It also opens the request's
+    span (which lasts until the last byte of a streamed response) and counts the request by
+    route and status."""
 
-    def __init__(self, app: Any, metrics: Metrics | None, tracer: tracing.Tracing | None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        metrics: Metrics | None,
+        tracer: tracing.Tracing | None,
+        auth: Auth,
+        limits: EdgeLimits,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.tracer = tracer
+        self.auth = auth
+        self.limits = limits
+
+    def rejected(self, error: HaifError) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels("bridge", error.code).inc()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            refusal = error_response(
-                HTTPError(
-                    "body_too_large", f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB"
-                )
-            )
-            await refusal(scope, receive, send)
+        state = scope.setdefault("state", {})
+        path: str = scope["path"]
+        try:
+            if protected(path):
+                state["key"] = self.auth.check(headers.get(b"authorization", b"").decode("latin-1"))
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                raise body_too_large()
+        except HaifError as refusal:
+            self.rejected(refusal)
+            await error_response(refusal, CLOSE)(scope, receive, send)
             return
         incoming = headers.get(b"traceparent", b"").decode("latin-1")
-        state = scope.setdefault("state", {})
         state["traceparent"] = incoming
-        path: str = scope["path"]
         span = None
         if self.tracer is not None and path.startswith(("/v1/", "/infer")):
             span = self.tracer.tracer.start_span(
                 f"{scope['method']} {path}", context=parent_context(incoming), kind=SpanKind.SERVER
             )
             state["traceparent"] = child_traceparent(span)
-        if self.metrics is None and span is None:
-            await self.app(scope, receive, send)
-            return
         started = time.monotonic()
         status = 500
+        responding = False  # the response has started
+        answered = False  # the edge refused the body itself; the app's answer is dropped
+        body_done = False
+        received = 0
+
+        async def answer(refusal: HaifError) -> dict[str, Any]:
+            nonlocal answered, status
+            answered = True
+            if not responding:
+                self.rejected(refusal)
+                status = status_of(refusal)
+                await error_response(refusal, CLOSE)(scope, receive, send)
+            return {"type": "http.disconnect"}
+
+        async def receiving() -> Any:
+            nonlocal body_done, received
+            if answered:
+                return {"type": "http.disconnect"}
+            if body_done:  # e.g. a streamed response listening for the client hanging up
+                return await receive()
+            try:
+                async with asyncio.timeout(self.limits.idle_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                return await answer(
+                    HTTPError(
+                        "body_timeout",
+                        f"the request body stalled for {self.limits.idle_timeout_s:g} s",
+                    )
+                )
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    return await answer(body_too_large())
+                body_done = not message.get("more_body", False)
+            return message
 
         async def sending(message: Any) -> None:
-            nonlocal status
+            nonlocal status, responding
+            if answered:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
+                responding = True
             await send(message)
 
         try:
-            await self.app(scope, receive, sending)
+            await self.app(scope, receiving, sending)
+        except Exception:
+            if not answered:  # the app failing over a body the edge refused is no error
+                raise
         finally:
             if span is not None:
                 span.set_attribute("http.response.status_code", status)
@@ -176,19 +351,47 @@ class Edge:
 class GatewayLink:
     """One DEALER to the gateway, shared by every HTTP request; replies routed by request id."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, keyring: security.Keyring | None) -> None:
         self.address = address
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        if keyring is not None:
+            keyring.client(self.sock, security.BRIDGE)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self.sock.connect(address)
         self.waiting: dict[str, asyncio.Queue[wire.Msg]] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self.reader = loop.create_task(self._read())
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.watcher = loop.create_task(self._watch(monitor))
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Fail every waiting request at once when the connection to the gateway drops (the
+        gateway restarted, or refused a frame it could not take): the gateway answers the DEALER
+        that reconnects as a new peer, so no reply to a request sent before can arrive, and
+        waiting for one would hang each request until its deadline."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED and self.waiting:
+                    lost = Unavailable(
+                        "gateway_link_lost",
+                        "the connection to the gateway dropped before the answer came",
+                        retry_after=1.0,
+                    ).to_wire()
+                    log("bridge", "gateway link lost", "warning", requests=len(self.waiting))
+                    for queue in self.waiting.values():
+                        queue.put_nowait(lost)
+        finally:
+            monitor.close(linger=0)
 
     async def _read(self) -> None:
         while True:
@@ -209,20 +412,45 @@ class GatewayLink:
                 queue.put_nowait(msg)
 
     async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.reader
+        for task in (self.reader, self.watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.watcher is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
         self.sock.close(linger=0)
         self.ctx.term()
 
     def open(
         self, msg: wire.Msg, deadline: float = 0.0, traceparent: str = ""
     ) -> tuple[str, asyncio.Queue[wire.Msg]]:
+        """Send one request; raise, leaving nothing waiting, when it cannot go: a message the
+        gateway's socket would refuse (over ``wire.MAX_FRAME_BYTES``, which makes libzmq drop the
+        whole connection) is a 413 here instead."""
         request_id = wire.new_id()
+        try:
+            frame = wire.encode(msg, request_id, deadline, traceparent)
+        except (UnicodeEncodeError, OverflowError) as exc:
+            # the request bodies' validation refuses such values first; this is the backstop
+            raise HTTPError(
+                "invalid_request", f"the request holds a value that cannot be sent: {exc}"
+            ) from None
+        if len(frame) > wire.MAX_FRAME_BYTES:
+            raise HTTPError(
+                "body_too_large",
+                f"the request takes {len(frame)} bytes on the wire, over the limit of "
+                f"{wire.MAX_FRAME_BYTES} (send fewer or shorter messages)",
+            )
         queue: asyncio.Queue[wire.Msg] = asyncio.Queue()
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            raise Unavailable(
+                "gateway_unreachable", "the link to the gateway is full", retry_after=1.0
+            ) from None
         self.waiting[request_id] = queue
-        self.sock.send(wire.encode(msg, request_id, deadline, traceparent), zmq.NOBLOCK)
         return request_id, queue
 
     def done(self, request_id: str) -> None:
@@ -279,22 +507,28 @@ class GatewayLink:
 
 # --- request bodies --------------------------------------------------------------------------
 
-Stop = str | list[str] | None
+# Text a client sends: valid Unicode (JSON's "\ud800" escape decodes to a lone surrogate, which no
+# UTF-8 encoder takes); integers are bounded as the request schema bounds them (the wire's
+# msgpack holds none over 2**64 - 1).
+Text = Annotated[str, AfterValidator(check_text)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
+Stop = Text | list[Text] | None
 
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: TopK | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     stop: Stop = None
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -307,14 +541,17 @@ class ChatMessage(BaseModel):
                 raise HTTPError(
                     "unsupported", "only text content parts are supported", param="messages"
                 )
-            parts.append(part["text"])
+            try:
+                parts.append(check_text(part["text"]))
+            except ValueError as exc:
+                raise HTTPError("invalid_request", f"messages: {exc}", param="messages") from None
         return "".join(parts)
 
 
 class InferBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     params: Sampling | None = None
     stream: bool = False
@@ -325,8 +562,8 @@ class StreamOptions(BaseModel):
 
 
 class OpenAIBase(BaseModel):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    model: Text | None = None
+    max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1)
@@ -334,24 +571,24 @@ class OpenAIBase(BaseModel):
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    user: str | None = None
+    user: Text | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     # extensions, as llama.cpp's server has them
-    top_k: int | None = Field(None, ge=0)
+    top_k: TopK | None = None
     ignore_eos: bool = False
 
 
 class CompletionBody(OpenAIBase):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class ChatBody(OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
 
 
@@ -390,22 +627,27 @@ def create_app(
     *,
     on_ready: Callable[[], None] | None = None,
     metrics: Metrics | None = None,
+    keyring: security.Keyring | None = None,
+    host: str = "127.0.0.1",
+    limits: EdgeLimits | None = None,
 ) -> FastAPI:
     """The bridge's app; ``on_ready`` runs once the gateway link is open (the daemon announces
-    itself there)."""
+    itself there).  ``host`` is the address it listens on: off loopback, it serves protected
+    routes only with API keys."""
     link: GatewayLink | None = None
     tracer = tracing.setup("bridge")
+    auth = Auth(keys, host)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal link
-        link = GatewayLink(gateway)
+        link = GatewayLink(gateway, keyring)
         link.start()
         log(
             "bridge",
             "gateway link open",
             gateway=gateway,
-            auth="keys" if keys.enabled else "open (loopback only)",
+            auth=auth.mode(),
         )
         if on_ready is not None:
             on_ready()
@@ -435,28 +677,39 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
+        errors = exc.errors()
+        # A value our validators refused says more than the union member it did not match.
+        first = next((e for e in errors if e.get("type") == "value_error"), None)
+        first = first or (errors[0] if errors else {})
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _tag(p))
+        said = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        message = f"{where}: {said}" if where else said
         return await _http_error(
             request, HTTPError("invalid_request", message, param=where or None)
         )
 
-    app.add_middleware(Edge, metrics=metrics, tracer=tracer)
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own refusals (no such route, wrong method) in the OpenAI shape too."""
+        code = {404: "route_not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "invalid_request" if exc.status_code == 400 else "http_error"
+        )
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = f"{request.method} {request.url.path}: {message.lower()}"
+        error = HTTPError(code, message, status=exc.status_code)
+        return error_response(error, dict(exc.headers or {}))
+
+    app.add_middleware(
+        Edge, metrics=metrics, tracer=tracer, auth=auth, limits=limits or EdgeLimits()
+    )
 
     async def client_key(request: Request) -> str:
-        if not keys.enabled:
-            return "local"
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        key_id = keys.verify(token.strip()) if scheme.lower() == "bearer" and token else None
-        if key_id is None:
-            raise HaifError(
-                "unauthorized",
-                "missing or invalid API key (send Authorization: Bearer KEY)",
-                kind=Kind.unauthorised,
-            )
-        return key_id
+        """The caller's key id, as the edge checked it before reading the body."""
+        key = getattr(request.state, "key", None)
+        if key is None:  # a route needing a key that the edge does not guard: never serve it
+            raise HaifError("unauthorized", "this route needs an API key", kind=Kind.unauthorised)
+        return str(key)
 
     # health --------------------------------------------------------------------------------
     @app.get("/healthz", tags=["health"])
@@ -466,15 +719,20 @@ def create_app(
 
     @app.get("/readyz", tags=["health"], responses={503: {"description": "Not ready"}})
     async def readyz() -> Response:
-        """Ready when the gateway answers and at least one worker serves a model."""
+        """Ready when the gateway answers, at least one worker serves a model and the bridge
+        can let clients in (``auth``: keys, loopback, or locked with no keys off loopback)."""
+        mode = auth.mode()
+        extra: dict[str, Any] = {"auth": mode}
+        if mode == "locked":
+            extra["detail"] = public_message(auth.locked())
         try:
             pong = await gw().call(wire.Ping(), 1.0)
             stats = await gw().call(wire.StatsRequest(), 2.0)
         except HaifError as exc:
-            return JSONResponse({"status": "unavailable", "reason": exc.message}, 503)
+            return JSONResponse({"status": "unavailable", "reason": exc.message, **extra}, 503)
         workers = len(stats.workers) if isinstance(stats, wire.Stats) else 0
-        ready = isinstance(pong, wire.Pong) and pong.ready and workers > 0
-        body = {"status": "ready" if ready else "unavailable", "workers": workers}
+        ready = isinstance(pong, wire.Pong) and pong.ready and workers > 0 and mode != "locked"
+        body = {"status": "ready" if ready else "unavailable", "workers": workers, **extra}
         return JSONResponse(body, 200 if ready else 503)
 
     # models --------------------------------------------------------------------------------
@@ -731,6 +989,12 @@ def create_app(
     return app
 
 
+def _tag(part: Any) -> bool:
+    """Whether a part of a pydantic error location names a union member (``str``,
+    ``list[...]``, ``function-after[...]``) rather than a field."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def _role(role: str) -> str:
     return "system" if role == "developer" else role
 
@@ -750,6 +1014,98 @@ def parse_http_bind(bind: str) -> tuple[str, int]:
     return (host or "127.0.0.1").strip("[]"), int(port or 8080)
 
 
+def edge_protocol(limits: EdgeLimits) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol with what it lacks against slow and greedy clients: a
+    deadline for each request head (uvicorn's keep-alive timeout only covers a silent
+    connection between requests, so one that trickles a head, or sends none, is held forever),
+    and a cap on the connections one client address holds at once (one past it gets a 429 and
+    is closed).  A stalled body is the edge's (``Edge``: 408)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    per_client: dict[str, int] = {}  # open connections by client address, for this server
+    refusal = json.dumps(
+        {
+            "error": {
+                "message": "too many connections from your address "
+                f"(at most {limits.max_client_connections})",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "too_many_connections",
+            }
+        }
+    ).encode()
+    too_many = (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+        b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+        % (len(refusal), refusal)
+    )
+    timed_out = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+    class EdgeProtocol(HttpToolsProtocol):
+        refused = False
+        address = ""
+        head_timer: asyncio.TimerHandle | None = None
+        head_started = False  # bytes of a request head have come
+
+        def connection_made(self, transport: Any) -> None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            cap = limits.max_client_connections
+            if cap > 0 and per_client.get(address, 0) >= cap:
+                self.refused = True
+                transport.write(too_many)
+                transport.close()
+                return
+            self.address = address
+            per_client[address] = per_client.get(address, 0) + 1
+            super().connection_made(transport)
+            self.arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.refused:
+                return
+            self.disarm_head_timer()
+            left = per_client.get(self.address, 1) - 1
+            if left > 0:
+                per_client[self.address] = left
+            else:
+                per_client.pop(self.address, None)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if not self.refused:
+                super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.head_started = True
+            if self.head_timer is None:
+                self.arm_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self.disarm_head_timer()
+            self.head_started = False
+            super().on_headers_complete()
+
+        def arm_head_timer(self) -> None:
+            if limits.header_timeout_s > 0:
+                self.head_timer = self.loop.call_later(limits.header_timeout_s, self.head_timed_out)
+
+        def disarm_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def head_timed_out(self) -> None:
+            self.head_timer = None
+            if not self.transport.is_closing():
+                if self.head_started:
+                    self.transport.write(timed_out)
+                self.transport.close()
+
+    return EdgeProtocol
+
+
 class BridgeDaemon(Daemon):
     """Runs the app on uvicorn; SIGTERM lets in-flight responses finish (graceful shutdown).
     The ready file and /metrics are the base class's, as for every daemon; the loop is
@@ -765,6 +1121,7 @@ class BridgeDaemon(Daemon):
         ready_file: Path | None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        limits: EdgeLimits | None = None,
     ) -> None:
         super().__init__(ready_file)
         self.metrics_port = metrics_port
@@ -772,6 +1129,11 @@ class BridgeDaemon(Daemon):
         self.gateway = gateway
         self.host, self.port = parse_http_bind(bind)
         self.keys = keys
+        if limits is None:  # the bridge_* settings of the home the keys live in
+            from haifctl.config import resolve
+
+            limits = EdgeLimits.from_settings(resolve({"home": keys.path.parent}))
+        self.limits = limits
 
     def run(self) -> None:
         import uvicorn
@@ -785,14 +1147,26 @@ class BridgeDaemon(Daemon):
         self.endpoints["rpc"] = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         self.serve_metrics()
         app = create_app(
-            self.gateway, self.keys, on_ready=self.announce_ready, metrics=self.metrics
+            self.gateway,
+            self.keys,
+            on_ready=self.announce_ready,
+            metrics=self.metrics,
+            keyring=self.keyring,
+            host=self.host,
+            limits=self.limits,
         )
         # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with a
         # handler of ours in place that re-raise is a no-op and the process exits with 0.
         signal.signal(signal.SIGTERM, lambda *_: None)
         signal.signal(signal.SIGINT, lambda *_: None)
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on"
+            app,
+            http=edge_protocol(self.limits),
+            timeout_keep_alive=max(1, math.ceil(self.limits.idle_timeout_s)),
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+            lifespan="on",
         )
         try:
             uvicorn.Server(config).run(sockets=[sock])

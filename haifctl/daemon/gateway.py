@@ -26,14 +26,13 @@ from opentelemetry.trace import StatusCode
 from haifctl import wire
 from haifctl.daemon.base import (
     Daemon,
-    bind,
     incoming,
     log,
-    socket,
     trace_id,
 )
 from haifctl.errors import HaifError, InvalidInput, Kind, Unavailable
 from haifctl.schema import validate_request
+from haifctl.security import ADMIN, BRIDGE, GATEWAY
 from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
 
 PING_EVERY_S = 1.0
@@ -89,6 +88,7 @@ class TokenBucket:
 
 class GatewayDaemon(Daemon):
     name = "gateway"
+    listens = True
 
     def __init__(
         self,
@@ -116,8 +116,7 @@ class GatewayDaemon(Daemon):
         self.identity = f"gateway/{uuid.uuid4().hex[:12]}".encode()
 
     def start(self) -> None:
-        self.router = socket(self.ctx, zmq.ROUTER)
-        self.endpoints["rpc"] = bind(self.router, self.bind_address)
+        self.router, self.endpoints["rpc"] = self.listen(zmq.ROUTER, self.bind_address)
         self.watch(self.router, self.read_clients)
         self.connect()
         self.last_orchestrator_pong = time.monotonic()  # silence is counted from here
@@ -129,7 +128,7 @@ class GatewayDaemon(Daemon):
         if old is not None:
             self.unwatch(old)
             old.close(linger=0)
-        self.dealer = socket(self.ctx, zmq.DEALER)
+        self.dealer = self.dial(zmq.DEALER, self.orchestrator, GATEWAY)
         self.dealer.setsockopt(zmq.ROUTING_ID, self.identity)
         self.dealer.connect(self.orchestrator)
         self.watch(self.dealer, self.read_orchestrator)
@@ -154,7 +153,7 @@ class GatewayDaemon(Daemon):
     def on_tick(self, now: float) -> None:
         if now >= self.next_ping:
             self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
-            self.next_ping = now + PING_EVERY_S
+            self.next_ping = now + min(PING_EVERY_S, self.orchestrator_timeout_s / 4)
         silent = now - self.last_orchestrator_pong
         if self.lost_since is None and silent > self.orchestrator_timeout_s:
             self.orchestrator_lost(f"silent for {silent:.1f}s")
@@ -247,6 +246,8 @@ class GatewayDaemon(Daemon):
     def read_orchestrator(self) -> None:
         """[body] is a message to decode; [client, body] a stream frame, forwarded as bytes."""
         for frames in incoming(self.dealer):
+            # anything from the orchestrator proves it alive (its Pong also names its instance)
+            self.last_orchestrator_pong = time.monotonic()
             if len(frames) == 1:
                 self.safely(self.from_orchestrator, frames[0])
             elif 2 <= len(frames) <= 3:
@@ -270,11 +271,16 @@ class GatewayDaemon(Daemon):
     def to_client(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
 
-    def from_client(self, identity: bytes, envelope: wire.Envelope, body: bytes) -> None:
+    def from_client(self, identity: bytes, envelope: wire.Envelope, body: bytes, role: str) -> None:
         accepting = self.accepting
         msg = envelope.msg
+        if role not in (BRIDGE, ADMIN):  # the handshake already refuses anyone else
+            return self.refuse_role(role, type(msg).__name__.lower())
         if isinstance(msg, wire.Infer):
-            self.infer(identity, envelope, msg, accepting)
+            # The client's identity for rate limits and logs: the API key the bridge checked,
+            # or our own name for the peer; never a name another peer put in the message.
+            client = (msg.client or "bridge") if role == BRIDGE else f"{role}:{identity.hex()}"
+            self.infer(identity, envelope, msg, accepting, client)
         elif isinstance(msg, wire.Cancel):
             route = self.routes.pop(envelope.id, None)
             if route is not None and route.client == identity:
@@ -294,7 +300,12 @@ class GatewayDaemon(Daemon):
             self.counters["unexpected_messages"] += 1
 
     def infer(
-        self, identity: bytes, envelope: wire.Envelope, msg: wire.Infer, accepting: bool
+        self,
+        identity: bytes,
+        envelope: wire.Envelope,
+        msg: wire.Infer,
+        accepting: bool,
+        key: str,
     ) -> None:
         def refuse(error: HaifError) -> None:
             self.counters[f"rejected_{error.code}"] += 1
@@ -330,7 +341,6 @@ class GatewayDaemon(Daemon):
                     f"{self.limits.max_tokens_cap}",
                 )
             )
-        key = msg.client or identity.hex()
         wait = self.bucket.take(key, time.monotonic())
         if wait > 0:
             return refuse(

@@ -36,8 +36,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from haifctl import wire
-from haifctl.daemon.base import NOBLOCK, Daemon, bind, incoming, log, socket
+from haifctl.daemon.base import NOBLOCK, Daemon, incoming, log
 from haifctl.errors import Kind
+from haifctl.security import GATEWAY, ORCHESTRATOR, WORKER
 from haifctl.tracing import Span, child_traceparent, parent_context
 
 RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request", "worker_lost"}
@@ -135,8 +136,14 @@ class Pending:
     tried: set[bytes] = field(default_factory=set)
 
 
+# What each role may send the orchestrator (anyone may ping, ask for stats or list models).
+WORKER_MESSAGES = (wire.Done, wire.Error, wire.Heartbeat, wire.Register, wire.ResolveModel)
+GATEWAY_MESSAGES = (wire.Infer, wire.Cancel)
+
+
 class OrchestratorDaemon(Daemon):
     name = "orchestrator"
+    listens = True
 
     def __init__(
         self,
@@ -189,12 +196,11 @@ class OrchestratorDaemon(Daemon):
 
     def start(self) -> None:
         self.started_mono = time.monotonic()
-        self.router = socket(self.ctx, zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its name back
-        self.endpoints["rpc"] = bind(self.router, self.bind_address)
+        self.router, self.endpoints["rpc"] = self.listen(zmq.ROUTER, self.bind_address)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer takes its name back
         # Every registry call: the loop sends and goes on; answers are read with everything
         # else.  IMMEDIATE: with the registry down a send fails at once instead of queueing.
-        self.registry_link = socket(self.ctx, zmq.DEALER)
+        self.registry_link = self.dial(zmq.DEALER, self.registry_address, ORCHESTRATOR)
         self.registry_link.setsockopt(zmq.IMMEDIATE, 1)
         self.registry_link.connect(self.registry_address)
         self.watch(self.router, self.read)
@@ -214,14 +220,16 @@ class OrchestratorDaemon(Daemon):
     def pong(self) -> wire.Pong:
         return msgspec.structs.replace(super().pong(), instance=self.instance)
 
-    def relay(self, frames: list[bytes]) -> None:
+    def relay(self, frames: list[bytes], role: str) -> None:
         """A worker's stream frame [worker, gateway, client, body(, started)]: forward
         [client, body] to the gateway as bytes.  Its arrival is the worker's proof of life; a
         ``Started`` note after the body names the requests whose first text it carries."""
+        if role != WORKER:
+            return self.refuse_role(role, "stream")
         worker = self.workers.get(frames[0])
         if worker is None:
             self.counters["stray_worker_messages"] += 1
-            return
+            return None
         worker.last_seen = time.monotonic()
         self.counters["relayed_frames"] += 1
         started = None
@@ -259,9 +267,27 @@ class OrchestratorDaemon(Daemon):
     def send(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
 
-    def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes) -> None:
+    def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes, role: str) -> None:
         accepting = self.accepting
         msg = envelope.msg
+        if (isinstance(msg, WORKER_MESSAGES) and role != WORKER) or (
+            isinstance(msg, GATEWAY_MESSAGES) and role != GATEWAY
+        ):
+            self.refuse_role(role, type(msg).__name__.lower())
+            if envelope.id and not isinstance(msg, wire.Done | wire.Error | wire.Cancel):
+                self.send(
+                    identity,
+                    wire.reply(
+                        envelope,
+                        wire.Error(
+                            kind=Kind.forbidden,
+                            code="forbidden",
+                            message=f"a {role or 'unauthenticated'} peer may not send "
+                            f"{type(msg).__name__} to the orchestrator",
+                        ),
+                    ),
+                )
+            return
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()

@@ -12,14 +12,19 @@ import zmq
 
 from haifctl import wire
 from haifctl.config import mask_url
-from haifctl.daemon.base import Daemon, bind, log, socket
+from haifctl.daemon.base import Daemon, log
 from haifctl.errors import HaifError, Kind
 from haifctl.gguf_info import GGUFFacts
 from haifctl.registry.service import Registry, open_registry
+from haifctl.security import ADMIN, ORCHESTRATOR
+
+# The calls the orchestrator makes; everything else writes the registry and is the CLI's alone.
+ORCHESTRATOR_OPS = frozenset({"resolve", "list", "set_status"})
 
 
 class RegistryDaemon(Daemon):
     name = "registry"
+    listens = True
 
     def __init__(self, registry_url: str, bind_address: str, ready_file: Path | None = None):
         super().__init__(ready_file)
@@ -30,15 +35,23 @@ class RegistryDaemon(Daemon):
     def start(self) -> None:
         self.registry = open_registry(self.registry_url)
         self.registry.ensure_builtin()
-        self.router = socket(self.ctx, zmq.ROUTER)
-        self.endpoints["rpc"] = bind(self.router, self.bind_address)
+        self.router, self.endpoints["rpc"] = self.listen(zmq.ROUTER, self.bind_address)
         self.watch(self.router, lambda: self.read_router(self.router, self.handle))
 
-    def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes) -> None:
+    def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes, role: str) -> None:
         msg = envelope.msg
         answer: wire.Msg
         if isinstance(msg, wire.Ping):
             answer = self.pong()
+        elif isinstance(msg, wire.RegistryCall) and not (
+            role == ADMIN or (role == ORCHESTRATOR and msg.op in ORCHESTRATOR_OPS)
+        ):
+            self.refuse_role(role, f"registry_{msg.op}"[:40])
+            answer = wire.Error(
+                kind=Kind.forbidden,
+                code="forbidden",
+                message=f"a {role or 'unauthenticated'} peer may not call {msg.op!r}",
+            )
         elif isinstance(msg, wire.RegistryCall):
             answer = self.call(msg)
         elif isinstance(msg, wire.StatsRequest):

@@ -31,6 +31,7 @@ from haifctl.runtime.base import SamplingParams, TokenEvent
 from haifctl.runtime.engine import Job, LoadedModel, Step, deliver_to_queues
 from haifctl.runtime.llamacpp import nvidia_smi
 from haifctl.schema import validate_request
+from haifctl.security import WORKER
 
 STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
 
@@ -112,7 +113,7 @@ class WorkerDaemon(Daemon):
     def resolve(self, deadline_s: float = 60.0) -> wire.ModelInfo:
         if looks_like_path(self.model_ref):
             return model_at(self.model_ref)
-        rpc = RpcClient(self.ctx, self.orchestrator, "orchestrator")
+        rpc = RpcClient(self.ctx, self.orchestrator, "orchestrator", self.keyring, WORKER)
         end = time.monotonic() + deadline_s
         try:
             while True:
@@ -161,7 +162,7 @@ class WorkerDaemon(Daemon):
         """Open the orchestrator link, once: ZeroMQ reconnects it by itself, and keeping it
         keeps the order of everything sent both ways (an Infer on its way is never lost to
         a new socket).  The identity is the worker id, stable across silences."""
-        self.dealer = socket(self.ctx, zmq.DEALER)
+        self.dealer = self.dial(zmq.DEALER, self.orchestrator, WORKER)
         self.dealer.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
         self.dealer.connect(self.orchestrator)
         self.watch(self.dealer, self.read_orchestrator)

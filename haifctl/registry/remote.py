@@ -18,12 +18,13 @@ from haifctl.gguf_info import GGUFFacts, read_facts
 from haifctl.hashing import sha256_file
 from haifctl.registry.service import ModelRecord
 from haifctl.rpc import RpcClient
+from haifctl.security import Keyring
 
 
 class RemoteRegistry:
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, keyring: Keyring, timeout: float = 10.0) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.rpc = RpcClient(self.ctx, address, "registry")
+        self.rpc = RpcClient(self.ctx, address, "registry", keyring)
         self.timeout = timeout
 
     def __enter__(self) -> RemoteRegistry:

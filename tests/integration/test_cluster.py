@@ -108,9 +108,8 @@ def test_garbage_on_every_socket_is_dropped(cluster: Cluster) -> None:
             ):
                 # An oversized message makes libzmq drop its connection, so it goes on a socket
                 # of its own; linger lets everything queued leave before the socket closes.
-                sock = ctx.socket(zmq.DEALER)
+                sock = cluster.dealer(ctx, address)  # an authenticated peer sending garbage
                 sock.setsockopt(zmq.LINGER, 5000)
-                sock.connect(address)
                 for frames in batch:
                     sock.send_multipart(frames)
                 sock.close()
@@ -163,10 +162,8 @@ def test_full_queue_is_refused_at_once_with_a_retry_hint(tmp_path: Path) -> None
     small = Cluster(tmp_path, workers=1, queue_size=2)
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = small.dealer(ctx, small.gateway)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.connect(small.gateway)
         request = {"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True}
         ids = [wire.new_id() for _ in range(6)]
         sent_at = time.monotonic()
@@ -187,7 +184,7 @@ def test_full_queue_is_refused_at_once_with_a_retry_hint(tmp_path: Path) -> None
             assert error.retry_after is not None
             assert error.retry_after > 0
             assert waited < 1.0  # at once, not after waiting in line
-        with ClusterClient(small.gateway) as client:
+        with small.client() as client:
             stats = client.stats()
         assert stats.queues == {"stories260K:1": 2}
         assert stats.counters["rejected_overloaded"] == 3

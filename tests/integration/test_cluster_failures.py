@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from haifctl import wire
-from tests.cluster import Cluster, Proc
+from tests.cluster import HAIFCTL, Cluster, Proc
 
 HEARTBEAT_TIMEOUT = 1.0
 
@@ -124,25 +125,36 @@ def test_orchestrator_restart_workers_and_gateway_reconnect(cluster: Cluster) ->
     assert isinstance(msgs[-1], wire.Done)
 
 
-def test_remote_style_worker_joins_with_only_the_orchestrator_address(
+def test_remote_style_worker_joins_with_a_token_and_nothing_else(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    # Its own empty home: no registry, no config; the orchestrator's address is all it has.
+    """A worker elsewhere has its own empty home (no registry, no config, no cluster keys):
+    without a join token the orchestrator refuses it in the handshake; with the token that
+    `haifctl join-token` prints on the cluster's machine, it joins and serves."""
     env = {**cluster.env, "HAIF_HOME": str(tmp_path / "elsewhere")}
-    proc = Proc(
-        "remote-1",
-        [
-            "worker",
-            "--orchestrator",
-            cluster.orchestrator,
-            "--model",
-            "stories260K",
-            "--worker-id",
-            "remote-1",
-        ],
-        tmp_path,
-        env,
+    args = ["worker", "--orchestrator", cluster.orchestrator, "--model", "stories260K"]
+    # With keys of its own (a cluster of its own, in its own home): refused in the handshake,
+    # and counted.
+    own = {**env, "HAIF_HOME": str(tmp_path / "stranger")}
+    stranger = Proc("stranger", [*args, "--worker-id", "stranger"], tmp_path, own)
+    cluster.procs["stranger"] = stranger
+    end = time.monotonic() + 30
+    while scrape_counter(cluster, "auth_refused_handshake") < 1:
+        assert time.monotonic() < end, stranger.tail()
+        time.sleep(0.05)
+    assert not stranger.ready_file.exists()
+    stranger.stop()
+
+    made = subprocess.run(
+        [HAIFCTL, "join-token", "--name", "remote-1"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
+    token = made.stdout.strip()
+    assert token.startswith("haif1-")
+    proc = Proc("remote-1", [*args, "--worker-id", "remote-1", "--join", token], tmp_path, env)
     cluster.procs["remote-1"] = proc
     proc.wait_ready()
     cluster.wait_workers(3)
@@ -155,6 +167,25 @@ def test_remote_style_worker_joins_with_only_the_orchestrator_address(
             served_by.add(final.worker)
     assert "remote-1" in served_by
     assert not (tmp_path / "elsewhere" / "registry.db").exists()
+    assert not (tmp_path / "elsewhere" / "keys").exists()  # it made no keys of its own
+
+    # revoked: refused from its next connection on (a restart here)
+    subprocess.run([HAIFCTL, "join-token", "--revoke", "remote-1"], env=cluster.env, check=True)
+    refused = scrape_counter(cluster, "auth_refused_unknown_key")
+    proc.kill(signal.SIGKILL)
+    proc.stop()
+    again = Proc("remote-1", [*args, "--worker-id", "remote-1", "--join", token], tmp_path, env)
+    cluster.procs["remote-1"] = again
+    end = time.monotonic() + 30
+    while scrape_counter(cluster, "auth_refused_unknown_key") <= refused:
+        assert time.monotonic() < end, again.tail()
+        time.sleep(0.05)
+
+
+def scrape_counter(cluster: Cluster, name: str) -> int:
+    """A counter of the orchestrator's, from its stats."""
+    with cluster.client() as client:
+        return client.stats().counters.get(name, 0)
     assert proc.stop() == 0
     cluster.wait_workers(2, timeout=HEARTBEAT_TIMEOUT + 5)
     assert os.path.exists(proc.log_path)

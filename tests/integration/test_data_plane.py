@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from haifctl import wire
+from haifctl.security import WORKER
 from tests.cluster import Cluster
 
 STREAMS = 4
@@ -74,9 +75,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
     bare = Cluster(tmp_path, workers=0)
     ctx = zmq.Context()
     try:
-        worker = ctx.socket(zmq.DEALER)
-        worker.setsockopt(zmq.LINGER, 0)
-        worker.connect(bare.orchestrator)
+        worker = bare.dealer(ctx, bare.orchestrator, WORKER)
         worker.send(
             wire.encode(
                 wire.Register(
@@ -92,9 +91,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
         )
         assert worker.poll(5000)
         assert isinstance(wire.decode(worker.recv()).msg, wire.Ack)
-        client = ctx.socket(zmq.DEALER)
-        client.setsockopt(zmq.LINGER, 0)
-        client.connect(bare.gateway)
+        client = bare.dealer(ctx, bare.gateway)
         infer = dispatched(client, worker, "r1")
         assert len(infer.route) == wire.ROUTE_FRAMES
         opaque = b"\xc1 not msgpack: the relays must not look inside"
@@ -120,7 +117,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
         started = wire.encode(wire.Started(ids=["r2"]))
         worker.send_multipart([*reversed(infer.route), b"first text", started])
         assert client.poll(5000)
-        assert client.recv() == b"first text"  # the note itself stays at the orchestrator
+        assert client.recv() == b"first text"  # the note itself stays with the relays
         worker.close(linger=0)  # the worker goes silent: dropped after the heartbeat timeout
         assert client.poll(15_000), "the started request was never answered"
         error = wire.decode(client.recv()).msg

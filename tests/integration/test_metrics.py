@@ -69,9 +69,8 @@ def traffic(cluster: Cluster) -> None:
     response = httpx.post(f"{cluster.bridge}/v1/completions", json=invalid, timeout=30)
     assert response.status_code == 400
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = cluster.dealer(ctx, cluster.gateway)  # authenticated, and still garbage
     sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(cluster.gateway)
     sock.send(b"\x00garbage")
     sock.close()
     ctx.term()

@@ -20,6 +20,7 @@ from haifctl.registry.service import (
     Registry,
     open_registry,
 )
+from haifctl.security import Keyring
 from tests.cluster import Proc
 
 
@@ -289,7 +290,8 @@ def test_registry_daemon_answers_a_nul_name_at_once(registry_url: str, tmp_path:
     env = {**os.environ, "HAIF_REGISTRY_URL": registry_url, "HAIF_HOME": str(tmp_path / "h")}
     proc = Proc("registry", ["daemon", "registry"], tmp_path, env)
     try:
-        with RemoteRegistry(proc.endpoint(), timeout=20.0) as remote:
+        keyring = Keyring.ensure(tmp_path / "h")
+        with RemoteRegistry(proc.endpoint(), keyring, timeout=20.0) as remote:
             for ref in ("tiny\x00", "x" * (MAX_REF_CHARS + 1)):
                 with pytest.raises(InvalidInput) as info:
                     remote.resolve(ref)

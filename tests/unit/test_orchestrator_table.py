@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from haifctl import wire
 from haifctl.daemon import orchestrator as orchestrator_module
 from haifctl.daemon.orchestrator import OrchestratorDaemon, Resolution
+from haifctl.security import GATEWAY as GATEWAY_ROLE
+from haifctl.security import WORKER
 
 MODEL = "m:1"
 GATEWAY = b"gateway"
@@ -51,8 +53,10 @@ class Harness:
     def deliver(
         self, identity: bytes, msg: wire.Msg, request_id: str = "", deadline: float = 0.0
     ) -> None:
+        """As the ROUTER hands it over, with the role the sender's key gives it."""
         body = wire.encode(msg, request_id, deadline)
-        self.d.handle(identity, wire.decode(body), body)
+        role = GATEWAY_ROLE if identity == GATEWAY else WORKER
+        self.d.handle(identity, wire.decode(body), body, role)
 
     def register(self, name: str, slots: int = 1, identity: bytes | None = None) -> bytes:
         identity = identity or name.encode()
