@@ -90,6 +90,30 @@ SETTINGS: tuple[Setting, ...] = (
         "HOST:PORT of the HTTP bridge that `haifctl up` starts (port 0: any free port).",
     ),
     Setting(
+        "bridge_header_timeout",
+        ("HAIF_BRIDGE_HEADER_TIMEOUT",),
+        float,
+        10.0,
+        "Seconds an HTTP client has to send a whole request head before the bridge closes the "
+        "connection (0: no limit).",
+    ),
+    Setting(
+        "bridge_idle_timeout",
+        ("HAIF_BRIDGE_IDLE_TIMEOUT",),
+        float,
+        15.0,
+        "Seconds the bridge keeps an idle HTTP connection open, and waits for the next piece of "
+        "a request body (408 after).",
+    ),
+    Setting(
+        "bridge_max_client_connections",
+        ("HAIF_BRIDGE_MAX_CLIENT_CONNECTIONS",),
+        int,
+        256,
+        "Concurrent HTTP connections one client address may hold at the bridge; one more gets "
+        "429 (0: no cap).",
+    ),
+    Setting(
         "metrics_port",
         ("HAIF_METRICS_PORT", "OTEL_PROMETHEUS_PORT"),
         int,
@@ -171,6 +195,9 @@ class Settings:
     max_tokens: int
     gateway_url: str
     bridge_bind: str
+    bridge_header_timeout: float
+    bridge_idle_timeout: float
+    bridge_max_client_connections: int
     metrics_port: int
     metrics_host: str
     heartbeat_timeout: float

@@ -49,3 +49,33 @@ def test_system_turns_a_prompt_into_messages() -> None:
     assert messages is not None
     assert [(m.role, m.content) for m in messages] == [("system", "be brief"), ("user", "hello")]
     assert validate_request({"prompt": "plain"}).chat_messages() is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"prompt": "\ud800"}, "`prompt`: text holds a lone surrogate (U+D800) at index 0"),
+        ({"prompt": "x", "model": "a\udcff"}, "`model`: text holds a lone surrogate (U+DCFF)"),
+        ({"prompt": "x", "system": "\ud800"}, "`system`: text holds a lone surrogate"),
+        ({"prompt": "x", "stop": "\ud800"}, "`stop`: text holds a lone surrogate"),
+        ({"prompt": "x", "stop": ["ok", "\udfff"]}, "`stop[1]`: text holds a lone surrogate"),
+        (
+            {"messages": [{"role": "user", "content": "\ud800"}]},
+            "`messages[0].content`: text holds a lone surrogate",
+        ),
+        ({"prompt": "x", "top_k": 2**64}, "top_k: expected `int` <= 2147483647"),
+        ({"prompt": "x", "max_tokens": 2**64}, "max_tokens: expected `int` <= 1048576"),
+    ],
+)
+def test_text_no_daemon_could_send_and_integers_past_the_wire_are_invalid(
+    fields: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(InvalidInput) as info:
+        validate_request(fields)
+    assert expected in info.value.message
+
+
+def test_an_integer_past_the_wire_in_json_is_invalid() -> None:
+    with pytest.raises(InvalidInput) as info:
+        decode_request(b'{"prompt": "x", "top_k": 18446744073709551616}')
+    assert "top_k" in info.value.message
