@@ -27,7 +27,9 @@ import msgspec
 PROTOCOL_VERSION = 1
 ROUTE_FRAMES = 2  # [gateway, client] in front of a worker's stream frame
 MAX_FRAME_BYTES = 1024 * 1024  # a body above this is dropped unread (prompts are capped lower)
-MAX_MODEL_REF_CHARS = 256  # a longer model name is refused before any lookup
+# A longer model reference is refused before any lookup: the registry's own limit
+# (haifctl.registry.service.MAX_REF_CHARS, NAME:VERSION), checked here without importing it.
+MAX_MODEL_REF_CHARS = 257
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

@@ -268,12 +268,15 @@ class Daemon:
                 self.in_flight() == 0 or self.force_exit or now > self.draining_until
             ):
                 return
+            # Messages first, then the tick: after a stall (SIGSTOP, a starved CPU) the peers'
+            # heartbeats waiting in our sockets are read before anyone is judged silent.
+            timeout = max(0, int((next_tick - now) * 1000) + 1)
+            for sock, _ in self._poller.poll(timeout):
+                self.safely(self._readers[sock])
+            now = time.monotonic()
             if now >= next_tick:
                 self.safely(self.on_tick, now)
                 next_tick = now + self.tick_s
-            timeout = max(1, int((next_tick - time.monotonic()) * 1000) + 1)
-            for sock, _ in self._poller.poll(timeout):
-                self.safely(self._readers[sock])
 
     def in_flight(self) -> int:
         """Work that a graceful shutdown waits for."""

@@ -165,6 +165,10 @@ class OrchestratorDaemon(Daemon):
         self.queue_size = queue_size
         self.max_attempts = max_attempts
         self.drain_grace_s = drain_grace_s
+        # workers find a restarted orchestrator at their next heartbeat: until then a model
+        # with no worker yet is not refused
+        self.startup_grace_s = max(5.0, 3 * heartbeat_timeout_s)
+        self.started_mono = time.monotonic()
         self.workers: dict[bytes, WorkerRec] = {}
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
@@ -792,7 +796,12 @@ class OrchestratorDaemon(Daemon):
         refuse: Callable[[wire.Error], None],
     ) -> None:
         """Queue (or dispatch at once) a request whose model is known."""
-        if not self.open_workers[info.ref]:
+        young = time.monotonic() - self.started_mono < self.startup_grace_s
+        if not self.open_workers[info.ref] and young:
+            # Just started (a restart): workers are on their way back; the request waits for
+            # them in the queue, as long as a queue whose workers went away does.
+            self.orphaned.setdefault(info.ref, time.monotonic())
+        elif not self.open_workers[info.ref]:
             return refuse(
                 wire.Error(
                     kind=Kind.unavailable,

@@ -239,7 +239,10 @@ class Supervisor:
                         target=child.name,
                         returncode=code,
                     )
-                    if self.restart == "never" or (self.restart == "on-failure" and code == 0):
+                    # A worker that drained and exited 0 (someone sent it SIGTERM) is still
+                    # wanted: only the cluster going down, or --restart never, stops it.
+                    clean = code == 0 and not child.name.startswith("worker")
+                    if self.restart == "never" or (self.restart == "on-failure" and clean):
                         child.state = "exited"
                     else:
                         child.state = "backoff"

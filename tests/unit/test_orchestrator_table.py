@@ -78,6 +78,12 @@ class Harness:
         self.deliver(GATEWAY, wire.Infer(request={"prompt": "x"}), request_id, deadline)
         return request_id
 
+    def infer_model(self, model: str) -> str:
+        self.seq += 1
+        request_id = f"r{self.seq}"
+        self.deliver(GATEWAY, wire.Infer(request={"prompt": "x", "model": model}), request_id)
+        return request_id
+
     def done(self, identity: bytes, request_id: str) -> None:
         done = wire.Done(
             finish_reason="stop",
@@ -127,6 +133,7 @@ def h(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     )
     harness = Harness(daemon, clock)
     daemon.started_mono = clock.now
+    daemon.startup_grace_s = 0.0  # a daemon long up (one test sets it back)
     daemon.resolved[MODEL] = Resolution(
         wire.ModelInfo(ref=MODEL, path="/m", context_length=0), float("inf")
     )
@@ -311,3 +318,179 @@ def test_a_stale_resolution_is_used_while_a_fresh_one_is_asked_for(h: Harness) -
     assert sent[-1].model_path == "/new"
     assert not h.d.lookups
     assert not h.d.resolving
+
+
+# the registry: never waited for -----------------------------------------------------------
+def answer_registry(h: Harness, peer: bytes, asked: wire.Envelope, msg: wire.Msg) -> None:
+    h.registry.send_multipart([peer, wire.encode(msg, asked.id)])
+    assert h.d.registry_link.poll(5000)
+    h.d.registry_answers()
+
+
+RECORD = {"name": "other", "version": "1", "path": "/o", "context_length": 0, "params": {}}
+
+
+def test_requests_for_an_unknown_model_wait_on_one_registry_call(h: Harness) -> None:
+    a = h.register("a", slots=4)
+    h.told_registry()
+    ids = [h.infer_model("other") for _ in range(3)]
+    assert h.d.in_flight() == 3  # parked, not refused, and the loop went on
+    (peer, asked), *more = h.told_registry()
+    assert asked.msg == wire.RegistryCall(op="resolve", args={"ref": "other"})
+    assert more == []  # one call for the three
+    answer_registry(h, peer, asked, wire.RegistryReply(result=RECORD))
+    for request_id in ids:  # each answered once the model is known: no worker serves it
+        error = h.answer(request_id)
+        assert isinstance(error, wire.Error)
+        assert error.message == "no worker serves other:1"
+    assert a not in {h.where(i) for i in ids}
+    assert h.d.in_flight() == 0
+
+
+def test_a_registry_that_does_not_answer_fails_the_parked_requests_after_its_timeout(
+    h: Harness,
+) -> None:
+    h.register("a")
+    h.told_registry()
+    request_id = h.infer_model("other")
+    assert h.answer(request_id) is None
+    h.clock.now += orchestrator_module.REGISTRY_TIMEOUT_S + 0.1
+    h.d.on_tick(h.clock.now)
+    error = h.answer(request_id)
+    assert isinstance(error, wire.Error)
+    assert error.code == "registry_unreachable"
+    assert error.retry_after
+    # remembered briefly: the next request is answered at once, without asking again
+    h.told_registry()
+    again = h.infer_model("other")
+    assert isinstance(h.answer(again), wire.Error)
+    assert h.told_registry() == []
+
+
+def test_a_known_model_is_served_from_its_last_good_answer_while_the_registry_is_away(
+    h: Harness,
+) -> None:
+    a = h.register("a", slots=8)
+    h.told_registry()
+    h.clock.now += 3600  # the cached answer is long stale
+    h.heartbeat(a)
+    h.d.resolved[MODEL].fresh_until = h.clock.now - 1
+    first = h.infer()
+    assert h.where(first) == a  # served at once from the stale answer
+    (_, asked), *_ = h.told_registry()
+    assert asked.msg == wire.RegistryCall(op="resolve", args={"ref": MODEL})
+    h.clock.now += orchestrator_module.REGISTRY_TIMEOUT_S + 0.1
+    h.heartbeat(a)
+    h.d.on_tick(h.clock.now)  # the refresh times out: the registry is away
+    assert h.d.counters["registry_stale_answers"] == 1
+    assert not h.d.registry_ok
+    for _ in range(3):
+        assert h.where(h.infer()) == a
+    assert h.d.workers[a].running  # and running streams were never touched
+
+
+def test_an_unknown_model_answer_is_cached_briefly_and_names_are_capped(h: Harness) -> None:
+    h.register("a")
+    h.told_registry()
+    first = h.infer_model("ghost")
+    (peer, asked), *_ = h.told_registry()
+    answer_registry(
+        h, peer, asked, wire.Error(kind="not_found", code="model_not_found", message="no")
+    )
+    error = h.answer(first)
+    assert isinstance(error, wire.Error)
+    assert error.code == "model_not_found"
+    h.infer_model("ghost")
+    assert h.told_registry() == []  # remembered
+    h.clock.now += orchestrator_module.FAILED_LOOKUP_S + 0.1
+    h.infer_model("ghost")
+    assert len(h.told_registry()) == 1  # briefly
+    long_name = h.infer_model("x" * (wire.MAX_MODEL_REF_CHARS + 1))
+    error = h.answer(long_name)
+    assert isinstance(error, wire.Error)
+    assert error.code == "invalid_model_ref"
+    assert h.told_registry() == []  # refused before any lookup
+
+
+def test_the_model_cache_is_bounded(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(orchestrator_module, "MAX_RESOLVED", 50)
+    h.register("a")
+    h.told_registry()
+    for i in range(300):
+        request_id = h.infer_model(f"unique-{i}")
+        (peer, asked), *_ = h.told_registry()
+        answer_registry(h, peer, asked, wire.Error(kind="not_found", code="nf", message="no"))
+        assert isinstance(h.answer(request_id), wire.Error)
+    assert len(h.d.resolved) <= 50
+    assert not h.d.lookups
+    assert not h.d.parked
+
+
+# workers coming back ------------------------------------------------------------------------
+def test_a_worker_registering_again_keeps_its_requests_and_stops_the_ones_given_up(
+    h: Harness,
+) -> None:
+    a = h.register("a", slots=2)
+    ours = h.infer()
+    assert h.where(ours) == a
+    # it reports ours, and one the orchestrator no longer has (failed while it was silent)
+    register = wire.Register(
+        worker_id="a",
+        models=[MODEL],
+        slots=2,
+        device="cpu",
+        n_ctx=512,
+        pid=1,
+        host="h",
+        running=[ours, "given-up"],
+    )
+    h.deliver(a, register)
+    ack = [e.msg for i, e in h.sent if i == a and isinstance(e.msg, wire.Ack)][-1]
+    assert isinstance(ack, wire.Ack)
+    assert ack.cancel == ["given-up"]
+    rec = h.d.workers[a]
+    assert rec.running == {ours, "given-up"}  # both hold a slot until they end
+    assert rec.free == 0
+    waiting = h.infer()
+    assert h.where(waiting) is None  # so nothing is sent to it, and refused as busy
+    # the orphan's end frees its slot, for the request that waited
+    h.deliver(a, wire.Error(code="cancelled", message="stopped"), "given-up")
+    assert h.d.workers[a].running == {ours, waiting}
+    h.done(a, ours)
+    assert isinstance(h.answer(ours), wire.Done)
+
+
+def test_a_new_process_under_a_known_identity_replaces_the_old_record(h: Harness) -> None:
+    a = h.register("a", slots=1)
+    running = h.infer()
+    assert h.where(running) == a
+    restarted = wire.Register(
+        worker_id="a", models=[MODEL], slots=1, device="cpu", n_ctx=512, pid=2, host="h"
+    )
+    h.deliver(a, restarted)
+    # the old process's request was not started: it goes to the new one
+    assert h.d.workers[a].pid == 2
+    assert h.where(running) == a
+    assert sum(1 for i, e in h.sent if e.id == running and isinstance(e.msg, wire.Infer)) == 2
+
+
+def test_draining_the_last_worker_answers_its_queue_at_once(h: Harness) -> None:
+    a = h.register("a", slots=1)
+    running, queued = h.infer(), h.infer()
+    assert h.where(queued) is None
+    h.heartbeat(a, draining=True)
+    error = h.answer(queued)
+    assert isinstance(error, wire.Error)
+    assert error.code == "unavailable"
+    assert error.retry_after
+    assert h.answer(running) is None  # the running one goes on
+    h.done(a, running)
+    assert isinstance(h.answer(running), wire.Done)
+
+
+def test_a_just_started_orchestrator_queues_until_workers_are_back(h: Harness) -> None:
+    h.d.startup_grace_s = 10.0
+    queued = h.infer()
+    assert h.answer(queued) is None
+    a = h.register("a")
+    assert h.where(queued) == a

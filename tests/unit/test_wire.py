@@ -66,3 +66,9 @@ def test_random_and_mutated_frames_only_ever_raise_badframe() -> None:
 def test_bad_frames_are_named(frame: bytes) -> None:
     with pytest.raises(wire.BadFrame):
         wire.decode(frame)
+
+
+def test_the_wire_caps_model_references_at_the_registrys_own_limit() -> None:
+    from haifctl.registry.service import MAX_REF_CHARS
+
+    assert wire.MAX_MODEL_REF_CHARS == MAX_REF_CHARS
