@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":bench"|":config"|":down"|":infer"|":keys"|":logs"|":models"|":status"|":top"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":bench"|":config"|":down"|":infer"|":join-token"|":keys"|":logs"|":models"|":status"|":top"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top bench worker models config keys'
+            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top bench worker join-token models config keys'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -90,7 +90,7 @@ _haifctl() {
             esac
             ;;
         "worker")
-            opts='--orchestrator --model -m --worker-id --heartbeat --slots --threads --metrics-port --ready-file --help -h'; cmds=''
+            opts='--orchestrator --model -m --worker-id --heartbeat --slots --threads --join --metrics-port --ready-file --help -h'; cmds=''
             case "$prev" in
                 --orchestrator) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
@@ -98,8 +98,16 @@ _haifctl() {
                 --heartbeat) COMPREPLY=(); return ;;
                 --slots) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --join) COMPREPLY=(); return ;;
                 --metrics-port) COMPREPLY=(); return ;;
                 --ready-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            esac
+            ;;
+        "join-token")
+            opts='--name --list --revoke --json --help -h'; cmds=''
+            case "$prev" in
+                --name) COMPREPLY=(); return ;;
+                --revoke) COMPREPLY=(); return ;;
             esac
             ;;
         "models")

@@ -152,7 +152,7 @@ def bridge(
     ready_file: ReadyOpt = None,
 ) -> None:
     """Serve the HTTP API (REST, OpenAI-compatible) and the chat page."""
-    from haifctl.daemon.bridge import BridgeDaemon, parse_http_bind
+    from haifctl.daemon.bridge import BridgeDaemon, EdgeLimits, parse_http_bind
     from haifctl.errors import InvalidInput
     from haifctl.keys import KeyStore
 
@@ -174,6 +174,7 @@ def bridge(
         ready_file,
         metrics_port=settings.metrics_port,
         metrics_host=settings.metrics_host,
+        limits=EdgeLimits.from_settings(settings),
     )
     daemon.keyring = security.local(settings.home)
     daemon.run()
@@ -299,3 +300,14 @@ def ping(
     if not isinstance(answer, wire.Pong) or not answer.ready:
         raise Unavailable("not_ready", f"{address} is not ready")
     typer.echo(f"{answer.daemon} {answer.pid} ready")
+
+
+@app.command()
+def keys(ctx: typer.Context) -> None:
+    """Create the cluster's CURVE keys if they do not exist, and print where they are (the
+    compose stack's first step: every daemon then reads them from HAIF_KEYS)."""
+    from haifctl import security
+
+    home = state(ctx).settings().home
+    security.local(home)
+    typer.echo(str(security.keys_dir(home)))

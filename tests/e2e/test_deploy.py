@@ -59,10 +59,20 @@ def test_compose_stack_shape() -> None:
         "jaeger",
     }
     assert expected <= set(services)
+    one_shot = {"keys"}  # makes the cluster's CURVE keys, then exits
     for name, service in services.items():
-        assert service.get("restart") == "unless-stopped", name
-    for name in services:  # every service, the OTel collector included
-        assert "healthcheck" in services[name], name
+        if name not in one_shot:
+            assert service.get("restart") == "unless-stopped", name
+            assert "healthcheck" in service, name  # every service, the OTel collector included
+    keys = services["keys"]
+    assert keys["command"] == ["daemon", "keys"]
+    assert keys["restart"] == "no"
+    for name in ("keys", *HAIFCTL_SERVICES):  # every ZeroMQ peer reads the same keys
+        assert services[name]["environment"]["HAIF_KEYS"] == "/run/haifctl-keys", name
+        assert "cluster-keys:/run/haifctl-keys" in services[name]["volumes"], name
+    assert services["registry"]["depends_on"]["keys"] == {
+        "condition": "service_completed_successfully"
+    }
     worker = services["worker"]
     assert "container_name" not in worker
     assert "ports" not in worker
@@ -72,7 +82,7 @@ def test_compose_stack_shape() -> None:
     assert services["prometheus"]["ports"] == ["9090:9090"]
     assert services["loki"]["ports"] == ["3100:3100"]
     assert services["jaeger"]["ports"] == ["16686:16686"]
-    assert {"postgres-data", "loki-data"} <= set(compose["volumes"])
+    assert {"postgres-data", "loki-data", "cluster-keys"} <= set(compose["volumes"])
 
 
 def test_env_example_names_every_variable() -> None:
