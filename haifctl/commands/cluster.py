@@ -187,7 +187,8 @@ def up(
     out.print(f"  gateway       {gateway}")
     out.print(
         f"  orchestrator  {daemon_endpoint(data, 'orchestrator')}"
-        "  (remote workers: haifctl worker --orchestrator ADDRESS)"
+        "  (remote workers: haifctl join-token, then haifctl worker --orchestrator ADDRESS"
+        " --join TOKEN)"
     )
     out.print(f"  logs          {log_dir(home)}  (haifctl logs)")
     from haifctl.keys import KeyStore
