@@ -171,3 +171,52 @@ def test_keys_create_list_revoke(haifctl: Run, home: Path) -> None:
     assert "revoked" in haifctl("keys", "revoke", "ci").stdout
     assert json.loads(haifctl("keys", "list", "--json").stdout) == []
     assert haifctl("keys", "revoke", "ci").returncode == 2
+
+
+def test_faults_under_the_supervisor(haifctl: Run, home: Path) -> None:
+    """Under `haifctl up`: a request streaming when the orchestrator is killed (-9) ends with an
+    explicit error, not a hang; the supervisor restarts the orchestrator and the cluster serves
+    again; a worker drained with SIGTERM (exit 0) is restarted too; `down` then takes seconds."""
+    up = haifctl("up", "--workers", "1", "--heartbeat-timeout", "1", "--bridge-bind", "127.0.0.1:0")
+    assert up.returncode == 0, up.stderr + up.stdout
+    try:
+        pids = {d["name"]: d["pid"] for d in status(haifctl)["daemons"]}
+        stream = subprocess.Popen(
+            [HAIFCTL, "infer", "Once upon a time", "-n", "4000", "--ignore-eos"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert stream.stdout is not None
+        stream.stdout.read(1)  # its text has started
+        os.kill(pids["orchestrator"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = stream.communicate(timeout=60)
+        assert stream.returncode != 0
+        assert "orchestrator" in err, err  # orchestrator_lost: it says what happened
+        assert time.monotonic() - killed_at < 10
+
+        def restarted(name: str) -> bool:
+            daemon = next(d for d in status(haifctl)["daemons"] if d["name"] == name)
+            return daemon["restarts"] >= 1 and daemon["state"] == "running"
+
+        end = time.monotonic() + 60
+        while not restarted("orchestrator"):
+            assert time.monotonic() < end
+            time.sleep(0.1)  # the probe's interval
+        end = time.monotonic() + 60
+        while (served := haifctl("infer", "Once", "-n", "4")).returncode != 0:
+            assert time.monotonic() < end, served.stderr  # workers rejoin within heartbeats
+            time.sleep(0.2)
+
+        os.kill(pids["worker-1"], signal.SIGTERM)  # drains, exits 0: still wanted
+        end = time.monotonic() + 90
+        while not restarted("worker-1"):
+            assert time.monotonic() < end
+            time.sleep(0.1)
+    finally:
+        started = time.monotonic()
+        down = haifctl("down")
+        took = time.monotonic() - started
+    assert down.returncode == 0, down.stderr
+    assert took < 15, took
