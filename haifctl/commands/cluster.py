@@ -127,6 +127,7 @@ def up(
     if current is not None:
         stdout().print(f"cluster already running (gateway {daemon_endpoint(current, 'gateway')})")
         return
+    preflight(settings.bridge_bind, orchestrator_bind, gateway_bind, home)
     models = model or [settings.model]
     with open_cli_registry(settings) as registry:  # unknown models fail here, not in a worker
         refs = [registry.resolve(m).ref for m in models]
@@ -198,6 +199,66 @@ def up(
             "no API keys configured: the HTTP API is open, on loopback only "
             "(haifctl keys create to require keys)"
         )
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def preflight(bridge_bind: str, orchestrator_bind: str, gateway_bind: str, home: Path) -> None:
+    """Check every address and probe every fixed port before anything starts: a mistake is one
+    `error:` line (exit 2), not a daemon failing after the others were spawned."""
+    from haifctl.keys import KeyStore
+
+    addresses = [("--bridge-bind", _host_port(bridge_bind, "--bridge-bind", http=True))]
+    for flag, value in (
+        ("--orchestrator-bind", orchestrator_bind),
+        ("--gateway-bind", gateway_bind),
+    ):
+        if not value.startswith("tcp://"):
+            raise InvalidInput(
+                "bad_address",
+                f"{flag} {value!r} is not tcp://HOST:PORT",
+                f"e.g. {flag} tcp://127.0.0.1:0",
+            )
+        addresses.append((flag, _host_port(value.removeprefix("tcp://"), flag)))
+    host = addresses[0][1][0]
+    if host not in LOOPBACK and not KeyStore(home).enabled:
+        raise InvalidInput(
+            "bridge_needs_keys",
+            f"no API keys are configured, so the bridge only listens on loopback, not {host}",
+            "create one with `haifctl keys create`, or bind to 127.0.0.1",
+        )
+    for flag, (host, port) in addresses:
+        if port:
+            _probe(flag, host, port)
+
+
+def _host_port(value: str, flag: str, http: bool = False) -> tuple[str, int]:
+    host, _, port = value.removeprefix("http://" if http else "").rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise InvalidInput(
+            "bad_address",
+            f"{flag} {value!r}: the port must be a number from 0 to 65535",
+            f"e.g. {flag} {'127.0.0.1:8080' if http else 'tcp://127.0.0.1:0'} (0: any free port)",
+        )
+    return ("0.0.0.0" if host == "*" else host), int(port)
+
+
+def _probe(flag: str, host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InvalidInput(
+                "address_unavailable",
+                f"{flag}: cannot listen on {host}:{port}: {exc.strerror}",
+                f"pick another port ({flag} ...:0 takes any free one), or stop what uses it",
+            ) from None
 
 
 def _wait_ready(home: Path, supervisor: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:

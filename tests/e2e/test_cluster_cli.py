@@ -142,10 +142,12 @@ def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        # the gateway (third daemon) gets /metrics on BASE+2: taken, so it fails once started
+        # (a busy RPC or HTTP port is refused before anything starts: see the next test)
         proc = haifctl(
             "up",
-            "--gateway-bind",
-            f"tcp://127.0.0.1:{port}",
+            "--metrics-base-port",
+            str(port - 2),
             "--timeout",
             "60",
             "--bridge-bind",
@@ -158,6 +160,33 @@ def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path
     assert haifctl("status").returncode == 3
     state = home / "run" / "cluster.json"
     assert not state.exists()
+
+
+def test_up_checks_its_addresses_before_starting_anything(haifctl: Run, home: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (("--bridge-bind", f"127.0.0.1:{port}"), "cannot listen on", "Address already in use"),
+            (("--gateway-bind", f"tcp://127.0.0.1:{port}"), "--gateway-bind", "already in use"),
+            (("--bridge-bind", "127.0.0.1:notaport"), "--bridge-bind", "0 to 65535"),
+            (("--orchestrator-bind", "127.0.0.1:5"), "not tcp://HOST:PORT", ""),
+            (("--bridge-bind", "0.0.0.0:0"), "no API keys are configured", "loopback"),
+        ]
+        for args, said, more in cases:
+            proc = haifctl("up", *args)
+            assert proc.returncode == 2, (args, proc.stderr)
+            lines = proc.stderr.strip().splitlines()
+            assert lines[0].startswith("error:")
+            assert said in lines[0]
+            assert more in lines[0]
+            assert lines[1].startswith("hint:")
+            assert len(lines) == 2
+    assert not (home / "run" / "cluster.json").exists()
+    assert not (home / "logs").exists()  # nothing was started
 
 
 def test_keys_create_list_revoke(haifctl: Run, home: Path) -> None:
