@@ -159,7 +159,7 @@ def up(
     # the registry URL may hold a password: the environment carries it (to the supervisor, and
     # from it to the daemons), never a command line that `ps` shows to every user
     env = {**os.environ, "HAIF_REGISTRY_URL": settings.registry_url}
-    security.local(home)  # the cluster's keys, made once here rather than raced by the daemons
+    keyring = security.local(home)  # the cluster's keys, made here, not raced by the daemons
     if foreground:
         os.execve(sys.executable, args, env)
     private_dir(log_dir(home))
@@ -179,7 +179,7 @@ def up(
         os.close(logfile)
     data = _wait_ready(home, supervisor, timeout)
     gateway = daemon_endpoint(data, "gateway")
-    _wait_workers(gateway, workers, time.monotonic() + timeout, security.local(home))
+    _wait_workers(gateway, workers, time.monotonic() + timeout, keyring)
     out = stdout()
     out.print(f"cluster up: {workers} worker(s) serving {', '.join(refs)}")
     out.print(

@@ -19,7 +19,7 @@ from typing import Any, cast
 import zmq
 
 from haifctl import __version__, security, tracing, wire
-from haifctl.errors import HaifError
+from haifctl.errors import HaifError, Kind
 from haifctl.security import Keyring
 from haifctl.telemetry import Metrics
 
@@ -196,10 +196,16 @@ class Daemon:
             key=key.decode(errors="replace")[:12],
         )
 
-    def refuse_role(self, role: str, what: str) -> None:
-        """A message its sender's role may not send here: counted and dropped."""
-        self.counters[f"forbidden_{what}"] += 1
+    def refuse_role(self, role: str, what: str) -> wire.Error:
+        """A message its sender's role may not send here: counted; the answer, for a sender
+        that waits for one."""
+        self.counters[f"forbidden_{what}"[:48]] += 1
         self.metrics.auth_refused.labels(self.name, "role_not_allowed").inc()
+        return wire.Error(
+            kind=Kind.forbidden,
+            code="forbidden",
+            message=f"a {role or 'unauthenticated'} peer may not send {what} to the {self.name}",
+        )
 
     def listen(self, kind: int, address: str) -> tuple[zmq.Socket[bytes], str]:
         """A socket of ours that peers connect to: a CURVE server when we have keys."""

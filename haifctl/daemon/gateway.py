@@ -193,11 +193,9 @@ class GatewayDaemon(Daemon):
         for request_id, route in list(self.routes.items()):
             if route.stats or route.streamed:
                 failed += 1
-                self.routes.pop(request_id)
                 if not route.stats:
                     self.abandoned.append(request_id)
                 self.answer(
-                    route,
                     request_id,
                     wire.Error(
                         kind=Kind.unavailable,
@@ -222,9 +220,7 @@ class GatewayDaemon(Daemon):
     def answer_unsent(self, why: str) -> None:
         for request_id, route in list(self.routes.items()):
             if not route.sent:
-                self.routes.pop(request_id)
                 self.answer(
-                    route,
                     request_id,
                     wire.Error(
                         kind=Kind.unavailable,
@@ -235,7 +231,9 @@ class GatewayDaemon(Daemon):
                     ),
                 )
 
-    def answer(self, route: Route, request_id: str, error: wire.Error) -> None:
+    def answer(self, request_id: str, error: wire.Error) -> None:
+        """End a request here with ``error``: forget its route, count it, tell its client."""
+        route = self.routes.pop(request_id)
         if not route.stats:
             self.observe(route, error)
         self.to_client(route.client, wire.encode(error, request_id))
@@ -275,7 +273,8 @@ class GatewayDaemon(Daemon):
         accepting = self.accepting
         msg = envelope.msg
         if role not in (BRIDGE, ADMIN):  # the handshake already refuses anyone else
-            return self.refuse_role(role, type(msg).__name__.lower())
+            self.refuse_role(role, type(msg).__name__.lower())
+            return
         if isinstance(msg, wire.Infer):
             # The client's identity for rate limits and logs: the API key the bridge checked,
             # or our own name for the peer; never a name another peer put in the message.
@@ -453,17 +452,14 @@ class GatewayDaemon(Daemon):
             self.answer_unsent(f"the orchestrator has been away {ORCHESTRATOR_GRACE_S:g}s")
         for request_id, route in list(self.routes.items()):
             if now > route.deadline + 0.5:
-                self.routes.pop(request_id)
                 self.counters["deadline_exceeded"] += 1
                 if not route.stats:
-                    self.observe(
-                        route, wire.Error(kind=Kind.timeout, code="deadline_exceeded", message="")
-                    )
-                if not route.stats:
                     self.dealer.send(wire.encode(wire.Cancel(), request_id))
-                error = wire.Error(
-                    kind=Kind.timeout,
-                    code="deadline_exceeded",
-                    message="the request ran out of time",
+                self.answer(
+                    request_id,
+                    wire.Error(
+                        kind=Kind.timeout,
+                        code="deadline_exceeded",
+                        message="the request ran out of time",
+                    ),
                 )
-                self.to_client(route.client, wire.encode(error, request_id))

@@ -229,7 +229,8 @@ class OrchestratorDaemon(Daemon):
         [client, body] to the gateway as bytes.  Its arrival is the worker's proof of life; a
         ``Started`` note after the body names the requests whose first text it carries."""
         if role != WORKER:
-            return self.refuse_role(role, "stream")
+            self.refuse_role(role, "stream")
+            return None
         worker = self.workers.get(frames[0])
         if worker is None:
             self.counters["stray_worker_messages"] += 1
@@ -277,20 +278,9 @@ class OrchestratorDaemon(Daemon):
         if (isinstance(msg, WORKER_MESSAGES) and role != WORKER) or (
             isinstance(msg, GATEWAY_MESSAGES) and role != GATEWAY
         ):
-            self.refuse_role(role, type(msg).__name__.lower())
+            refusal = self.refuse_role(role, type(msg).__name__.lower())
             if envelope.id and not isinstance(msg, wire.Done | wire.Error | wire.Cancel):
-                self.send(
-                    identity,
-                    wire.reply(
-                        envelope,
-                        wire.Error(
-                            kind=Kind.forbidden,
-                            code="forbidden",
-                            message=f"a {role or 'unauthenticated'} peer may not send "
-                            f"{type(msg).__name__} to the orchestrator",
-                        ),
-                    ),
-                )
+                self.send(identity, wire.reply(envelope, refusal))
             return
         worker = self.workers.get(identity)
         if worker is not None:

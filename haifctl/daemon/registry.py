@@ -46,12 +46,7 @@ class RegistryDaemon(Daemon):
         elif isinstance(msg, wire.RegistryCall) and not (
             role == ADMIN or (role == ORCHESTRATOR and msg.op in ORCHESTRATOR_OPS)
         ):
-            self.refuse_role(role, f"registry_{msg.op}"[:40])
-            answer = wire.Error(
-                kind=Kind.forbidden,
-                code="forbidden",
-                message=f"a {role or 'unauthenticated'} peer may not call {msg.op!r}",
-            )
+            answer = self.refuse_role(role, f"registry_{msg.op}")
         elif isinstance(msg, wire.RegistryCall):
             answer = self.call(msg)
         elif isinstance(msg, wire.StatsRequest):
