@@ -41,7 +41,7 @@ from haifctl.errors import Kind
 from haifctl.security import GATEWAY, ORCHESTRATOR, WORKER
 from haifctl.tracing import Span, child_traceparent, parent_context
 
-RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request", "worker_lost"}
+RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request"}
 RESOLVE_CACHE_S = 5.0  # a registry answer is fresh this long (then used while asking again)
 FAILED_LOOKUP_S = (
     1.0  # an unknown model, or a registry that did not answer, is remembered this long
