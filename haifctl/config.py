@@ -144,6 +144,36 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("rate_burst", ("HAIF_RATE_BURST",), float, 100.0, "Burst size of that rate limit."),
     Setting(
+        "max_concurrent_per_key",
+        ("HAIF_MAX_CONCURRENT_PER_KEY",),
+        int,
+        0,
+        "Requests one client key may have in flight at the gateway at once (0: no cap).",
+    ),
+    Setting(
+        "redis_url",
+        ("HAIF_REDIS_URL",),
+        str,
+        "",
+        "Redis that several gateways share rate limits, concurrency caps and revoked keys "
+        "through (redis://HOST:6379/0); empty: each gateway keeps its own, in-process.",
+        secret=True,
+    ),
+    Setting(
+        "redis_prefix",
+        ("HAIF_REDIS_PREFIX",),
+        str,
+        "haif",
+        "Prefix of every Redis key haifctl writes (one per cluster sharing a Redis).",
+    ),
+    Setting(
+        "usage_retention_days",
+        ("HAIF_USAGE_RETENTION_DAYS",),
+        float,
+        90.0,
+        "Days the registry keeps per-request usage rows before pruning them (0: forever).",
+    ),
+    Setting(
         "max_prompt_chars",
         ("HAIF_MAX_PROMPT_CHARS",),
         int,
@@ -204,6 +234,10 @@ class Settings:
     queue_size: int
     rate_limit: float
     rate_burst: float
+    max_concurrent_per_key: int
+    redis_url: str
+    redis_prefix: str
+    usage_retention_days: float
     max_prompt_chars: int
     max_tokens_cap: int
     request_timeout: float
@@ -218,7 +252,7 @@ class Settings:
     def display_value(self, name: str) -> str:
         """The value as `config show` prints it, with secrets masked."""
         value = getattr(self, name)
-        if name == "registry_url":
+        if name in ("registry_url", "redis_url"):
             return mask_url(str(value))
         if _BY_NAME[name].secret and value:
             return MASK
