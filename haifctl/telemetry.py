@@ -103,6 +103,27 @@ class Metrics:
             ["daemon", "reason"],
             registry=r,
         )
+        self.limits_shared = Gauge(
+            "haif_limits_shared",
+            "1 while the gateway shares rate limits, concurrency caps and revocations through "
+            "Redis; 0 while it keeps them in-process (no Redis configured, or Redis away).",
+            registry=r,
+        )
+        self.limits_fallbacks = Counter(
+            "haif_limits_fallbacks",
+            "Times the gateway lost Redis and fell back to its local limits.",
+            registry=r,
+        )
+        self.usage_dropped = Counter(
+            "haif_usage_dropped_rows",
+            "Usage rows dropped because the registry did not take them before the buffer filled.",
+            registry=r,
+        )
+        self.usage_recorded = Counter(
+            "haif_usage_recorded_rows",
+            "Usage rows the registry confirmed it stored.",
+            registry=r,
+        )
         self.model_load = Gauge(
             "haif_model_load_seconds", "Time the loaded model took to load.", ["model"], registry=r
         )
