@@ -89,7 +89,9 @@ class ClusterClient:
                 if isinstance(msg, wire.Chunks):
                     for part in msg.parts:
                         if part.id == request_id:
-                            yield wire.Chunk(text=part.text, n_tokens=part.n_tokens)
+                            yield wire.Chunk(
+                                text=part.text, n_tokens=part.n_tokens, logprobs=part.logprobs
+                            )
                     continue
                 if envelope.id != request_id:
                     continue

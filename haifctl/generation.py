@@ -54,7 +54,13 @@ def load_model(
     return LlamaCppRuntime().load(Path(model.path), options, sink)
 
 
-def render_prompt(request: InferenceRequest, loaded: LoadedModel) -> str:
+def render_prompt(request: InferenceRequest, loaded: LoadedModel) -> str | list[int]:
+    """The prompt as the engine takes it: text (a plain prompt, or chat messages through the
+    model's template), or token ids (given as such, or a fill-in-the-middle prompt)."""
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
+    if request.suffix is not None:
+        return loaded.infill(request.prompt or "", request.suffix)
     messages = request.chat_messages()
     if messages is None:
         return request.prompt or ""
@@ -63,6 +69,7 @@ def render_prompt(request: InferenceRequest, loaded: LoadedModel) -> str:
         loaded.info.chat_template,
         bos_token=loaded.info.bos_token,
         eos_token=loaded.info.eos_token,
+        tools=request.tools,
     )
 
 
@@ -197,7 +204,9 @@ class LocalGeneration(Generation):
     ) -> None:
         params = request.sampling(model.params, max_tokens)
         prompt = render_prompt(request, loaded)
-        self._prompt_tokens = loaded.count_tokens(prompt)
+        self._prompt_tokens = (
+            len(prompt) if isinstance(prompt, list) else loaded.count_tokens(prompt)
+        )
         super().__init__(model.ref, load_ms)
         self.cancel_token = CancelToken()
         self._events = loaded.generate(prompt, params, self.cancel_token)

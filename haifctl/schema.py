@@ -15,6 +15,9 @@ MAX_STOP_STRINGS = 8
 # C int, and msgpack, the wire's encoding, holds no integer over 2**64 - 1.
 MAX_TOKENS_LIMIT = 1_048_576
 MAX_TOP_K = 2**31 - 1
+MAX_PROMPTS = 64  # sequences one request may ask for (prompts x n)
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries
 
 
 def check_text(value: str) -> str:
@@ -44,19 +47,48 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     top_k: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None = None
+    # token id (as a string, as JSON keys are) -> bias added to its logit
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
+    # constrained output: a GBNF grammar, a JSON schema, or OpenAI's response_format
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    # log-probabilities of the generated tokens, with this many alternatives each
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # a prompt given as token ids; fill in the middle: ``prompt`` is what comes before
+    prompt_ids: list[Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]] | None = None
+    suffix: str | None = None
+    # tools the chat template shows the model (OpenAI's shape)
+    tools: list[dict[str, Any]] | None = None
     stream: bool = True
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` and `messages`")
+        given = [n for n in ("prompt", "messages", "prompt_ids") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `prompt`, `messages` and `prompt_ids`")
+        if self.prompt_ids is not None and not self.prompt_ids:
+            raise ValueError("`prompt_ids` must hold at least one token")
+        if self.suffix is not None and self.prompt is None:
+            raise ValueError("`suffix` goes with a text `prompt`")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"`logit_bias` takes at most {MAX_LOGIT_BIAS} tokens")
+            for key in self.logit_bias:
+                if not key.isdigit() or int(key) >= 2**31:
+                    raise ValueError(f"`logit_bias`: {key!r} is not a token id")
+        constraints = [n for n in ("grammar", "json_schema", "response_format") if getattr(self, n)]
+        if len(constraints) > 1:
+            raise ValueError(f"give one of {', '.join(f'`{n}`' for n in constraints)}")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must hold at least one message")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"`stop` takes at most {MAX_STOP_STRINGS} strings")
-        for name in ("model", "prompt", "system"):
+        for name in ("model", "prompt", "system", "grammar", "suffix"):
             value = getattr(self, name)
             if value is not None:
                 _check_field(name, value)
@@ -93,6 +125,14 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         elif "stop" in fields:
             stop = fields["stop"]
             fields["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        fields.pop("grammar", None)  # a model's defaults constrain nothing
+        grammar = self.constraint()
+        if grammar:
+            fields["grammar"] = grammar
+        if self.logit_bias:
+            fields["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+        if self.logprobs is not None:
+            fields["logprobs"] = self.logprobs
         try:
             return msgspec.convert(fields, SamplingParams)
         except msgspec.ValidationError as exc:
@@ -100,8 +140,34 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                 "invalid_model_params", f"the model's registered parameters are invalid: {exc}"
             ) from None
 
+    def constraint(self) -> str:
+        """The grammar the output must follow ("" for none): given as GBNF, or made from a JSON
+        schema or OpenAI's ``response_format``."""
+        from haifctl.grammar import response_format_grammar, schema_gbnf
 
-SAMPLING_KEYS = tuple(SamplingParams.__struct_fields__)
+        if self.grammar:
+            return self.grammar
+        if self.json_schema is not None:
+            return schema_gbnf(self.json_schema)
+        fmt = self.response_format
+        if fmt is None or fmt.get("type") == "text":
+            return ""
+        if fmt.get("type") == "json_object":
+            return response_format_grammar(None)
+        if fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+            schema = fmt["json_schema"].get("schema")
+            if isinstance(schema, dict):
+                return schema_gbnf(schema)
+        raise InvalidInput(
+            "invalid_request",
+            'response_format: expected {"type": "text" | "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"schema": {...}}}',
+        )
+
+
+SAMPLING_KEYS = tuple(
+    k for k in SamplingParams.__struct_fields__ if k not in ("grammar", "logit_bias", "logprobs")
+)
 
 
 def _check_field(name: str, value: str) -> None:
@@ -143,6 +209,7 @@ def _field_error(message: str) -> str:
 
 _REQUEST_HINT = (
     'expected {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}]} with '
-    "optional model, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, stop, "
-    "stream"
+    "optional model, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, "
+    "presence_penalty, frequency_penalty, logit_bias, seed, stop, grammar, json_schema, "
+    "response_format, logprobs, stream"
 )

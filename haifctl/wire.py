@@ -128,18 +128,36 @@ class Infer(Msg, frozen=True, tag=True, kw_only=True):
     route: list[bytes] = []
 
 
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token: str
+    logprob: float
+    raw: bytes  # the token's bytes (a token may hold part of a character)
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """A generated token's log-probability under the model, and the most likely tokens at its
+    place (``top``, as many as the request asked for)."""
+
+    token: str
+    logprob: float
+    raw: bytes  # the token's bytes (a token may hold part of a character)
+    top: list[TopLogprob] = []
+
+
 class Chunk(Msg, frozen=True, tag=True, kw_only=True):
     """Streamed text of one request; several tokens may be coalesced into one chunk.  Clients
     see it; on the wire it travels inside :class:`Chunks`."""
 
     text: str
     n_tokens: int
+    logprobs: list[TokenLogprob] = []  # one per token, when the request asked for them
 
 
 class Part(msgspec.Struct, frozen=True, array_like=True):
     id: str  # the request id
     text: str
     n_tokens: int
+    logprobs: list[TokenLogprob] = []
 
 
 class Chunks(Msg, frozen=True, tag=True, kw_only=True):

@@ -47,6 +47,7 @@ class Stream:
         "envelope",
         "gen",
         "job",
+        "logprobs",
         "n_pending",
         "pending",
         "route",
@@ -60,6 +61,7 @@ class Stream:
         self.started_ns = time.time_ns()
         self.pending: list[str] = []
         self.n_pending = 0
+        self.logprobs: list[wire.TokenLogprob] = []  # pending, when the request asked for them
         self.job: Job | None = None
 
 
@@ -335,6 +337,8 @@ class WorkerDaemon(Daemon):
             if event.n_tokens or event.text:
                 stream.pending.append(event.text)
                 stream.n_pending += event.n_tokens
+                if event.logprobs:
+                    stream.logprobs.extend(event.logprobs)
                 box = self._outboxes.get(stream.route)
                 if box is None:
                     box = self._outboxes[stream.route] = Outbox(stream.route)
@@ -373,7 +377,12 @@ class WorkerDaemon(Daemon):
         when its first text is really on its way."""
         parts = []
         for stream in box.streams:
-            parts.append(wire.Part(stream.envelope.id, "".join(stream.pending), stream.n_pending))
+            text = "".join(stream.pending)
+            if stream.logprobs:
+                parts.append(wire.Part(stream.envelope.id, text, stream.n_pending, stream.logprobs))
+                stream.logprobs = []
+            else:
+                parts.append(wire.Part(stream.envelope.id, text, stream.n_pending))
             stream.pending.clear()
             stream.n_pending = 0
         box.streams.clear()

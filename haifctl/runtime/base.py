@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -28,10 +28,17 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.1
+    # OpenAI's penalties: subtracted from a token's logit once it appeared (presence), and per
+    # time it appeared (frequency), over the last tokens generated
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = {}
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # Keep going past end-of-text: fixed-length output for benchmarks and tests.
     ignore_eos: bool = False
+    grammar: str = ""  # GBNF the output must follow
+    logprobs: int = -1  # -1: none; else report each token's logprob and this many alternatives
 
 
 class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +55,7 @@ class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     n_tokens: int = 0
     finish_reason: FinishReason | None = None
+    logprobs: list[Any] | None = None  # wire.TokenLogprob per token, when asked for
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # finish_reason "error": the engine failed this sequence (the error's code, kind, message)

@@ -143,6 +143,11 @@ class Engine(ABC):
             self._thread.join()
         self.free()
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs (false once closed, or if it ever died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # the engine thread -----------------------------------------------------------------------
     def start_thread(self, name: str) -> None:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -232,17 +237,46 @@ class Model(ABC):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
+    def infill(self, prefix: str, suffix: str) -> list[int]:
+        """A fill-in-the-middle prompt: what comes before and after the text to write."""
+        raise InvalidInput(
+            "infill_unsupported",
+            "suffix: this model has no fill-in-the-middle tokens",
+            "send the prompt without a suffix, or use a code model trained for infilling",
+        )
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse what the engine could not honour (a token id outside the vocabulary, a
+        grammar that does not parse) before the job is queued."""
+        n_vocab = self.info.n_vocab
+        bad = next((t for t in params.logit_bias if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidInput(
+                "invalid_token", f"logit_bias: token {bad} is not in the vocabulary of {n_vocab}"
+            )
+
     def job(
         self,
-        prompt: str,
+        prompt: str | list[int],
         params: SamplingParams,
         cancel: CancelToken | None = None,
         tag: Any = None,
     ) -> Job:
-        """Tokenise and size a request for the engine; a prompt that does not fit is refused."""
+        """Tokenise and size a request for the engine; a prompt that does not fit is refused.
+        ``prompt`` may be token ids already (each checked against the vocabulary)."""
         if self._closed:
             raise HaifError("model_closed", "the model has been unloaded")
-        tokens = self.tokenize(prompt)
+        if isinstance(prompt, list):
+            tokens = prompt
+            n_vocab = self.info.n_vocab
+            bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+            if bad is not None:
+                raise InvalidInput(
+                    "invalid_token", f"prompt: token {bad} is not in the vocabulary of {n_vocab}"
+                )
+        else:
+            tokens = self.tokenize(prompt)
+        self.check_params(params)
         n_ctx = self.info.n_ctx
         if len(tokens) >= n_ctx:
             raise InvalidInput(
@@ -253,7 +287,7 @@ class Model(ABC):
         return Job(tokens, params, min(params.max_tokens, n_ctx - len(tokens)), tag, cancel)
 
     def generate(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken | None = None
+        self, prompt: str | list[int], params: SamplingParams, cancel: CancelToken | None = None
     ) -> Iterator[TokenEvent]:
         """Stream the completion of ``prompt``.  Closing the iterator stops generation."""
         return self.engine.generate(self.job(prompt, params, cancel))

@@ -15,12 +15,13 @@ import random
 from pathlib import Path
 from typing import Any
 
-from haifctl.errors import HaifError
+from haifctl.errors import HaifError, InvalidInput
 from haifctl.files import open_regular
 from haifctl.runtime.base import (
     DeviceFacts,
     LoadOptions,
     ModelInfo,
+    SamplingParams,
     TokenEvent,
 )
 from haifctl.runtime.engine import Emitter, Engine, Job, Model, Sink, Step
@@ -192,6 +193,33 @@ class LlamaCppModel(Model):
             self._pieces[token] = piece
         return piece
 
+    def infill(self, prefix: str, suffix: str) -> list[int]:
+        import llama_cpp
+
+        vocab = self._vocab
+        pre, suf, mid = (
+            llama_cpp.llama_vocab_fim_pre(vocab),
+            llama_cpp.llama_vocab_fim_suf(vocab),
+            llama_cpp.llama_vocab_fim_mid(vocab),
+        )
+        if min(pre, suf, mid) < 0:
+            return super().infill(prefix, suffix)
+        encode = self._model.tokenize
+        head = [self._bos] if self._bos >= 0 else []
+        return [
+            *head,
+            pre,
+            *encode(prefix.encode("utf-8"), add_bos=False, special=False),
+            suf,
+            *encode(suffix.encode("utf-8"), add_bos=False, special=False),
+            mid,
+        ]
+
+    def check_params(self, params: SamplingParams) -> None:
+        super().check_params(params)
+        if params.grammar:  # parse it here, on the caller's thread: the engine never fails on it
+            grammar_sampler(self, params.grammar).close()
+
     def is_eog(self, token: int) -> bool:
         return bool(self._is_eog(self._vocab, token))
 
@@ -206,6 +234,55 @@ class LlamaCppModel(Model):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Grammar:
+    """A grammar sampler made on its own, to check that a grammar parses."""
+
+    def __init__(self, pointer: Any) -> None:
+        self.pointer = pointer
+
+    def close(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_sampler_free(self.pointer)
+
+
+def grammar_sampler(model: LlamaCppModel, grammar: str) -> _Grammar:
+    """llama.cpp's grammar sampler for ``grammar``, or InvalidInput when it does not parse."""
+    import llama_cpp
+
+    pointer = llama_cpp.llama_sampler_init_grammar(model._vocab, grammar.encode("utf-8"), b"root")
+    if not pointer:
+        raise InvalidInput(
+            "invalid_grammar",
+            "grammar: llama.cpp could not parse it (a GBNF grammar with a `root` rule)",
+        )
+    return _Grammar(pointer)
+
+
+def token_logprobs(model: LlamaCppModel, logits: Any, token: int, top: int) -> Any:
+    """``token``'s log-probability under the model's distribution at this place (a softmax of
+    the raw logits, before any sampling setting), and the ``top`` most likely tokens'."""
+    import numpy as np
+
+    from haifctl import wire
+
+    row = np.ctypeslib.as_array(logits, shape=(model.info.n_vocab,)).astype(np.float64)
+    peak = row.max()
+    logsum = peak + np.log(np.exp(row - peak).sum())
+
+    def entry(t: int) -> tuple[str, float, bytes]:
+        piece = model.piece(t)
+        return piece.decode("utf-8", "replace"), float(row[t] - logsum), piece
+
+    alternatives = []
+    if top > 0:
+        k = min(top, row.shape[0])
+        best = np.argpartition(-row, k - 1)[:k]
+        for t in best[np.argsort(-row[best])]:
+            alternatives.append(wire.TopLogprob(*entry(int(t))))
+    return wire.TokenLogprob(*entry(token), top=alternatives)
 
 
 class _Seq:
@@ -269,14 +346,22 @@ class BatchEngine(Engine):
 
     def _admit(self, job: Job) -> _Seq:
         p = job.params
+        llama_cpp = self._llama_cpp
         sampler = _internals().LlamaSampler()
+        if p.logit_bias:
+            sampler.add_logit_bias(self.model.info.n_vocab, p.logit_bias)
         sampler.add_penalties(
             n_vocab=self.model.info.n_vocab,
             penalty_last_n=PENALTY_LAST_N,
             penalty_repeat=p.repeat_penalty,
-            penalty_freq=0.0,
-            penalty_present=0.0,
+            penalty_freq=p.frequency_penalty,
+            penalty_present=p.presence_penalty,
         )
+        if p.grammar:  # checked when the job was made (check_params): it parses
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                self.model._vocab, p.grammar.encode("utf-8"), b"root"
+            )
+            llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
         if p.temperature == 0:
             sampler.add_greedy()
         else:
@@ -295,7 +380,9 @@ class BatchEngine(Engine):
         self._free.append(seq.slot)
         seq.sampler.close()
 
-    def _finish(self, seq: _Seq, reason: str, text: str, step: Step) -> None:
+    def _finish(
+        self, seq: _Seq, reason: str, text: str, step: Step, logprobs: list[Any] | None = None
+    ) -> None:
         self._running.remove(seq)
         self._release(seq)
         step.append(
@@ -307,6 +394,7 @@ class BatchEngine(Engine):
                     finish_reason=reason,
                     prompt_tokens=len(seq.job.prompt),
                     completion_tokens=seq.emitter.produced,
+                    logprobs=logprobs,
                 ),
             )
         )
@@ -368,13 +456,18 @@ class BatchEngine(Engine):
         for seq, index in outputs:
             seq.n_past = len(seq.job.prompt) if seq.last < 0 else seq.n_past + 1
             sampled = sample(seq.sampler.sampler, ctx, index)
+            produced = seq.emitter.produced
             text, done = seq.emitter.token(sampled, seq.n_past < limit)
+            logprobs = None
+            if seq.job.params.logprobs >= 0 and seq.emitter.produced > produced:
+                logits = llama_cpp.llama_get_logits_ith(ctx, index)
+                logprobs = [token_logprobs(self.model, logits, sampled, seq.job.params.logprobs)]
             if done is not None:
-                self._finish(seq, done, text, out)
+                self._finish(seq, done, text, out, logprobs)
                 continue
             seq.last = sampled
             seq.reported += 1
-            out.append((seq.job, TokenEvent(text=text, n_tokens=1)))
+            out.append((seq.job, TokenEvent(text=text, n_tokens=1, logprobs=logprobs)))
         return out
 
     def abort(self) -> list[Job]:

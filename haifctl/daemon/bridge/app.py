@@ -1,0 +1,68 @@
+"""The bridge's application: the edge middleware, the error handlers, the routers, and the
+gateway link opened and closed with the app."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from haifctl import __version__, security, tracing
+from haifctl.daemon.base import log
+from haifctl.daemon.bridge import generate, health, models, page
+from haifctl.daemon.bridge.edge import Auth, Edge, EdgeLimits
+from haifctl.daemon.bridge.errors import install_handlers
+from haifctl.daemon.bridge.link import GatewayLink
+from haifctl.daemon.bridge.state import BridgeState
+from haifctl.keys import KeyStore
+from haifctl.telemetry import Metrics
+
+
+def create_app(
+    gateway: str,
+    keys: KeyStore,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    metrics: Metrics | None = None,
+    keyring: security.Keyring | None = None,
+    host: str = "127.0.0.1",
+    limits: EdgeLimits | None = None,
+) -> FastAPI:
+    """The bridge's app; ``on_ready`` runs once the gateway link is open (the daemon announces
+    itself there).  ``host`` is the address it listens on: off loopback, it serves protected
+    routes only with API keys."""
+    tracer = tracing.setup("bridge")
+    bridge = BridgeState(auth=Auth(keys, host), metrics=metrics, tracer=tracer)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        link = GatewayLink(gateway, keyring)
+        link.start()
+        bridge.links.append(link)
+        log("bridge", "gateway link open", gateway=gateway, auth=bridge.auth.mode())
+        if on_ready is not None:
+            on_ready()
+        yield
+        await link.close()
+        if tracer is not None:
+            tracer.shutdown()
+        log("bridge", "stopped")
+
+    app = FastAPI(
+        title="haifctl bridge",
+        version=__version__,
+        description="REST and OpenAI-compatible access to a haifctl cluster.",
+        lifespan=lifespan,
+        docs_url=None,  # served from the package's own assets (page.docs), not a CDN
+        redoc_url=None,
+    )
+    app.state.bridge = bridge
+    install_handlers(app)
+    app.add_middleware(
+        Edge, metrics=metrics, tracer=tracer, auth=bridge.auth, limits=limits or EdgeLimits()
+    )
+    for router in (health.router, models.router, generate.router, page.router):
+        app.include_router(router)
+    page.mount_assets(app)
+    return app
