@@ -146,6 +146,10 @@ class GatewayDaemon(Daemon):
             ready=self.started and self.orchestrator_ok,
         )
 
+    def ready_checks(self) -> dict[str, bool]:
+        """Ready with an orchestrator that answers its pings (and has not restarted since)."""
+        return {**super().ready_checks(), "orchestrator": self.orchestrator_ok}
+
     # loop ------------------------------------------------------------------------------------
     def in_flight(self) -> int:
         return len(self.routes)

@@ -20,6 +20,11 @@ from haifctl.security import ADMIN, ORCHESTRATOR
 
 # The calls the orchestrator makes; everything else writes the registry and is the CLI's alone.
 ORCHESTRATOR_OPS = frozenset({"resolve", "list", "set_status"})
+# With no call answered for this long, the loop asks the database itself (for /readyz).
+DB_PROBE_S = 5.0
+# A database failing this long is taken as a connection that will not come back (the backend
+# does not reconnect): /healthz fails too, so a supervisor such as Kubernetes restarts us.
+DB_DEAD_S = 60.0
 
 
 class RegistryDaemon(Daemon):
@@ -31,12 +36,48 @@ class RegistryDaemon(Daemon):
         self.registry_url = registry_url
         self.bind_address = bind_address
         self.registry: Registry | None = None
+        self.db_ok = False  # the database's last answer was not a failure
+        self.db_checked = 0.0  # when (monotonic)
+        self.db_failing_since: float | None = None
+        self.db_dead_s = DB_DEAD_S
 
     def start(self) -> None:
         self.registry = open_registry(self.registry_url)
         self.registry.ensure_builtin()
+        self.database_answered(True)
         self.router, self.endpoints["rpc"] = self.listen(zmq.ROUTER, self.bind_address)
         self.watch(self.router, lambda: self.read_router(self.router, self.handle))
+
+    def on_tick(self, now: float) -> None:
+        if self.registry is not None and now - self.db_checked >= DB_PROBE_S:
+            try:
+                self.registry.backend.query("SELECT 1 AS ok")
+                self.database_answered(True)
+            except Exception as exc:
+                self.database_answered(False, f"{type(exc).__name__}: {exc}")
+
+    def database_answered(self, ok: bool, error: str = "") -> None:
+        """Track the database's health for /readyz; log when it changes, not every time."""
+        self.db_checked = time.monotonic()
+        if ok:
+            self.db_failing_since = None
+        elif self.db_failing_since is None:
+            self.db_failing_since = self.db_checked
+        if ok != self.db_ok and self.started:
+            if ok:
+                log(self.name, "database answering again")
+            else:
+                error = mask_url(error, self.registry_url)
+                log(self.name, "database failing", level="warning", error=error)
+        self.db_ok = ok
+
+    def alive_checks(self) -> dict[str, bool]:
+        since = self.db_failing_since
+        return {"database": since is None or time.monotonic() - since < self.db_dead_s}
+
+    def ready_checks(self) -> dict[str, bool]:
+        """Ready while the database answers (a call's outcome, or a probe every DB_PROBE_S)."""
+        return {**super().ready_checks(), "database": self.db_ok}
 
     def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes, role: str) -> None:
         msg = envelope.msg
@@ -91,6 +132,7 @@ class RegistryDaemon(Daemon):
         started = time.monotonic()
         try:
             result = op()
+            self.database_answered(True)
             self.metrics.requests.labels(self.name, msg.op, "ok").inc()
             self.metrics.request_duration.labels(self.name, msg.op).observe(
                 time.monotonic() - started
@@ -116,6 +158,7 @@ class RegistryDaemon(Daemon):
             self.metrics.requests.labels(self.name, msg.op, "internal_error").inc()
             error = mask_url(f"{type(exc).__name__}: {exc}", self.registry_url)
             log(self.name, "registry call failed", level="error", op=msg.op, error=error)
+            self.database_answered(False, error)
             return wire.Error(
                 kind=Kind.internal,
                 code="registry_error",
