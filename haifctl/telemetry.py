@@ -3,7 +3,19 @@ with the ``haif_`` prefix and base units, buckets that suit LLM latencies."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+# A health route answers (ok, body): 200 when ok, else 503, with the body as JSON.
+Probe = Callable[[], tuple[bool, dict[str, Any]]]
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 # End-to-end request latency: from milliseconds (tiny models) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -128,7 +140,66 @@ class Metrics:
             "haif_model_load_seconds", "Time the loaded model took to load.", ["model"], registry=r
         )
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics; port 0 picks a free one.  Returns the port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
+        self.server: WSGIServer | None = None
+
+    def serve(
+        self, port: int, host: str = "127.0.0.1", probes: dict[str, Probe] | None = None
+    ) -> int:
+        """Serve /metrics, and each of ``probes`` (``/healthz``, ``/readyz``) at its path, in a
+        thread of the server's own; port 0 picks a free one.  Returns the port."""
+        app = MetricsApp(make_wsgi_app(self.registry), probes or {})
+        server_class = type("Server", (_Server,), {"address_family": _family(host)})
+        self.server = make_server(host, port, app, server_class, _QuietHandler)
+        threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop serving (a probe then fails to connect: the daemon is gone)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+class MetricsApp:
+    """/metrics as prometheus_client renders it; the probes at their own paths, answered from
+    the daemon's state at request time (in this server's thread, never the daemon's loop)."""
+
+    def __init__(self, metrics: Callable[..., Iterable[bytes]], probes: dict[str, Probe]) -> None:
+        self.metrics = metrics
+        self.probes = probes
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        probe = self.probes.get(environ.get("PATH_INFO", ""))
+        if probe is None:
+            return self.metrics(environ, start_response)
+        try:
+            ok, body = probe()
+        except Exception as exc:  # a probe that fails is a failed probe, not a dead server
+            ok, body = False, {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+        data = json.dumps(body, default=str).encode()
+        status = "200 OK" if ok else "503 Service Unavailable"
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ]
+        start_response(status, headers)
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else data]
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress never holds the process open
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: probes and scrapes come every few seconds."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _family(host: str) -> socket.AddressFamily:
+    """IPv6 for an IPv6 host (``::``), else IPv4."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return infos[0][0] if infos else socket.AF_INET

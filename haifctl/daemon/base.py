@@ -24,6 +24,9 @@ from haifctl.security import Keyring
 from haifctl.telemetry import Metrics
 
 LOOP_TICK_MS = 50
+# A loop that has not turned for this long is stuck (its poll wakes at least every tick):
+# /healthz then fails, and an orchestrator such as Kubernetes restarts the process.
+STALL_S = 30.0
 HWM = 100_000
 # pyzmq's flags are enums whose arithmetic runs in Python: a few microseconds a message in
 # recv_multipart and send_multipart.  The loops pass plain ints and receive frame by frame.
@@ -117,6 +120,7 @@ class Daemon:
     metrics_host = "127.0.0.1"
     tick_s = LOOP_TICK_MS / 1000  # how often on_tick runs (at most; the loop sleeps until then)
     drain_grace_s = 30.0
+    stall_s = STALL_S
 
     def __init__(self, ready_file: Path | None = None) -> None:
         self.should_exit = False
@@ -124,6 +128,7 @@ class Daemon:
         self.draining_until: float | None = None
         self.started = False
         self.started_at = time.time()
+        self.loop_at: float | None = None  # when the loop last turned (monotonic); None before
         self.counters: Counter[str] = Counter()
         self.ready_file = ready_file
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -164,8 +169,9 @@ class Daemon:
         self.tracing = tracing.setup(self.name)
         try:
             self.start_auth()
-            self.start()
+            # Probes answer while start() runs (a worker loading its model): alive, not ready.
             self.serve_metrics()
+            self.start()
             self.announce_ready()
             self.serve()
         finally:
@@ -232,11 +238,13 @@ class Daemon:
         return sock
 
     def serve_metrics(self) -> None:
-        """Serve /metrics (when a port is set) and record its address for the ready file."""
+        """Serve /metrics, /healthz and /readyz (when a port is set) and record the address
+        for the ready file."""
         if self.metrics_port is None:
             return
+        probes = {"/healthz": self.healthz, "/readyz": self.readyz}
         try:
-            port = self.metrics.serve(self.metrics_port, self.metrics_host)
+            port = self.metrics.serve(self.metrics_port, self.metrics_host, probes)
         except OSError as exc:
             raise HaifError(
                 "metrics_port_unavailable",
@@ -244,6 +252,47 @@ class Daemon:
                 "pick another with --metrics-port or OTEL_PROMETHEUS_PORT (0: any free)",
             ) from None
         self.endpoints["metrics"] = f"http://{self.metrics_host}:{port}/metrics"
+
+    # health (called from the metrics server's thread: reads the loop's state, never waits) ---
+    def healthz(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness: the process should go on (a failure asks for a restart).  Alive while
+        starting and while draining; dead when the loop has stalled or :meth:`alive_checks`
+        says something it needs is gone."""
+        checks = self.alive_checks()
+        if self.loop_at is not None:
+            stalled = time.monotonic() - self.loop_at
+            checks["loop"] = stalled < self.stall_s
+        alive = all(checks.values())
+        body = {"status": "ok" if alive else "failing", "daemon": self.name, "checks": checks}
+        return alive, body
+
+    def readyz(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness: the daemon can do its job now (a failure takes it out of service, without
+        a restart).  Each daemon names what that takes in :meth:`ready_checks`."""
+        checks = self.ready_checks()
+        ready = all(checks.values())
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "unavailable",
+            "daemon": self.name,
+            "checks": checks,
+        }
+        if not ready:
+            body["reason"] = ", ".join(f"not {name}" for name, ok in checks.items() if not ok)
+        body.update(self.health_detail())
+        return ready, body
+
+    def alive_checks(self) -> dict[str, bool]:
+        """What the process cannot recover from by waiting (beyond a stalled loop)."""
+        return {}
+
+    def ready_checks(self) -> dict[str, bool]:
+        """Named conditions, all true when ready: started (bound, announced) and not
+        draining, plus each daemon's own links."""
+        return {"started": self.started, "accepting": self.accepting}
+
+    def health_detail(self) -> dict[str, Any]:
+        """Facts shown with readiness that do not decide it."""
+        return {}
 
     @property
     def accepting(self) -> bool:
@@ -265,7 +314,7 @@ class Daemon:
         """The loop: wait for messages or the next tick, handle them, tick; drain on exit."""
         next_tick = 0.0
         while True:
-            now = time.monotonic()
+            now = self.loop_at = time.monotonic()
             if self.should_exit and self.draining_until is None:
                 self.draining_until = now + self.drain_grace_s
                 log(self.name, "draining", in_flight=self.in_flight())
@@ -295,6 +344,7 @@ class Daemon:
         """Draining has begun (tell peers now rather than at the next tick)."""
 
     def stop(self) -> None:
+        self.metrics.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         self.ctx.destroy(linger=0)

@@ -17,6 +17,7 @@ on that one call.  A known model is served from the last good answer while the r
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import time
@@ -48,6 +49,11 @@ FAILED_LOOKUP_S = (
 )
 STALE_RETRY_S = 1.0  # while the registry is away, ask again about a known model this often
 REGISTRY_TIMEOUT_S = 2.0
+# The registry link is pinged this often; with no answer of any kind for REGISTRY_LINK_S the
+# orchestrator is not ready (/readyz), though it goes on serving known models from its cache.
+REGISTRY_PING_S = 2.0
+REGISTRY_LINK_S = 3 * REGISTRY_PING_S
+REGISTRY_PING_ID = "registry-ping"
 MAX_RESOLVED = 1024  # model references remembered (least recently used forgotten first)
 MAX_LOOKUPS = 1024  # registry calls in flight
 MAX_PARKED = 4096  # requests waiting for a registry answer
@@ -178,6 +184,8 @@ class OrchestratorDaemon(Daemon):
         self.resolving: dict[str, str] = {}  # model ref -> id of its resolve call in flight
         self.parked: set[str] = set()  # requests waiting for a model lookup
         self.registry_ok = True
+        self.registry_seen: float | None = None  # the registry's last answer (monotonic)
+        self.next_registry_ping = 0.0
         self.orphaned: dict[str, float] = {}  # model with a queue and no worker -> since when
         self.finished: deque[Finished] = deque(maxlen=200_000)
         # indexes over the worker table, kept by index/unindex/reindex
@@ -220,6 +228,20 @@ class OrchestratorDaemon(Daemon):
     def on_tick(self, now: float) -> None:
         self.sweep()
         self.expire_lookups(now)
+        if now >= self.next_registry_ping:
+            self.next_registry_ping = now + REGISTRY_PING_S
+            with contextlib.suppress(zmq.ZMQError):  # not connected: the answer never comes
+                self.registry_link.send(wire.encode(wire.Ping(), REGISTRY_PING_ID), NOBLOCK)
+
+    def ready_checks(self) -> dict[str, bool]:
+        """Ready once the registry answers on our link (a ping every REGISTRY_PING_S): workers
+        and gateways may then connect.  Workers are not required: they join a ready one."""
+        seen = self.registry_seen
+        linked = seen is not None and time.monotonic() - seen < REGISTRY_LINK_S
+        return {**super().ready_checks(), "registry": linked}
+
+    def health_detail(self) -> dict[str, Any]:
+        return {"workers": len(self.workers), "registry_ok": self.registry_ok}
 
     def pong(self) -> wire.Pong:
         return msgspec.structs.replace(super().pong(), instance=self.instance)
@@ -678,6 +700,9 @@ class OrchestratorDaemon(Daemon):
         for frames in incoming(self.registry_link):
             envelope = self.decode(frames[-1])
             if envelope is None:
+                continue
+            self.registry_seen = time.monotonic()  # any answer proves the link
+            if envelope.id == REGISTRY_PING_ID:
                 continue
             lookup = self.lookups.pop(envelope.id, None)
             if lookup is not None:

@@ -18,6 +18,7 @@ import socket as pysocket
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -103,6 +104,8 @@ class WorkerDaemon(Daemon):
         self.drain_grace_s = drain_grace_s
         self.stream_interval_s = stream_interval_s
         self.loaded: LoadedModel | None = None
+        self.known = False  # the orchestrator's last Ack said it has us in its table
+        self.last_ack = 0.0
         self.model: wire.ModelInfo | None = None
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
@@ -208,6 +211,29 @@ class WorkerDaemon(Daemon):
     def in_flight(self) -> int:
         return len(self.streams)
 
+    def alive_checks(self) -> dict[str, bool]:
+        """The engine thread runs every generation: without it the worker can only be
+        restarted."""
+        if self.loaded is None:
+            return {}
+        return {"engine": self.loaded.engine.alive}
+
+    def ready_checks(self) -> dict[str, bool]:
+        """Ready when the model is loaded and the orchestrator has us registered and has
+        answered within ``orchestrator_timeout_s``."""
+        registered = self.known and time.monotonic() - self.last_ack <= self.orchestrator_timeout_s
+        return {
+            **super().ready_checks(),
+            "model_loaded": self.loaded is not None,
+            "registered": registered,
+        }
+
+    def health_detail(self) -> dict[str, Any]:
+        return {
+            "model": self.model.ref if self.model else self.model_ref,
+            "busy": len(self.streams),
+        }
+
     def on_drain(self) -> None:
         self.heartbeat()  # tell the orchestrator now: it stops sending us work
 
@@ -252,6 +278,7 @@ class WorkerDaemon(Daemon):
             msg = envelope.msg
             if isinstance(msg, wire.Ack):
                 now = self.last_ack = time.monotonic()
+                self.known = msg.known
                 if not msg.known and now - self.registered_at > 0.5:
                     # (heartbeats queued while it was away each get this answer: once is enough)
                     log(self.name, "orchestrator does not know us; registering again")
