@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Once upon a time
+PLANTUML_SERVER ?= http://localhost:8085
 
-.PHONY: run test lint docs diagrams bench clean
+.PHONY: run test lint docs diagrams diagram-links bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,12 @@ docs: $(VENV)/.installed
 ## diagrams: render docs/architecture/*.puml to PNG (needs plantuml)
 diagrams:
 	plantuml -tpng docs/architecture/*.puml
+
+## diagram-links: a link to each diagram on the PlantUML server (compose's plantuml, port 8085)
+diagram-links:
+	@for f in docs/architecture/*.puml; do \
+		echo "$$f $(PLANTUML_SERVER)/svg/$$(plantuml -encodeurl $$f)"; \
+	done
 
 ## bench: print the figures (tokens/s, first token, registry latency, cluster overhead)
 bench: $(VENV)/.installed
