@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,6 +154,7 @@ class Page:
 
         answers = self.page.locator(".assistant")
         before = answers.count()
+        expect(self.page.locator("#send")).to_be_enabled()  # a served model is picked
         self.page.fill("#input", text)
         self.page.keyboard.press("Enter")
         answer = answers.nth(before)
@@ -251,6 +253,7 @@ def test_stop_cancels_the_stream_and_enter_waits_for_it(page: Page, cluster: Clu
     p.click("#settings summary")
     p.fill("#max-tokens", "2000")
     p.fill("#input", "Tell me a very long story")
+    expect(p.locator("#send")).to_be_enabled()  # a served model is picked
     p.keyboard.press("Enter")
     answer = p.locator(".assistant").first
     p.wait_for_selector(".assistant p")  # the first tokens are in
@@ -384,3 +387,43 @@ def test_settings_are_sent_and_history_survives_a_reload_until_cleared(page: Pag
         page.send("Hello")
     assert [m["role"] for m in request.value.post_data_json["messages"]] == ["system", "user"]
     page.check_clean()
+
+
+def test_asks_for_a_key_and_waits_for_a_worker(browser: Any, tmp_path: Path) -> None:
+    """A bridge with API keys and no worker yet: the page asks for the key, then says that no
+    worker serves a model and keeps Send off until one does."""
+    from playwright.sync_api import expect
+
+    c = Cluster(tmp_path, workers=0, bridge_env={"HAIF_API_KEYS": "sk-chat-page-test"})
+    page = Page(browser, c.bridge)
+    try:
+        p = page.page
+        notice = p.locator("#notice")
+        expect(notice).to_contain_text("This bridge needs an API key")
+        assert p.locator("#settings").get_attribute("open") is not None
+        p.fill("#api-key", "sk-wrong")
+        p.locator("#api-key").press("Tab")
+        expect(notice).to_have_text("The bridge refused this API key: check it under settings.")
+        p.fill("#api-key", "sk-chat-page-test")
+        p.locator("#api-key").press("Tab")
+        expect(notice).to_contain_text("No worker serves a model yet")
+        expect(p.locator("#model option")).to_have_text(["stories260K:1 (no worker)"])
+        expect(p.locator("#send")).to_be_disabled()
+        p.fill("#input", "Hello")
+        p.keyboard.press("Enter")
+        assert page.infer_requests() == 0
+
+        c.start_worker("worker-1")
+        c.wait_workers(1)
+        # the page looks again every 5 s while nothing is served
+        expect(p.locator("#model")).to_have_value("stories260K:1", timeout=20_000)
+        expect(notice).to_be_empty()
+        p.fill("#max-tokens", "10")
+        answer = page.send("Hello")
+        assert answer.inner_text().strip()
+        # the 401s above are the console errors a refused request leaves; nothing else went wrong
+        page.errors = [e for e in page.errors if "401" not in e]
+        page.check_clean()
+    finally:
+        page.close()
+        c.stop()
