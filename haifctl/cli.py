@@ -19,6 +19,7 @@ from haifctl.commands import join as join_cmd
 from haifctl.commands import keys as keys_cmd
 from haifctl.commands import models as models_cmd
 from haifctl.commands import top as top_cmd
+from haifctl.commands import usage as usage_cmd
 from haifctl.commands._shared import CliState, HomeOpt, RegistryUrlOpt, report_error, state
 from haifctl.errors import HaifError, Kind
 
@@ -53,6 +54,7 @@ app.command()(bench_cmd.bench)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys_cmd.app, name="keys")
+app.command()(usage_cmd.usage)
 app.command()(daemon_cmd.worker)
 app.command("join-token")(join_cmd.join_token)
 app.add_typer(daemon_cmd.app, name="daemon", hidden=True)

@@ -44,7 +44,7 @@ ADMIN, BRIDGE, GATEWAY, ORCHESTRATOR, WORKER = (
 ROLES = (ADMIN, BRIDGE, GATEWAY, ORCHESTRATOR, WORKER)
 # Who may connect to each listening daemon (the ZAP domain is the daemon's name).
 MAY_CONNECT: dict[str, frozenset[str]] = {
-    "registry": frozenset({ORCHESTRATOR, ADMIN}),
+    "registry": frozenset({ORCHESTRATOR, GATEWAY, ADMIN}),  # a gateway reports usage
     "orchestrator": frozenset({WORKER, GATEWAY, ADMIN}),
     "gateway": frozenset({BRIDGE, ADMIN}),
 }

@@ -133,6 +133,8 @@ class Cluster:
             self.orchestrator,
             "--heartbeat-timeout",
             str(heartbeat_timeout),
+            "--registry",  # where it records usage, as `haifctl up` wires it
+            self.registry,
             *gateway_args,
         ]
         gateway = self.start("gateway", self.gateway_args)

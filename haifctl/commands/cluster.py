@@ -58,6 +58,14 @@ def _uptime(started: float) -> str:
 def up(
     ctx: typer.Context,
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes.")] = 1,
+    gateways: Annotated[
+        int,
+        typer.Option(
+            "--gateways",
+            min=1,
+            help="Gateway processes (they share limits through HAIF_REDIS_URL when it is set).",
+        ),
+    ] = 1,
     model: Annotated[
         list[str] | None,
         typer.Option(
@@ -141,6 +149,8 @@ def up(
         "supervise",
         "--workers",
         str(workers),
+        "--gateways",
+        str(gateways),
         "--orchestrator-bind",
         orchestrator_bind,
         "--gateway-bind",
@@ -186,6 +196,8 @@ def up(
         f"  http          {daemon_endpoint(data, 'bridge')}  (OpenAI API under /v1, chat page at /)"
     )
     out.print(f"  gateway       {gateway}")
+    for i in range(2, gateways + 1):
+        out.print(f"  gateway-{i:<5} {daemon_endpoint(data, f'gateway-{i}')}")
     out.print(
         f"  orchestrator  {daemon_endpoint(data, 'orchestrator')}"
         "  (remote workers: haifctl join-token, then haifctl worker --orchestrator ADDRESS"

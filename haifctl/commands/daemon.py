@@ -50,7 +50,9 @@ def registry(
     from haifctl.daemon.registry import RegistryDaemon
 
     settings = state(ctx).settings(metrics_port=metrics_port)
-    _run(RegistryDaemon(settings.registry_url, bind, ready_file=ready_file), settings)
+    daemon = RegistryDaemon(settings.registry_url, bind, ready_file=ready_file)
+    daemon.usage_retention_days = settings.usage_retention_days
+    _run(daemon, settings)
 
 
 def _run(daemon: Daemon, settings: Settings) -> None:
@@ -111,10 +113,20 @@ def gateway(
             "--heartbeat-timeout", help="Seconds of silence before the orchestrator is lost."
         ),
     ] = None,
+    registry: Annotated[
+        str,
+        typer.Option(
+            "--registry", help="The registry daemon's address, to record usage (empty: none)."
+        ),
+    ] = "",
     metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
-    """Validate, rate-limit and forward requests; relay token streams."""
+    """Validate, rate-limit and forward requests; relay token streams.
+
+    With HAIF_REDIS_URL, every gateway using that Redis shares one rate limit and one
+    concurrency cap per client key, and one list of revoked keys.
+    """
     from haifctl.daemon.gateway import GatewayDaemon, Limits
 
     settings = state(ctx).settings(
@@ -129,6 +141,7 @@ def gateway(
         request_timeout_s=settings.request_timeout,
         rate_per_s=settings.rate_limit,
         burst=settings.rate_burst,
+        max_concurrent_per_key=settings.max_concurrent_per_key,
     )
     daemon = GatewayDaemon(
         bind,
@@ -136,6 +149,9 @@ def gateway(
         limits=limits,
         orchestrator_timeout_s=settings.heartbeat_timeout,
         ready_file=ready_file,
+        registry=registry,
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
     )
     _run(daemon, settings)
 
@@ -250,6 +266,7 @@ def worker(
 def supervise(
     ctx: typer.Context,
     workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+    gateways: Annotated[int, typer.Option("--gateways", min=1)] = 1,
     model: Annotated[list[str] | None, typer.Option("--model")] = None,
     orchestrator_bind: Annotated[str, typer.Option("--orchestrator-bind")] = "tcp://127.0.0.1:0",
     gateway_bind: Annotated[str, typer.Option("--gateway-bind")] = "tcp://127.0.0.1:0",
@@ -265,6 +282,7 @@ def supervise(
     code = Supervisor(
         settings.home,
         workers=workers,
+        gateways=gateways,
         models=model or [settings.model],
         registry_url=settings.registry_url,
         orchestrator_bind=orchestrator_bind,

@@ -53,6 +53,19 @@ def revoke(
     ctx: typer.Context,
     key: Annotated[str, typer.Argument(help="The key's id or name.", show_default=False)],
 ) -> None:
-    """Revoke a key; the bridge refuses it from the next request on."""
-    record = KeyStore(state(ctx).settings().home).revoke(key)
-    stdout().print(f"revoked {record['id']} ({record['name']})")
+    """Revoke a key; the bridge refuses it from the next request on.
+
+    With HAIF_REDIS_URL set, the revocation is recorded in Redis first, so that every gateway
+    sharing it refuses the key within a second, whichever bridge it comes through.
+    """
+    settings = state(ctx).settings()
+    store = KeyStore(settings.home)
+    if settings.redis_url:
+        from haifctl.coordination import revoke_shared
+
+        found = [k for k in store.list() if key in (k["id"], k["name"])]
+        if found:  # an unknown key fails below, with the usual error
+            revoke_shared(settings.redis_url, settings.redis_prefix, found[0]["id"])
+    record = store.revoke(key)
+    shared = ", and by every gateway sharing Redis within a second" if settings.redis_url else ""
+    stdout().print(f"revoked {record['id']} ({record['name']}){shared}")

@@ -1,8 +1,11 @@
 """The gateway: the cluster's RPC front door.
 
 Validates every request against the schema and the limits, rate-limits per client key (token
-bucket), attaches a deadline, forwards to the orchestrator and relays the token stream back.
-Invalid requests are answered with a typed error and never forwarded.
+bucket) and caps its requests in flight, refuses revoked keys, attaches a deadline, forwards to
+the orchestrator and relays the token stream back.  Invalid requests are answered with a typed
+error and never forwarded.  Several gateways share those limits through Redis when one is
+configured (see :mod:`haifctl.coordination`); each records the usage of every request that ends
+with the registry (see :mod:`haifctl.usage`).
 
 It watches the orchestrator: pings every second, and the orchestrator's instance id in each
 Pong.  An orchestrator silent for ``orchestrator_timeout_s`` or answering under a new instance
@@ -16,14 +19,24 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import zmq
 from opentelemetry.trace import StatusCode
 
 from haifctl import wire
+from haifctl.coordination import (
+    RATE_LIMITED,
+    TOO_MANY_CONCURRENT,
+    Coordinator,
+    Decision,
+    KeyLimits,
+    TokenBucket,
+)
 from haifctl.daemon.base import (
     Daemon,
     incoming,
@@ -31,9 +44,12 @@ from haifctl.daemon.base import (
     trace_id,
 )
 from haifctl.errors import HaifError, InvalidInput, Kind, Unavailable
-from haifctl.schema import validate_request
+from haifctl.schema import InferenceRequest, validate_request
 from haifctl.security import ADMIN, BRIDGE, GATEWAY
 from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
+from haifctl.usage import UsageRecorder
+
+__all__ = ["GatewayDaemon", "Limits", "TokenBucket"]
 
 PING_EVERY_S = 1.0
 ORCHESTRATOR_GRACE_S = 10.0  # unstarted requests wait this long for a lost orchestrator
@@ -46,6 +62,7 @@ class Limits:
     request_timeout_s: float = 300.0
     rate_per_s: float = 50.0  # per client key
     burst: float = 100.0
+    max_concurrent_per_key: int = 0  # requests in flight per client key (0: no cap)
 
 
 @dataclass
@@ -58,32 +75,22 @@ class Route:
     traceparent: str = ""
     client_key: str = ""
     span: Span | None = None
+    model: str = ""  # as the request named it (the Done names the model that served it)
     forward: bytes = b""  # what was sent to the orchestrator, to send again if it is lost
     sent: bool = False  # forwarded to the orchestrator we have now
     streamed: bool = False  # its first text has passed: never sent again
 
 
-class TokenBucket:
-    MAX_KEYS = 10_000
+@dataclass
+class Pending:
+    """A valid request waiting for its admission (the limits shared through Redis answer
+    asynchronously); it becomes a :class:`Route` once admitted."""
 
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str, now: float) -> float:
-        """0.0 if allowed, else the seconds until a token is available."""
-        if key not in self.buckets and len(self.buckets) >= self.MAX_KEYS:
-            # Forget clients whose buckets have refilled: they are indistinguishable from new
-            # ones, and keeping them would let many identities grow this without bound.
-            full_after = self.burst / self.rate
-            self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full_after}
-        tokens, last = self.buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self.buckets[key] = (tokens - 1.0, now)
-            return 0.0
-        self.buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+    identity: bytes
+    envelope: wire.Envelope
+    request: InferenceRequest
+    key: str
+    cancelled: bool = False
 
 
 class GatewayDaemon(Daemon):
@@ -99,6 +106,9 @@ class GatewayDaemon(Daemon):
         drain_grace_s: float = 30.0,
         orchestrator_timeout_s: float = 3.0,
         ready_file: Path | None = None,
+        registry: str = "",
+        redis_url: str = "",
+        redis_prefix: str = "haif",
     ) -> None:
         super().__init__(ready_file)
         self.bind_address = bind_address
@@ -107,7 +117,12 @@ class GatewayDaemon(Daemon):
         self.drain_grace_s = drain_grace_s
         self.next_ping = 0.0
         self.routes: dict[str, Route] = {}
-        self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.burst)
+        self.admitting: dict[str, Pending] = {}  # waiting for the shared limits' answer
+        self.registry = registry  # where usage goes; "" records none
+        self.redis_url = redis_url
+        self.redis_prefix = redis_prefix
+        self.limiter: Coordinator | None = None
+        self.usage: UsageRecorder | None = None
         self.last_orchestrator_pong = 0.0
         self.orchestrator_timeout_s = orchestrator_timeout_s
         self.orchestrator_instance = ""
@@ -120,6 +135,48 @@ class GatewayDaemon(Daemon):
         self.watch(self.router, self.read_clients)
         self.connect()
         self.last_orchestrator_pong = time.monotonic()  # silence is counted from here
+        self.metrics.limits_shared.set(0)
+        self.limiter = Coordinator(
+            KeyLimits(
+                self.limits.rate_per_s, self.limits.burst, self.limits.max_concurrent_per_key
+            ),
+            self.ctx,
+            redis_url=self.redis_url,
+            prefix=self.redis_prefix,
+            on_change=self.limits_changed,
+        )
+        limiter = self.limiter
+        if limiter.socket is not None:
+            self.watch(limiter.socket, lambda: self.admitted(limiter.decisions()))
+        if self.registry:
+            sock = self.dial(zmq.DEALER, self.registry, GATEWAY)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # no registry connected: keep the rows here
+            sock.connect(self.registry)
+            usage = self.usage = UsageRecorder(sock, self.metrics)
+            self.watch(sock, lambda: usage.read(self.decode))
+
+    def limits_changed(self, shared: bool, why: str) -> None:
+        """Redis went away or came back (called from the coordination thread)."""
+        self.metrics.limits_shared.set(1 if shared else 0)
+        if shared:
+            log(self.name, "limits shared through redis", prefix=self.redis_prefix)
+        else:
+            self.metrics.limits_fallbacks.inc()
+            log(self.name, "redis unreachable: local limits", level="warning", error=why[:200])
+
+    def health_detail(self) -> dict[str, Any]:
+        """How the limits are kept (``shared``, ``local``, or ``local-fallback`` while Redis is
+        away) and the usage rows waiting for the registry: facts, not readiness (no request
+        fails for either)."""
+        detail: dict[str, Any] = {"limits": self.limiter.mode if self.limiter else "local"}
+        if self.usage is not None:
+            detail["usage_pending"] = self.usage.pending
+        return detail
+
+    def stop(self) -> None:
+        if self.limiter is not None:
+            self.limiter.close()
+        super().stop()
 
     def connect(self) -> None:
         """A fresh link to the orchestrator under our stable identity: whatever the old one
@@ -152,12 +209,14 @@ class GatewayDaemon(Daemon):
 
     # loop ------------------------------------------------------------------------------------
     def in_flight(self) -> int:
-        return len(self.routes)
+        return len(self.routes) + len(self.admitting)
 
     def on_tick(self, now: float) -> None:
         if now >= self.next_ping:
             self.dealer.send(wire.encode(wire.Ping(), "gateway-ping"))
             self.next_ping = now + min(PING_EVERY_S, self.orchestrator_timeout_s / 4)
+        if self.usage is not None:
+            self.usage.tick(now)
         silent = now - self.last_orchestrator_pong
         if self.lost_since is None and silent > self.orchestrator_timeout_s:
             self.orchestrator_lost(f"silent for {silent:.1f}s")
@@ -242,6 +301,11 @@ class GatewayDaemon(Daemon):
             self.observe(route, error)
         self.to_client(route.client, wire.encode(error, request_id))
 
+    def release(self, route: Route) -> None:
+        """An admitted request has ended: give its concurrency slot back."""
+        if self.limiter is not None and self.limits.max_concurrent_per_key > 0:
+            self.limiter.release(route.request_id, route.client_key)
+
     def read_clients(self) -> None:
         self.read_router(self.router, self.from_client)
 
@@ -285,9 +349,15 @@ class GatewayDaemon(Daemon):
             client = (msg.client or "bridge") if role == BRIDGE else f"{role}:{identity.hex()}"
             self.infer(identity, envelope, msg, accepting, client)
         elif isinstance(msg, wire.Cancel):
-            route = self.routes.pop(envelope.id, None)
+            pending = self.admitting.get(envelope.id)
+            if pending is not None and pending.identity == identity:
+                pending.cancelled = True  # its admission, when it comes, is given back
+            route = self.routes.get(envelope.id)
             if route is not None and route.client == identity:
+                del self.routes[envelope.id]
                 self.dealer.send(wire.encode(wire.Cancel(), envelope.id))
+                if not route.stats:
+                    self.observe(route, None)
         elif isinstance(msg, wire.Ping):
             self.to_client(identity, wire.reply(envelope, self.pong()))
         elif isinstance(msg, wire.StatsRequest | wire.ListModels):
@@ -311,12 +381,9 @@ class GatewayDaemon(Daemon):
         key: str,
     ) -> None:
         def refuse(error: HaifError) -> None:
-            self.counters[f"rejected_{error.code}"] += 1
-            self.metrics.rejected.labels(self.name, error.code).inc()
-            self.metrics.requests.labels(self.name, "infer", error.code).inc()
-            self.to_client(identity, wire.reply(envelope, error.to_wire()))
+            self.refuse(identity, envelope, error)
 
-        if not envelope.id or envelope.id in self.routes:
+        if not envelope.id or envelope.id in self.routes or envelope.id in self.admitting:
             return refuse(InvalidInput("invalid_request", "missing or duplicate request id"))
         if not accepting:
             return refuse(
@@ -344,17 +411,73 @@ class GatewayDaemon(Daemon):
                     f"{self.limits.max_tokens_cap}",
                 )
             )
-        wait = self.bucket.take(key, time.monotonic())
-        if wait > 0:
+        limiter = self.limiter
+        assert limiter is not None  # made in start(), before any message is read
+        if limiter.revoked(key):
             return refuse(
                 HaifError(
-                    "rate_limited",
+                    "key_revoked",
+                    "this API key has been revoked",
+                    "ask for a new key",
+                    kind=Kind.unauthorised,
+                )
+            )
+        pending = Pending(identity, envelope, request, key)
+        hold_s = self.limits.request_timeout_s + 5.0  # a dead gateway's slots expire by then
+        decision = limiter.admit(envelope.id, key, hold_s)
+        if decision is None:  # the shared limits answer on their socket
+            self.admitting[envelope.id] = pending
+            return None
+        self.admitted([decision], pending)
+        return None
+
+    def admitted(self, decisions: Iterable[Decision], pending: Pending | None = None) -> None:
+        """Forward each admitted request; refuse the others with how long to wait."""
+        for decision in decisions:
+            waiting = pending or self.admitting.pop(decision.request_id, None)
+            if waiting is None:  # cannot happen: every admission is answered once
+                self.counters["stray_admissions"] += 1
+                continue
+            if waiting.cancelled:
+                if decision.admitted and self.limiter is not None:
+                    self.limiter.release(decision.request_id, waiting.key)
+                continue
+            if decision.admitted:
+                self.forward(waiting)
+                continue
+            key = waiting.key
+            if decision.reason == TOO_MANY_CONCURRENT:
+                error = HaifError(
+                    TOO_MANY_CONCURRENT,
+                    f"client {key[:16]} has {self.limits.max_concurrent_per_key} requests in "
+                    "flight, its limit",
+                    "wait for one to finish",
+                    kind=Kind.overloaded,
+                    retry_after=round(decision.wait_s, 3),
+                )
+            else:
+                error = HaifError(
+                    RATE_LIMITED,
                     f"too many requests for client {key[:16]}",
                     "slow down",
                     kind=Kind.overloaded,
-                    retry_after=round(wait, 3),
+                    retry_after=round(decision.wait_s, 3),
                 )
-            )
+            self.refuse(waiting.identity, waiting.envelope, error)
+
+    def refuse(self, identity: bytes, envelope: wire.Envelope, error: HaifError) -> None:
+        self.counters[f"rejected_{error.code}"] += 1
+        self.metrics.rejected.labels(self.name, error.code).inc()
+        self.metrics.requests.labels(self.name, "infer", error.code).inc()
+        self.to_client(identity, wire.reply(envelope, error.to_wire()))
+
+    def forward(self, pending: Pending) -> None:
+        identity, envelope, request, key = (
+            pending.identity,
+            pending.envelope,
+            pending.request,
+            pending.key,
+        )
         now = time.time()
         deadline = now + self.limits.request_timeout_s
         if envelope.deadline > 0:
@@ -379,13 +502,13 @@ class GatewayDaemon(Daemon):
             traceparent=traceparent,
             client_key=key,
             span=span,
+            model=request.model or "",
             forward=wire.encode(forward, envelope.id, deadline, traceparent),
         )
         if self.lost_since is None:
             self.dealer.send(route.forward)
             route.sent = True
         self.counters["forwarded"] += 1
-        return None
 
     def from_orchestrator(self, body: bytes) -> None:
         envelope = self.decode(body)
@@ -408,9 +531,15 @@ class GatewayDaemon(Daemon):
             self.observe(route, msg)
         self.to_client(route.client, body)
 
-    def observe(self, route: Route, msg: wire.Msg) -> None:
+    def observe(self, route: Route, msg: wire.Msg | None) -> None:
+        """A request has ended (``msg`` None: its client cancelled it): give back its slot,
+        end its span, log it, count it, and record its usage."""
         now = time.monotonic()
-        outcome = "ok" if isinstance(msg, wire.Done) else getattr(msg, "code", "error")
+        self.release(route)
+        if msg is None:
+            outcome = "cancelled"
+        else:
+            outcome = "ok" if isinstance(msg, wire.Done) else getattr(msg, "code", "error")
         done = msg if isinstance(msg, wire.Done) else None
         if route.span is not None:
             route.span.set_attribute("haif.outcome", outcome)
@@ -440,15 +569,27 @@ class GatewayDaemon(Daemon):
         )
         self.metrics.requests.labels(self.name, "infer", outcome).inc()
         self.metrics.request_duration.labels(self.name, "infer").observe(now - route.started)
+        ttft: float | None = None
         if isinstance(msg, wire.Done) and msg.time_to_first_token_ms is not None:
             # Stream frames pass through undecoded: the first token reached us when the
             # request's time here, less what the worker spent after its first token, had passed.
             after_first = (msg.generation_ms - msg.time_to_first_token_ms) / 1000
-            self.metrics.ttft.labels(self.name, msg.model).observe(
-                max(0.0, now - route.started - after_first)
-            )
+            ttft = max(0.0, now - route.started - after_first)
+            self.metrics.ttft.labels(self.name, msg.model).observe(ttft)
         elif isinstance(msg, wire.Error):
             self.metrics.rejected.labels(self.name, msg.code).inc()
+        if self.usage is not None:
+            self.usage.add(
+                route.request_id,
+                route.client_key,
+                done.model if done else route.model,
+                done.worker if done else "",
+                done.prompt_tokens if done else 0,
+                done.completion_tokens if done else 0,
+                None if ttft is None else round(ttft * 1000, 3),
+                round((now - route.started) * 1000, 3),
+                outcome,
+            )
 
     def sweep(self) -> None:
         now = time.monotonic()

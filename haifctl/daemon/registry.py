@@ -16,10 +16,16 @@ from haifctl.daemon.base import Daemon, log
 from haifctl.errors import HaifError, Kind
 from haifctl.gguf_info import GGUFFacts
 from haifctl.registry.service import Registry, open_registry
-from haifctl.security import ADMIN, ORCHESTRATOR
+from haifctl.registry.usage import UsageRow
+from haifctl.security import ADMIN, GATEWAY, ORCHESTRATOR
 
 # The calls the orchestrator makes; everything else writes the registry and is the CLI's alone.
 ORCHESTRATOR_OPS = frozenset({"resolve", "list", "set_status"})
+# A gateway only reports the usage of the requests it saw end.
+GATEWAY_OPS = frozenset({"record_usage"})
+# Calls that are neither lookups nor the CLI's changes to models: not logged one by one.
+QUIET_OPS = frozenset({"resolve", "list", "ensure_builtin", "record_usage", "usage"})
+PRUNE_EVERY_S = 3600.0  # how often old usage rows are deleted (checked as batches arrive)
 # With no call answered for this long, the loop asks the database itself (for /readyz).
 DB_PROBE_S = 5.0
 # A database failing this long is taken as a connection that will not come back (the backend
@@ -30,6 +36,8 @@ DB_DEAD_S = 60.0
 class RegistryDaemon(Daemon):
     name = "registry"
     listens = True
+    usage_retention_days = 90.0  # 0: keep usage rows forever
+    next_prune = 0.0  # monotonic time of the next pruning of old usage rows
 
     def __init__(self, registry_url: str, bind_address: str, ready_file: Path | None = None):
         super().__init__(ready_file)
@@ -85,7 +93,9 @@ class RegistryDaemon(Daemon):
         if isinstance(msg, wire.Ping):
             answer = self.pong()
         elif isinstance(msg, wire.RegistryCall) and not (
-            role == ADMIN or (role == ORCHESTRATOR and msg.op in ORCHESTRATOR_OPS)
+            role == ADMIN
+            or (role == ORCHESTRATOR and msg.op in ORCHESTRATOR_OPS)
+            or (role == GATEWAY and msg.op in GATEWAY_OPS)
         ):
             answer = self.refuse_role(role, f"registry_{msg.op}")
         elif isinstance(msg, wire.RegistryCall):
@@ -123,6 +133,8 @@ class RegistryDaemon(Daemon):
             "remove_alias": lambda: reg.remove_alias(str(args["alias"])),
             "set_default": lambda: reg.set_default(str(args["ref"])),
             "set_status": lambda: reg.set_status(str(args["ref"]), str(args["status"])),
+            "record_usage": lambda: self.record_usage(reg, args["rows"]),
+            "usage": lambda: reg.usage(args.get("since_s"), args.get("by")),
         }
         op = ops.get(msg.op)
         if op is None:
@@ -137,7 +149,7 @@ class RegistryDaemon(Daemon):
             self.metrics.request_duration.labels(self.name, msg.op).observe(
                 time.monotonic() - started
             )
-            if msg.op not in ("resolve", "list", "ensure_builtin"):
+            if msg.op not in QUIET_OPS:
                 log(
                     self.name,
                     "registry write",
@@ -165,6 +177,19 @@ class RegistryDaemon(Daemon):
                 message=f"the registry failed on {msg.op}: {error}",
             )
         return wire.RegistryReply(result=msgspec.to_builtins(result))
+
+    def record_usage(self, reg: Registry, rows: object) -> int:
+        """Store a gateway's batch of usage rows, and prune rows past their retention once an
+        hour: the rows that arrive are what makes old ones due, so an idle registry has nothing
+        to do."""
+        stored = reg.record_usage(msgspec.convert(rows, list[UsageRow]))
+        now = time.monotonic()
+        if self.usage_retention_days > 0 and now >= self.next_prune:
+            self.next_prune = now + PRUNE_EVERY_S
+            pruned = reg.prune_usage(self.usage_retention_days * 86400)
+            if pruned:
+                log(self.name, "pruned usage", rows=pruned, days=self.usage_retention_days)
+        return stored
 
     def stop(self) -> None:
         if self.registry is not None:

@@ -57,6 +57,7 @@ class Supervisor:
         workers: int,
         models: list[str],
         registry_url: str,
+        gateways: int = 1,
         orchestrator_bind: str = "tcp://127.0.0.1:0",
         gateway_bind: str = "tcp://127.0.0.1:0",
         restart: str = "on-failure",
@@ -92,12 +93,25 @@ class Supervisor:
                 ],
                 orchestrator_bind,
             ),
-            Child(
-                "gateway",
-                [*common, "daemon", "gateway", "--heartbeat-timeout", str(heartbeat_timeout_s)],
-                gateway_bind,
-            ),
         ]
+        # Gateways after the first listen on the same host, on ports of their own; the bridge
+        # uses the first (it holds one link), clients and other bridges may use any.  With
+        # HAIF_REDIS_URL they share their limits; without, each keeps its own.
+        for i in range(gateways):
+            bind = gateway_bind if i == 0 else gateway_bind.rsplit(":", 1)[0] + ":0"
+            self.children.append(
+                Child(
+                    "gateway" if i == 0 else f"gateway-{i + 1}",
+                    [
+                        *common,
+                        "daemon",
+                        "gateway",
+                        "--heartbeat-timeout",
+                        str(heartbeat_timeout_s),
+                    ],
+                    bind,
+                )
+            )
         if bridge_bind is not None:
             self.children.append(Child("bridge", [*common, "daemon", "bridge"], bridge_bind))
         threads = worker_threads or share_of_cores(os.cpu_count() or 1, workers)
@@ -158,8 +172,15 @@ class Supervisor:
         args = [sys.executable, "-m", "haifctl", *child.args]
         if child.name == "orchestrator":
             args += ["--registry", self.child("registry").endpoint]
-        elif child.name == "gateway" or child.name.startswith("worker"):
+        elif child.name.startswith("worker"):
             args += ["--orchestrator", self.child("orchestrator").endpoint]
+        elif child.name.startswith("gateway"):
+            args += [
+                "--orchestrator",
+                self.child("orchestrator").endpoint,
+                "--registry",  # where it records usage
+                self.child("registry").endpoint,
+            ]
         elif child.name == "bridge":
             args += ["--gateway", self.child("gateway").endpoint]
         if child.bind is not None:
@@ -265,7 +286,7 @@ class Supervisor:
         self.write_state("stopping")
         order = [
             [c.name for c in self.children if c.name == "bridge"],  # HTTP first: it drains too
-            ["gateway"],
+            [c.name for c in self.children if c.name.startswith("gateway")],
             [c.name for c in self.children if c.name.startswith("worker")],
             ["orchestrator"],
             ["registry"],

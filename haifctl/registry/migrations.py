@@ -48,6 +48,29 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (
+        "0002_request_usage",
+        (
+            # One row per finished request (haifctl/registry/usage.py).  Timestamps as
+            # fixed-width UTC ISO 8601 text, like the rest, so text order is time order.
+            """
+            CREATE TABLE request_usage (
+                id TEXT PRIMARY KEY,
+                finished_at TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                worker TEXT NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                ttft_ms DOUBLE PRECISION,
+                duration_ms DOUBLE PRECISION NOT NULL,
+                outcome TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX request_usage_finished_at ON request_usage (finished_at)",
+        ),
+    ),
 )
 
 

@@ -17,6 +17,7 @@ from haifctl import wire
 from haifctl.gguf_info import GGUFFacts, read_facts
 from haifctl.hashing import sha256_file
 from haifctl.registry.service import ModelRecord
+from haifctl.registry.usage import Group, UsageTotal
 from haifctl.rpc import RpcClient
 from haifctl.security import Keyring
 
@@ -98,3 +99,6 @@ class RemoteRegistry:
 
     def set_status(self, ref: str, status: str) -> ModelRecord:
         return self._record("set_status", ref=ref, status=status)
+
+    def usage(self, since_s: float | None = None, by: Group | None = None) -> list[UsageTotal]:
+        return msgspec.convert(self._call("usage", since_s=since_s, by=by), list[UsageTotal])

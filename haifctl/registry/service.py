@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -17,8 +17,10 @@ from haifctl.config import DEFAULT_MODEL
 from haifctl.errors import HaifError, InvalidInput, NotFound
 from haifctl.gguf_info import GGUFFacts, read_facts
 from haifctl.hashing import sha256_file
+from haifctl.registry import usage as usage_table
 from haifctl.registry.backends import Backend, Conflict, open_backend
 from haifctl.registry.migrations import apply_migrations
+from haifctl.registry.usage import UsageRow, UsageTotal
 
 Status = Literal["registered", "deployed", "retired"]
 STATUSES: tuple[str, ...] = ("registered", "deployed", "retired")
@@ -457,6 +459,22 @@ class Registry:
         except (InvalidInput, Conflict):
             # Registered concurrently by another process: fine, read theirs.
             return self.resolve(f"{DEFAULT_MODEL}:{BUILTIN_VERSION}")
+
+    # usage -----------------------------------------------------------------------------------
+
+    def record_usage(self, rows: Sequence[UsageRow]) -> int:
+        """Store finished requests' usage (a row already stored is skipped); how many were new."""
+        return usage_table.record(self.backend, rows)
+
+    def usage(
+        self, since_s: float | None = None, by: usage_table.Group | None = None
+    ) -> list[UsageTotal]:
+        """Usage totals over the last ``since_s`` seconds, per key, per model, or in all."""
+        return usage_table.totals(self.backend, since_s, by)
+
+    def prune_usage(self, older_than_s: float) -> int:
+        """Delete usage rows older than ``older_than_s`` seconds; how many went."""
+        return usage_table.prune(self.backend, older_than_s)
 
 
 def open_registry(url: str) -> Registry:

@@ -134,7 +134,7 @@ def test_a_key_the_cluster_does_not_know_is_refused_and_counted(
     ("address", "role"),
     [
         ("orchestrator", BRIDGE),  # the bridge talks to the gateway only
-        ("registry", GATEWAY),
+        ("registry", BRIDGE),  # a gateway may report usage there, nothing else
         ("registry", WORKER),
         ("gateway", WORKER),
         ("gateway", ORCHESTRATOR),
