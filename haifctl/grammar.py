@@ -31,8 +31,6 @@ ENFORCED = {
     "enum",
     "const",
     "anyOf",
-    "oneOf",
-    "allOf",
     "$ref",
     "$defs",
     "definitions",
@@ -46,7 +44,12 @@ FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 # Keywords whose value is a map of name -> schema, or a list of schemas.
 SCHEMA_MAPS = ("properties", "$defs", "definitions")
-SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_LISTS = ("anyOf", "prefixItems")
+STRING_SHAPES = ("pattern", "format", "minLength", "maxLength")
+HINTS = {
+    "oneOf": "use anyOf (one-of exclusivity cannot be enforced while generating)",
+    "allOf": "merge the schemas into one",
+}
 
 
 def check_schema(schema: Any, where: str = "schema") -> None:
@@ -59,9 +62,9 @@ def check_schema(schema: Any, where: str = "schema") -> None:
     for key, value in schema.items():
         at = f"{where}.{key}"
         if key not in ENFORCED and key not in ANNOTATIONS:
+            hint = HINTS.get(key, "it cannot be enforced while generating")
             raise _refused(
-                f"{at}: the keyword {key!r} is not supported in structured output "
-                "(it cannot be enforced while generating)"
+                f"{at}: the keyword {key!r} is not supported in structured output ({hint})"
             )
         if key == "type":
             types = value if isinstance(value, list) else [value]
@@ -91,6 +94,38 @@ def check_schema(schema: Any, where: str = "schema") -> None:
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         ):
             raise _refused(f"{at}: must be a list of property names")
+    shapes = [k for k in ("$ref", "anyOf") if k in schema]
+    others = [k for k in schema if k in ENFORCED and k not in ("$defs", "definitions", *shapes)]
+    if shapes and others:
+        raise _refused(
+            f"{where}: {shapes[0]!r} together with {others[0]!r} is not supported "
+            f"(move {others[0]!r} into the referenced or listed schemas)"
+        )
+    strings = [k for k in STRING_SHAPES if k in schema]
+    if len(strings) > 1 and set(strings) != {"minLength", "maxLength"}:
+        raise _refused(
+            f"{where}: {strings[0]!r} together with {strings[1]!r} is not supported "
+            "(a string takes a pattern, a format, or length bounds)"
+        )
+
+
+def normalised(schema: Any) -> Any:
+    """``schema`` with each list of types spelt as ``anyOf`` (the converter would drop the other
+    keywords beside a list of types)."""
+    if isinstance(schema, list):
+        return [normalised(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {
+        k: normalised(v) if k not in ("enum", "const", "default", "examples") else v
+        for k, v in schema.items()
+    }
+    types = out.get("type")
+    if isinstance(types, list):
+        rest = {k: v for k, v in out.items() if k not in ("type", "$defs", "definitions")}
+        out = {k: v for k, v in out.items() if k in ("$defs", "definitions")}
+        out["anyOf"] = [{**rest, "type": t} for t in types]
+    return out
 
 
 def _refused(message: str) -> InvalidInput:
@@ -102,15 +137,23 @@ def _schema_gbnf(text: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return str(json_schema_to_gbnf(text))
+        grammar = str(json_schema_to_gbnf(text))
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
         raise _refused(f"schema: cannot be turned into a grammar: {exc}") from None
+    # The converter's string character takes control characters, which JSON strings may not
+    # hold unescaped (a raw newline in a string would not parse): exclude them, as llama.cpp's
+    # own converter does.
+    lines = grammar.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("char ::= "):
+            lines[i] = line.replace('[^"\\\\]', '[^"\\\\\\x7F\\x00-\\x1F]', 1)
+    return "\n".join(lines) + "\n"
 
 
 def schema_gbnf(schema: dict[str, Any]) -> str:
     """The GBNF grammar whose sentences are exactly the JSON documents ``schema`` allows."""
     check_schema(schema)
-    text = json.dumps(schema, sort_keys=True)
+    text = json.dumps(normalised(schema), sort_keys=True)
     if len(text) > MAX_SCHEMA_BYTES:
         raise _refused(f"schema: over {MAX_SCHEMA_BYTES // 1024} KiB")
     return _schema_gbnf(text)

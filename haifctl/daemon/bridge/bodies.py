@@ -327,7 +327,9 @@ class ChatBody(OpenAIBase):
         except HaifError as exc:
             if isinstance(exc, HTTPError):
                 raise
-            param = "tools" if "tool" in exc.code else "response_format"
+            param = {"unknown_tool": "tool_choice", "unsupported_tool_schema": "tools"}.get(
+                exc.code, "response_format"
+            )
             raise HTTPError(exc.code, exc.message, param=param) from None
         return out
 

@@ -15,27 +15,28 @@ from haifctl.errors import HaifError, NotFound, Unavailable
 router = APIRouter(tags=["openai"])
 
 
-async def model_entries(request: Request) -> list[dict[str, Any]]:
+async def registered(request: Request) -> list[wire.ModelEntry]:
     answer = await state(request).link.call(wire.ListModels(), 5.0)
     if isinstance(answer, wire.Error):
         raise HaifError.from_wire(answer)
     if not isinstance(answer, wire.ModelList):
         raise Unavailable("unavailable", "unexpected gateway answer")
-    data = []
-    for m in answer.models:
-        created = _epoch(m.created_at)
-        for model_id in (m.ref, *m.aliases):
-            data.append(
-                {
-                    "id": model_id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "haifctl",
-                    "status": m.status,
-                    "workers": m.workers,
-                }
-            )
-    return data
+    return answer.models
+
+
+def entry(model_id: str, m: wire.ModelEntry) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": _epoch(m.created_at),
+        "owned_by": "haifctl",
+        "status": m.status,
+        "workers": m.workers,
+    }
+
+
+async def model_entries(request: Request) -> list[dict[str, Any]]:
+    return [entry(i, m) for m in await registered(request) for i in (m.ref, *m.aliases)]
 
 
 @router.get("/v1/models")
@@ -48,10 +49,15 @@ async def list_models(request: Request, key: str = Depends(client_key)) -> dict[
 async def retrieve_model(
     model_id: str, request: Request, key: str = Depends(client_key)
 ) -> dict[str, Any]:
-    """One registered model by name, NAME:VERSION or alias."""
-    for entry in await model_entries(request):
-        if entry["id"] == model_id:
-            return entry
+    """One registered model by NAME:VERSION, alias, or name (its newest version, as a request
+    naming it is served)."""
+    models = await registered(request)
+    for m in models:
+        if model_id == m.ref or model_id in m.aliases:
+            return entry(model_id, m)
+    versions = [m for m in models if m.name == model_id]
+    if versions:
+        return entry(model_id, max(versions, key=lambda m: m.created_at))
     raise NotFound(
         "model_not_found",
         f"no model {model_id!r} is registered",
