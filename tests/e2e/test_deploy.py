@@ -58,6 +58,7 @@ def test_compose_stack_shape() -> None:
         "otel-collector",
         "jaeger",
         "plantuml",
+        "redis",
     }
     assert expected <= set(services)
     one_shot = {"keys"}  # makes the cluster's CURVE keys, then exits
@@ -87,6 +88,13 @@ def test_compose_stack_shape() -> None:
     # the worker's health check is its /readyz, on the metrics port
     assert "http://127.0.0.1:9464/readyz" in " ".join(worker["healthcheck"]["test"])
     assert {"postgres-data", "loki-data", "cluster-keys"} <= set(compose["volumes"])
+    # the gateways (scalable) share their limits through Redis and report usage to the registry
+    gateway = services["gateway"]
+    assert gateway["environment"]["HAIF_REDIS_URL"] == "redis://redis:6379/0"
+    assert "tcp://registry:5551" in gateway["command"]
+    assert "container_name" not in gateway
+    assert "ports" not in gateway
+    assert "ports" not in services["redis"]  # no password: never published on the host
 
 
 def test_env_example_names_every_variable() -> None:
