@@ -338,6 +338,30 @@ def test_markdown_is_rendered_and_markup_is_only_text(page: Page) -> None:
     page.check_clean()
 
 
+def test_pathological_replies_neither_crash_nor_hang_the_page(page: Page) -> None:
+    """Deep nesting is cut (5,000 nested quotes crashed the tab), and unclosed emphasis openers
+    cost one scan of each kind, not one scan each (quadratic: a second for 20 KB)."""
+    from playwright.sync_api import expect
+
+    p = page.page
+    shapes = [
+        ">" * 5000 + " deep",
+        "".join("  " * i + "- item\n" for i in range(200)),
+        "*a _b [d **e __f " * 2000,
+        "# " + " " * 20000 + "title",
+    ]
+    page.set_history([{"role": "assistant", "content": text} for text in shapes])
+    answers = p.locator(".assistant")
+    expect(answers).to_have_count(len(shapes))
+    assert p.locator("blockquote " * 14).count() == 0
+    assert p.locator("blockquote " * 13).count() == 1
+    assert "deep" in answers.nth(0).inner_text()
+    assert p.locator("li " * 14).count() == 0
+    assert answers.nth(2).locator("em, strong, a").count() == 0
+    assert answers.nth(3).locator("h1").inner_text() == "title"
+    page.check_clean()
+
+
 def test_settings_are_sent_and_history_survives_a_reload_until_cleared(page: Page) -> None:
     from playwright.sync_api import expect
 
