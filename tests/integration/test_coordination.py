@@ -94,6 +94,13 @@ def metric(proc: Proc, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
+def readyz(proc: Proc) -> httpx.Response:
+    """The gateway's /readyz, on its metrics port."""
+    endpoints = proc.wait_ready()["endpoints"]
+    assert isinstance(endpoints, dict)
+    return httpx.get(str(endpoints["metrics"]).replace("/metrics", "/readyz"), timeout=5)
+
+
 def wait_metric(proc: Proc, name: str, value: float, timeout: float = 15.0) -> None:
     end = time.monotonic() + timeout
     while metric(proc, name) != value:
@@ -332,8 +339,8 @@ def test_a_redis_restart_under_load_loses_no_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
     """Clients keep sending while Redis is killed and started again: every request is answered
-    with its completion; the gateway falls back to local limits (metric 0, logged) and shares
-    them again once Redis is back."""
+    with its completion; the gateway falls back to local limits (metric 0, logged, /readyz
+    says so) and shares them again once Redis is back."""
     port = free_port()
     server = start_redis(port, tmp_path)
     shared_env(
@@ -366,6 +373,9 @@ def test_a_redis_restart_under_load_loses_no_request(
         server.kill()
         server.wait()
         wait_metric(gateway, "haif_limits_shared", 0)
+        away = readyz(gateway)
+        assert away.status_code == 200  # still ready: no request fails for want of Redis
+        assert away.json()["limits"] == "local-fallback"
         during = len(results)
         end = time.monotonic() + 10
         while len(results) < during + 20:  # requests keep completing without Redis
@@ -373,6 +383,8 @@ def test_a_redis_restart_under_load_loses_no_request(
             time.sleep(0.02)
         server = start_redis(port, tmp_path)
         wait_metric(gateway, "haif_limits_shared", 1)
+        assert readyz(gateway).json()["limits"] == "shared"
+        fallbacks = metric(gateway, "haif_limits_fallbacks_total")
         after = len(results)
         end = time.monotonic() + 10
         while len(results) < after + 20:
@@ -390,6 +402,19 @@ def test_a_redis_restart_under_load_loses_no_request(
     assert set(results) == {"ok"}, {r for r in results if r != "ok"}
     assert metric_from_log(gateway, "redis unreachable: local limits") >= 1
     assert metric_from_log(gateway, "limits shared through redis") >= 2
+    assert fallbacks >= 1
+
+
+def test_a_lone_gateway_keeps_its_limits_in_process(tmp_path: Path) -> None:
+    """No Redis configured: the limits are local, and /readyz says so."""
+    cluster = Cluster(tmp_path, workers=1)
+    try:
+        body = readyz(cluster.procs["gateway"]).json()
+        assert body["limits"] == "local"
+        assert body["usage_pending"] == 0
+        assert metric(cluster.procs["gateway"], "haif_limits_shared") == 0
+    finally:
+        cluster.stop()
 
 
 def metric_from_log(proc: Proc, message: str) -> int:
