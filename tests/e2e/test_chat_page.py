@@ -204,9 +204,10 @@ def test_picks_a_served_model_and_reports_the_worker_timings(page: Page) -> None
     p = page.page
     options = p.locator("#model option")
     expect(options).to_have_count(2)
-    # idle:1 is listed first, but no worker serves it: shown, not selectable, and named
-    assert options.nth(0).inner_text() == "idle:1 (no worker)"
-    assert options.nth(0).is_disabled()
+    # idle:1 is listed (first), but no worker serves it: shown, not selectable, and named
+    idle = p.locator('#model option[value="idle:1"]')
+    assert idle.inner_text() == "idle:1 (no worker)"
+    assert idle.is_disabled()
     assert p.locator("#model").input_value() == "stories260K:1"
     expect(p.locator("#notice")).to_have_text("Not served by any worker: idle:1.")
 
