@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":bench"|":config"|":down"|":infer"|":join-token"|":keys"|":logs"|":models"|":status"|":top"|":up"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":bench"|":config"|":down"|":infer"|":join-token"|":keys"|":logs"|":models"|":status"|":top"|":up"|":usage"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top bench worker join-token models config keys'
+            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top bench usage worker join-token models config keys'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -38,9 +38,10 @@ _haifctl() {
             esac
             ;;
         "up")
-            opts='--workers -w --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --bridge-bind --registry-url --metrics-base-port --timeout --help -h'; cmds=''
+            opts='--workers -w --gateways --model -m --foreground --orchestrator-bind --gateway-bind --restart --heartbeat-timeout --bridge-bind --registry-url --metrics-base-port --timeout --help -h'; cmds=''
             case "$prev" in
                 --workers|-w) COMPREPLY=(); return ;;
+                --gateways) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
                 --orchestrator-bind) COMPREPLY=(); return ;;
                 --gateway-bind) COMPREPLY=(); return ;;
@@ -87,6 +88,13 @@ _haifctl() {
                 --model|-m) COMPREPLY=(); return ;;
                 --api-key) COMPREPLY=(); return ;;
                 --timeout) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "usage")
+            opts='--since --by --json --help -h'; cmds=''
+            case "$prev" in
+                --since) COMPREPLY=(); return ;;
+                --by) COMPREPLY=($(compgen -W 'key model' -- "$cur")); return ;;
             esac
             ;;
         "worker")
