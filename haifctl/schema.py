@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -15,6 +15,12 @@ MAX_STOP_STRINGS = 8
 # C int, and msgpack, the wire's encoding, holds no integer over 2**64 - 1.
 MAX_TOKENS_LIMIT = 1_048_576
 MAX_TOP_K = 2**31 - 1
+# What a max_tokens over the gateway's cap (HAIF_MAX_TOKENS_CAP) is told, by the gateway and by
+# `haifctl infer` in-process alike.
+MAX_TOKENS_HINT = (
+    "ask for fewer (generation stops at the end of the model's context anyway), or raise "
+    "HAIF_MAX_TOKENS_CAP"
+)
 MAX_PROMPTS = 64  # sequences one request may ask for (prompts x n)
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # entries
@@ -213,3 +219,105 @@ _REQUEST_HINT = (
     "presence_penalty, frequency_penalty, logit_bias, seed, stop, grammar, json_schema, "
     "response_format, logprobs, stream"
 )
+
+
+# Requests that generate nothing: ``op`` names them in the request, which a generation leaves
+# out.  The gateway validates them as it does a generation, the orchestrator routes an embed to
+# a worker that loaded the model with embeddings, and the worker answers with one message.
+MAX_EMBED_INPUTS = 256  # texts or token lists in one embed request
+MAX_TOKEN_IDS = 262_144  # token ids in one request (a detokenize, an input given as ids)
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Embed each input (a text, or token ids) into one vector."""
+
+    op: Literal["embed"]
+    model: str | None = None
+    input: list[str | list[TokenId]]
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("`input` must hold at least one text or token list")
+        if len(self.input) > MAX_EMBED_INPUTS:
+            raise ValueError(f"`input` takes at most {MAX_EMBED_INPUTS} items")
+        for i, item in enumerate(self.input):
+            if isinstance(item, str):
+                _check_field(f"input[{i}]", item)
+            elif not item:
+                raise ValueError(f"`input[{i}]` must hold at least one token")
+            elif len(item) > MAX_TOKEN_IDS:
+                raise ValueError(f"`input[{i}]` takes at most {MAX_TOKEN_IDS} tokens")
+        if self.model is not None:
+            _check_field("model", self.model)
+
+    @property
+    def size(self) -> int:
+        """Characters (or tokens) to embed: what the gateway's prompt limit counts."""
+        return sum(len(item) for item in self.input)
+
+
+class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Text to token ids, as llama-server's ``/tokenize``: ``add_special`` adds the model's
+    beginning-of-text token, ``parse_special`` reads special tokens' text as those tokens,
+    ``with_pieces`` answers each token's text too."""
+
+    op: Literal["tokenize"]
+    model: str | None = None
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("model", "content"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_field(name, value)
+
+    @property
+    def size(self) -> int:
+        return len(self.content)
+
+
+class DetokenizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Token ids to text, as llama-server's ``/detokenize``."""
+
+    op: Literal["detokenize"]
+    model: str | None = None
+    tokens: list[TokenId]
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) > MAX_TOKEN_IDS:
+            raise ValueError(f"`tokens` takes at most {MAX_TOKEN_IDS} ids")
+        if self.model is not None:
+            _check_field("model", self.model)
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+
+OpRequest = EmbedRequest | TokenizeRequest | DetokenizeRequest
+Request = InferenceRequest | OpRequest
+OPS: dict[str, type[OpRequest]] = {
+    "embed": EmbedRequest,
+    "tokenize": TokenizeRequest,
+    "detokenize": DetokenizeRequest,
+}
+
+
+def validate_any(fields: dict[str, Any], source: str = "request") -> Request:
+    """A generation (no ``op``), or the request its ``op`` names, validated."""
+    op = fields.get("op")
+    if op is None:
+        return validate_request(fields, source)
+    kind = OPS.get(op) if isinstance(op, str) else None
+    if kind is None:
+        raise InvalidInput(
+            "invalid_request", f"{source}: op: {op!r} is not one of {', '.join(OPS)}"
+        )
+    try:
+        return msgspec.convert(fields, kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput("invalid_request", f"{source}: {_field_error(str(exc))}") from None

@@ -54,7 +54,7 @@ ModelOpt = Annotated[
         help="Model NAME[:VERSION], alias, or .gguf path. [env: HAIF_MODEL, MODEL_ID]",
     ),
 ]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON, for scripts.")]
 NCtxOpt = Annotated[
     int | None, typer.Option("--n-ctx", help="Context window in tokens. [env: HAIF_N_CTX]")
 ]
@@ -83,6 +83,16 @@ RegistryUrlOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+def human_size(n: int) -> str:
+    """Bytes as people read them (decimal units, as disks are sold)."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
 
 
 def stdout() -> Console:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from haifctl import security
 from haifctl.client import ClusterClient
-from haifctl.commands._dispatch import open_cli_registry
+from haifctl.commands._dispatch import cluster_model_ref, open_cli_registry
 from haifctl.commands._shared import JsonFlag, print_json, state, stderr, stdout, want_json
 from haifctl.config import mask_url
 from haifctl.daemon.state import (
@@ -136,7 +136,7 @@ def up(
         stdout().print(f"cluster already running (gateway {daemon_endpoint(current, 'gateway')})")
         return
     preflight(settings.bridge_bind, orchestrator_bind, gateway_bind, home)
-    models = model or [settings.model]
+    models = [cluster_model_ref(m) for m in model or [settings.model]]
     with open_cli_registry(settings) as registry:  # unknown models fail here, not in a worker
         refs = [registry.resolve(m).ref for m in models]
     args = [

@@ -20,29 +20,20 @@ from rich.table import Table
 from haifctl.commands._dispatch import open_cli_registry
 from haifctl.commands._shared import (
     JsonFlag,
+    human_size,
     print_json,
     state,
     stderr,
     stdout,
     want_json,
 )
-from haifctl.errors import InvalidInput
+from haifctl.errors import InvalidInput, NotFound
 from haifctl.gguf_info import check_model_path, read_facts
-from haifctl.registry.service import STATUSES, ModelRecord, parse_params
-from haifctl.schema import SAMPLING_KEYS
+from haifctl.registry.service import STATUSES, ModelRecord, check_params, parse_params
 
 app = typer.Typer(no_args_is_help=True, help="Register, list and manage GGUF models.")
 
 RefArg = Annotated[str, typer.Argument(help="NAME[:VERSION] or an alias.", show_default=False)]
-
-
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
 
 
 def _human_count(n: int | None) -> str:
@@ -71,7 +62,7 @@ def _show(record: ModelRecord) -> None:
         ("status", record.status),
         ("path", record.path),
         ("sha256", record.sha256),
-        ("size", f"{_human_size(record.size_bytes)} ({record.size_bytes} bytes)"),
+        ("size", f"{human_size(record.size_bytes)} ({record.size_bytes} bytes)"),
         ("architecture", record.architecture),
         ("parameters", _human_count(record.parameter_count)),
         ("context length", str(record.context_length or "-")),
@@ -119,14 +110,7 @@ def register(
 ) -> None:
     """Add a GGUF model: verify it, read its metadata, hash it, and record it."""
     want_json(ctx, json)
-    params = parse_params(param or [])
-    unknown = sorted(set(params) - set(SAMPLING_KEYS))
-    if unknown:
-        raise InvalidInput(
-            "invalid_param",
-            f"--param {unknown[0]} is not a sampling parameter",
-            "known: " + ", ".join(SAMPLING_KEYS),
-        )
+    params = check_params(parse_params(param or []))  # before hashing: a typo costs nothing
     path = check_model_path(path)
     facts = read_facts(path)
     settings = state(ctx).settings()
@@ -180,7 +164,7 @@ def list_models(ctx: typer.Context, json: JsonFlag = False) -> None:
             _human_count(r.parameter_count),
             r.file_type or "-",
             str(r.context_length or "-"),
-            _human_size(r.size_bytes),
+            human_size(r.size_bytes),
             r.status,
         )
     stdout().print(table)
@@ -207,15 +191,50 @@ def remove(
     ] = False,
     json: JsonFlag = False,
 ) -> None:
-    """Remove a model version from the registry (the file itself stays)."""
+    """Remove a model version from the registry (the file itself stays).
+
+    Its aliases go with it; removing the default version says which version the bare NAME
+    means from now on.
+
+    Examples:
+
+      haifctl models rm llama3.2-1b:1
+
+      haifctl models rm llama3.2-1b --all
+    """
     want_json(ctx, json)
     with open_cli_registry(state(ctx).settings()) as registry:
         removed = registry.remove(ref, all_versions=all_versions)
-    if json:
-        print_json({"removed": [r.ref for r in removed]})
-    else:
+        # what the bare NAME means now, when the version it meant is gone
+        now_means: dict[str, str | None] = {}
         for r in removed:
-            stdout().print(f"removed {r.ref}")
+            if r.is_default and r.name not in now_means:
+                try:
+                    now_means[r.name] = registry.resolve(r.name).ref
+                except NotFound:
+                    now_means[r.name] = None
+    if json:
+        print_json(
+            {
+                "removed": [r.ref for r in removed],
+                "aliases_removed": sorted(a for r in removed for a in r.aliases),
+                "default_removed": [r.ref for r in removed if r.is_default],
+                "name_now_means": now_means,
+            }
+        )
+        return
+    out = stdout()
+    for r in removed:
+        also = []
+        if r.aliases:
+            also.append(f"its alias{'es' if len(r.aliases) > 1 else ''} {', '.join(r.aliases)}")
+        if r.is_default:
+            means = now_means.get(r.name)
+            also.append(
+                f"it was {r.name}'s default version: {r.name} now means "
+                + (means if means else "nothing (no version left)")
+            )
+        out.print(f"removed {r.ref}" + (f" (and {'; '.join(also)})" if also else ""), markup=False)
 
 
 @app.command()
@@ -251,6 +270,51 @@ def set_default(ctx: typer.Context, ref: RefArg) -> None:
     with open_cli_registry(state(ctx).settings()) as registry:
         record = registry.set_default(ref)
     stdout().print(f"{record.name} -> {record.ref}")
+
+
+@app.command("set")
+def set_params(
+    ctx: typer.Context,
+    ref: RefArg,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="Set a default sampling parameter (repeatable); values are JSON.",
+            metavar="KEY=VALUE",
+        ),
+    ] = None,
+    unset: Annotated[
+        list[str] | None,
+        typer.Option("--unset", help="Drop a default parameter (repeatable).", metavar="KEY"),
+    ] = None,
+    json: JsonFlag = False,
+) -> None:
+    """Change a model version's default sampling parameters, checked as at register.
+
+    Requests override these; they override haifctl's defaults.
+
+    Examples:
+
+      haifctl models set llama3.2-1b --param temperature=0.6 --param top_k=20
+
+      haifctl models set llama3.2-1b:2 --unset top_k
+    """
+    want_json(ctx, json)
+    if not param and not unset:
+        raise InvalidInput(
+            "invalid_arguments",
+            "nothing to change",
+            f"haifctl models set {ref} --param KEY=VALUE, or --unset KEY",
+        )
+    params = check_params(parse_params(param or []))
+    with open_cli_registry(state(ctx).settings()) as registry:
+        record = registry.set_params(ref, params, unset or [])
+    if json:
+        print_json(_as_dict(record))
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in record.params.items()) or "none"
+    stdout().print(f"{record.ref}: parameters {shown}", markup=False)
 
 
 @app.command("status")

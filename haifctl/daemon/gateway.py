@@ -44,7 +44,7 @@ from haifctl.daemon.base import (
     trace_id,
 )
 from haifctl.errors import HaifError, InvalidInput, Kind, Unavailable
-from haifctl.schema import InferenceRequest, validate_request
+from haifctl.schema import MAX_TOKENS_HINT, InferenceRequest, Request, validate_any
 from haifctl.security import ADMIN, BRIDGE, GATEWAY
 from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
 from haifctl.usage import UsageRecorder
@@ -88,7 +88,7 @@ class Pending:
 
     identity: bytes
     envelope: wire.Envelope
-    request: InferenceRequest
+    request: Request
     key: str
     cancelled: bool = False
 
@@ -390,11 +390,14 @@ class GatewayDaemon(Daemon):
                 Unavailable("unavailable", "the gateway is shutting down", retry_after=2.0)
             )
         try:
-            request = validate_request(msg.request, "request")
+            request = validate_any(msg.request, "request")
         except HaifError as exc:
             return refuse(exc)
-        size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
-        size += len(request.system or "")
+        if isinstance(request, InferenceRequest):
+            size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+            size += len(request.system or "")
+        else:  # embed, tokenize, detokenize: the text (or token ids) they carry
+            size = request.size
         if size > self.limits.max_prompt_chars:
             return refuse(
                 InvalidInput(
@@ -403,12 +406,13 @@ class GatewayDaemon(Daemon):
                     "shorten the prompt",
                 )
             )
-        if request.max_tokens is not None and request.max_tokens > self.limits.max_tokens_cap:
+        max_tokens = request.max_tokens if isinstance(request, InferenceRequest) else None
+        if max_tokens is not None and max_tokens > self.limits.max_tokens_cap:
             return refuse(
                 InvalidInput(
                     "invalid_request",
-                    f"max_tokens: {request.max_tokens} is over the limit of "
-                    f"{self.limits.max_tokens_cap}",
+                    f"max_tokens: {max_tokens} is over the limit of {self.limits.max_tokens_cap}",
+                    MAX_TOKENS_HINT,
                 )
             )
         limiter = self.limiter
@@ -539,8 +543,21 @@ class GatewayDaemon(Daemon):
         if msg is None:
             outcome = "cancelled"
         else:
-            outcome = "ok" if isinstance(msg, wire.Done) else getattr(msg, "code", "error")
+            ok = isinstance(msg, wire.Done | wire.Embeddings | wire.Tokens)
+            outcome = "ok" if ok else getattr(msg, "code", "error")
         done = msg if isinstance(msg, wire.Done) else None
+        # an embedding or token answer: its model and worker, and the tokens an embed read
+        answer = msg if isinstance(msg, wire.Embeddings | wire.Tokens) else None
+        if answer is not None:
+            done = wire.Done(
+                finish_reason="stop",
+                prompt_tokens=answer.prompt_tokens if isinstance(answer, wire.Embeddings) else 0,
+                completion_tokens=0,
+                model=answer.model,
+                worker=answer.worker,
+                time_to_first_token_ms=None,
+                generation_ms=0.0,
+            )
         if route.span is not None:
             route.span.set_attribute("haif.outcome", outcome)
             if done is not None:

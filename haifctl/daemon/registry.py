@@ -133,6 +133,11 @@ class RegistryDaemon(Daemon):
             "remove_alias": lambda: reg.remove_alias(str(args["alias"])),
             "set_default": lambda: reg.set_default(str(args["ref"])),
             "set_status": lambda: reg.set_status(str(args["ref"]), str(args["status"])),
+            "set_params": lambda: reg.set_params(
+                str(args["ref"]),
+                dict(args.get("params") or {}),
+                [str(k) for k in args.get("unset") or []],
+            ),
             "record_usage": lambda: self.record_usage(reg, args["rows"]),
             "usage": lambda: reg.usage(args.get("since_s"), args.get("by")),
         }

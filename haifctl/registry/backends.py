@@ -194,6 +194,20 @@ def open_backend(url: str) -> Backend:
         if raw.startswith("/"):
             raw = "/" + raw.lstrip("/")
         path = Path(raw).expanduser()
+        if not path.is_absolute():
+            # relative to whichever directory each process started in: the CLI and the
+            # daemons would each open a registry of their own
+            raise InvalidInput(
+                "bad_registry_url",
+                f"the registry URL {url!r} names a relative path",
+                f"use an absolute one: sqlite:///{path.absolute().as_posix().lstrip('/')}",
+            )
+        if not path.parent.is_dir():
+            raise InvalidInput(
+                "bad_registry_url",
+                f"the registry URL names a file in {path.parent}, which does not exist",
+                f"create it first (mkdir -p {path.parent}), or fix the path",
+            )
         if path.is_dir():
             raise InvalidInput(
                 "bad_registry_url",

@@ -97,6 +97,11 @@ class RemoteRegistry:
     def set_default(self, ref: str) -> ModelRecord:
         return self._record("set_default", ref=ref)
 
+    def set_params(
+        self, ref: str, params: Mapping[str, Any], unset: Iterable[str] = ()
+    ) -> ModelRecord:
+        return self._record("set_params", ref=ref, params=dict(params), unset=list(unset))
+
     def set_status(self, ref: str, status: str) -> ModelRecord:
         return self._record("set_status", ref=ref, status=status)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ MAX_NAME_CHARS = 128  # a name, a version or an alias
 # The longest NAME:VERSION the registry can hold: other daemons cap a model name with it before
 # asking the registry about it.
 MAX_REF_CHARS = 2 * MAX_NAME_CHARS + 1
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux: a model given by its file's path
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}")
 # C0 controls (NUL included), DEL and C1 controls: never part of a name, and Postgres refuses
 # a NUL in any text value.
@@ -143,6 +145,32 @@ def parse_params(items: Iterable[str]) -> dict[str, Any]:
     return params
 
 
+def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse, when a model is registered or edited, default parameters that every inference
+    would refuse later: a key that is not a sampling parameter (with the closest ones as a
+    suggestion) or a value of the wrong type or out of range (the request schema's bounds)."""
+    from haifctl.schema import SAMPLING_KEYS, validate_request
+
+    for key in params:
+        if key not in SAMPLING_KEYS:
+            close = difflib.get_close_matches(key, SAMPLING_KEYS, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise InvalidInput(
+                "invalid_param",
+                f"--param {key} is not a sampling parameter",
+                hint + "known: " + ", ".join(SAMPLING_KEYS),
+            )
+    try:
+        validate_request({"prompt": "", **params}, "--param")
+    except InvalidInput as exc:
+        raise InvalidInput(
+            "invalid_param",
+            exc.message.replace(" | null", ""),
+            "e.g. --param temperature=0.7 (values are JSON)",
+        ) from None
+    return dict(params)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -208,8 +236,11 @@ class Registry:
         return self._records("WHERE name = :name", {"name": name})
 
     def resolve(self, ref: str) -> ModelRecord:
-        """Find ``NAME[:VERSION]`` or an alias.  NAME alone: the default version, else the newest
-        version that is not retired, else the newest."""
+        """Find ``NAME[:VERSION]``, an alias, or the absolute path of a registered file.  NAME
+        alone: the default version, else the newest version that is not retired, else the
+        newest."""
+        if "/" in ref:  # never in a name: a path
+            return self.resolve_path(ref)
         name, version = parse_ref(ref)
         versions = self.versions(name)
         if not versions:
@@ -241,6 +272,41 @@ class Registry:
         live = [r for r in versions if r.status != "retired"]
         return (live or versions)[0]
 
+    def resolve_path(self, path: str) -> ModelRecord:
+        """The version registered at ``path``, so that a model given as a file works through a
+        cluster as it does in-process.  The path must be absolute (a daemon has no caller's
+        directory to read a relative one against); only the registry is looked at, never the
+        file system.  Several versions of one file: as for NAME alone."""
+        if _CONTROL.search(path) or len(path) > MAX_PATH_CHARS:
+            raise InvalidInput(
+                "invalid_model_ref",
+                f"model path {_shown(path)} is not a path a model can have",
+                "give the absolute path of a registered .gguf file, or a model name",
+            )
+        if not path.startswith("/"):
+            raise InvalidInput(
+                "invalid_model_ref",
+                f"model path {_shown(path)} is relative",
+                "give it as an absolute path",
+            )
+        rows = self.backend.query(
+            "SELECT name, version FROM models WHERE path = :p", {"p": os.path.normpath(path)}
+        )
+        if not rows:
+            raise NotFound(
+                "model_not_registered",
+                f"no registered model has the file {path}",
+                "a cluster serves registered models: haifctl models register PATH --name NAME "
+                "(and haifctl up --model NAME), or run the file in-process with --local",
+            )
+        records = [self.resolve(f"{r['name']}:{r['version']}") for r in rows]
+        records.sort(key=lambda r: version_key(r.version), reverse=True)
+        for record in records:
+            if record.is_default:
+                return record
+        live = [r for r in records if r.status != "retired"]
+        return (live or records)[0]
+
     def _unknown(self, ref: str) -> HaifError:
         known = {r.name for r in self.all()}
         known.update(row["alias"] for row in self.backend.query("SELECT alias FROM aliases"))
@@ -269,6 +335,7 @@ class Registry:
 
         All or nothing: a failure writes no row."""
         check_name("name", name)
+        params = check_params(params or {})
         aliases = [check_name("alias", a) for a in aliases]
         if version is not None:
             check_name("version", version)
@@ -418,6 +485,33 @@ class Registry:
                 "updated_at = :now WHERE name = :n",
                 {"n": target.name, "v": target.version, "now": _now()},
             )
+        return self.resolve(target.ref)
+
+    def set_params(
+        self, ref: str, params: Mapping[str, Any], unset: Iterable[str] = ()
+    ) -> ModelRecord:
+        """Change a version's default sampling parameters: ``params`` set (checked as at
+        register), the keys in ``unset`` dropped."""
+        target = self.resolve(ref)
+        merged = {k: v for k, v in target.params.items() if k not in set(unset)}
+        for key in unset:
+            if key not in target.params:
+                raise NotFound(
+                    "param_not_set",
+                    f"{target.ref} has no parameter {key!r} set",
+                    "set: " + (", ".join(target.params) or "none"),
+                )
+        merged.update(params)
+        merged = check_params(merged)
+        self.backend.execute(
+            "UPDATE models SET params = :p, updated_at = :now WHERE name = :n AND version = :v",
+            {
+                "p": json.dumps(merged, sort_keys=True),
+                "now": _now(),
+                "n": target.name,
+                "v": target.version,
+            },
+        )
         return self.resolve(target.ref)
 
     def set_status(self, ref: str, status: str) -> ModelRecord:

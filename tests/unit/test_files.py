@@ -15,7 +15,8 @@ from haifctl.files import open_log, private_dir
 from haifctl.gguf_info import check_model_path, read_facts
 from haifctl.hashing import sha256_file
 from haifctl.keys import KeyStore
-from haifctl.registry.service import open_registry
+from haifctl.commands._dispatch import open_cli_registry
+from haifctl.config import resolve
 
 
 def mode(path: Path) -> int:
@@ -62,7 +63,9 @@ def test_a_home_that_haifctl_creates_is_0700(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         home = tmp_path / "fresh" / "home"
-        open_registry(f"sqlite://{home / 'registry.db'}").close()
+        # the default registry's home is created on first use (a registry URL elsewhere must
+        # name a directory that exists: tests/e2e/test_models_cli.py)
+        open_cli_registry(resolve({"home": home}, env={})).close()
         assert mode(home) == 0o700
         keys_home = tmp_path / "keys-home"
         KeyStore(keys_home).create("ci")
