@@ -185,6 +185,28 @@ class Done(Msg, frozen=True, tag=True, kw_only=True):
     queue_ms: float = 0.0
 
 
+class Embeddings(Msg, frozen=True, tag=True, kw_only=True):
+    """The answer to an ``embed`` request: one L2-normalised vector per input, in order, each
+    as little-endian float32 bytes (what OpenAI's base64 encoding holds; a quarter of msgpack's
+    float64 list)."""
+
+    vectors: list[bytes]
+    prompt_tokens: int
+    model: str
+    worker: str
+
+
+class Tokens(Msg, frozen=True, tag=True, kw_only=True):
+    """The answer to a ``tokenize`` request (``ids``, and each one's bytes in ``pieces`` when
+    asked for) or a ``detokenize`` one (``text``)."""
+
+    ids: list[int] = []
+    pieces: list[bytes] = []
+    text: str = ""
+    model: str
+    worker: str
+
+
 class Error(Msg, frozen=True, tag=True, kw_only=True):
     """A failure; build it with ``HaifError.to_wire`` or name its ``kind`` (haifctl.errors.Kind).
 
@@ -218,6 +240,8 @@ class Register(Msg, frozen=True, tag=True, kw_only=True):
     # Requests still holding one of its slots (a worker registering again after a silence):
     # the orchestrator counts them as busy until their Done or Error arrives.
     running: list[str] = []
+    # It loaded its models with embeddings: the orchestrator sends it embed requests.
+    embeddings: bool = False
 
 
 class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
@@ -271,6 +295,8 @@ Message = (
     | Chunks
     | Started
     | Done
+    | Embeddings
+    | Tokens
     | Error
     | Cancel
     | Register
@@ -281,6 +307,12 @@ Message = (
     | RegistryCall
     | RegistryReply
 )
+
+
+# What ends a request (the answer a relay passes on and forgets the request after).
+FINAL = (Done, Embeddings, Tokens, Error)
+# Answers that are not text: a request of another ``op`` than generate ends with one.
+ANSWERS = (Embeddings, Tokens)
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True):
