@@ -67,6 +67,14 @@ SETTINGS: tuple[Setting, ...] = (
         "context and the memory available.",
     ),
     Setting(
+        "embeddings",
+        ("HAIF_EMBEDDINGS",),
+        bool,
+        False,
+        "Workers also load an embedding context (POST /v1/embeddings, `haifctl embed`); the "
+        "orchestrator sends embedding requests only to such workers.",
+    ),
+    Setting(
         "stream_interval_ms",
         ("HAIF_STREAM_INTERVAL_MS",),
         float,
@@ -221,6 +229,7 @@ class Settings:
     n_gpu_layers: int
     threads: int
     slots: int
+    embeddings: bool
     stream_interval_ms: float
     max_tokens: int
     gateway_url: str
@@ -319,6 +328,10 @@ def default_home() -> Path:
     return Path(platformdirs.user_config_dir("haifctl", appauthor=False))
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _coerce(setting: Setting, raw: Any, origin: str) -> Any:
     if setting.type is Path:
         return Path(str(raw)).expanduser()
@@ -331,6 +344,17 @@ def _coerce(setting: Setting, raw: Any, origin: str) -> Any:
                 f"{origin}: expected a number, got {raw!r}",
                 f"set {setting.name} to a number",
             ) from None
+    if setting.type is bool:
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise InvalidInput(
+            "invalid_setting",
+            f"{origin}: expected true or false, got {raw!r}",
+            f"set {setting.name} to true or false (1 or 0)",
+        )
     if setting.type is int:
         if isinstance(raw, bool):
             raise InvalidInput("invalid_setting", f"{origin}: expected an integer, got {raw!r}")

@@ -37,11 +37,16 @@ def model_at(path: str) -> wire.ModelInfo:
 
 
 def load_model(
-    settings: Settings, model: wire.ModelInfo, sink: Sink | None = None, slots: int | None = None
+    settings: Settings,
+    model: wire.ModelInfo,
+    sink: Sink | None = None,
+    slots: int | None = None,
+    embeddings: bool | None = None,
 ) -> LoadedModel:
     """Load ``model`` with the settings' context, offload and threads, and ``slots`` sequences
-    at once (default: the settings'; 0 chooses from memory).  ``sink`` receives each engine
-    step's events (default: per-request queues, for :meth:`LoadedModel.generate`)."""
+    at once (default: the settings'; 0 chooses from memory), and an embedding context when
+    ``embeddings`` (default: the settings').  ``sink`` receives each engine step's events
+    (default: per-request queues, for :meth:`LoadedModel.generate`)."""
     # llama_cpp is slow to import: only what loads a model pays for it
     from haifctl.runtime.llamacpp import LlamaCppRuntime
 
@@ -50,6 +55,7 @@ def load_model(
         n_gpu_layers=settings.n_gpu_layers,
         threads=settings.threads,
         slots=settings.slots if slots is None else slots,
+        embeddings=settings.embeddings if embeddings is None else embeddings,
     )
     return LlamaCppRuntime().load(Path(model.path), options, sink)
 

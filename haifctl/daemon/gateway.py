@@ -546,7 +546,8 @@ class GatewayDaemon(Daemon):
             ok = isinstance(msg, wire.Done | wire.Embeddings | wire.Tokens)
             outcome = "ok" if ok else getattr(msg, "code", "error")
         done = msg if isinstance(msg, wire.Done) else None
-        # an embedding or token answer: its model and worker, and the tokens an embed read
+        # an embedding or token answer, summed up as a generation would be: its model, its
+        # worker, and the tokens an embed read
         answer = msg if isinstance(msg, wire.Embeddings | wire.Tokens) else None
         if answer is not None:
             done = wire.Done(

@@ -46,6 +46,8 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     n_gpu_layers: int = -1
     threads: int = 0  # 0: let the runtime decide
     slots: int = 1  # sequences decoded at once; 0: as many as memory allows (up to a cap)
+    # A second context, made for embeddings (pooled, one input at a time): Model.embed.
+    embeddings: bool = False
 
 
 class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):

@@ -234,6 +234,48 @@ class Model(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    # What a model does besides generating: tokens both ways, embeddings.  Each may be called
+    # from any thread; none touches the engine's context.
+    def tokenize_text(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        """``text`` as the tokeniser splits it, with the beginning-of-text token in front when
+        ``add_special``, reading special tokens' text as those tokens when ``parse_special``."""
+        raise InvalidInput("tokenize_unsupported", "this runtime cannot tokenize")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (special tokens as their text); an id outside the
+        vocabulary is refused."""
+        raise InvalidInput("tokenize_unsupported", "this runtime cannot detokenize")
+
+    def token_piece(self, token: int) -> bytes:
+        """One token's bytes (a token may hold part of a character)."""
+        raise InvalidInput("tokenize_unsupported", "this runtime cannot detokenize")
+
+    def check_tokens(self, tokens: list[int], where: str) -> None:
+        n_vocab = self.info.n_vocab
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidInput(
+                "invalid_token", f"{where}: token {bad} is not in the vocabulary of {n_vocab}"
+            )
+
+    @property
+    def embeddings(self) -> bool:
+        """Whether :meth:`embed` works: the model was loaded with embeddings."""
+        return False
+
+    @property
+    def n_embd(self) -> int:
+        """The size of an embedding vector (0 without embeddings)."""
+        return 0
+
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        """One L2-normalised vector per input (a text, or token ids) and the tokens read."""
+        raise InvalidInput(
+            "embeddings_disabled",
+            f"{self.info.path} was loaded without embeddings",
+            "start the worker with --embeddings (or set HAIF_EMBEDDINGS=1)",
+        )
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
@@ -268,12 +310,7 @@ class Model(ABC):
             raise HaifError("model_closed", "the model has been unloaded")
         if isinstance(prompt, list):
             tokens = prompt
-            n_vocab = self.info.n_vocab
-            bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
-            if bad is not None:
-                raise InvalidInput(
-                    "invalid_token", f"prompt: token {bad} is not in the vocabulary of {n_vocab}"
-                )
+            self.check_tokens(tokens, "prompt")
         else:
             tokens = self.tokenize(prompt)
         self.check_params(params)

@@ -157,11 +157,19 @@ class LlamaCppModel(Model):
         slots = options.slots
         if slots <= 0:
             slots = auto_slots(n_ctx * self.kv_bytes_per_token(), available_memory(backend))
+        self._embedder: Embedder | None = None
         try:
             self.engine: Engine = BatchEngine(self, slots, sink)
         except BaseException:
             model.close()
             raise
+        if options.embeddings:
+            try:
+                self._embedder = Embedder(self)
+            except BaseException:
+                self.engine.close()
+                model.close()
+                raise
         self.slots = self.engine.slots
         self._closed = False
 
@@ -182,6 +190,49 @@ class LlamaCppModel(Model):
             prompt.encode("utf-8"), add_bos=not templated, special=templated
         )
         return tokens
+
+    def tokenize_text(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        tokens: list[int] = self._model.tokenize(
+            text.encode("utf-8"), add_bos=add_special, special=parse_special
+        )
+        return tokens
+
+    def detokenize(self, tokens: list[int]) -> str:
+        import ctypes
+
+        import llama_cpp
+
+        self.check_tokens(tokens, "tokens")
+        if not tokens:
+            return ""
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = 16 * len(tokens) + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            # special tokens rendered as their text, nothing removed: what was tokenised
+            # (with parse_special) comes back as it was
+            n = llama_cpp.llama_detokenize(self._vocab, ids, len(tokens), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = -n
+
+    def token_piece(self, token: int) -> bytes:
+        self.check_tokens([token], "tokens")
+        piece: bytes = self._model.detokenize([token], special=True)
+        return piece
+
+    @property
+    def embeddings(self) -> bool:
+        return self._embedder is not None
+
+    @property
+    def n_embd(self) -> int:
+        return self._embedder.n_embd if self._embedder is not None else 0
+
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        if self._embedder is None or self._closed:
+            return super().embed(inputs)
+        return self._embedder.embed(inputs)
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token (cached: the vocabulary is fixed)."""
@@ -227,6 +278,8 @@ class LlamaCppModel(Model):
         if not self._closed:
             self._closed = True
             self.engine.close()
+            if self._embedder is not None:
+                self._embedder.close()
             self._model.close()
 
     def __enter__(self) -> LlamaCppModel:
@@ -481,6 +534,108 @@ class BatchEngine(Engine):
         self.abort()
         self._llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
+
+
+class Embedder:
+    """A context of its own for embeddings: pooled (the model's pooling, or the mean of its
+    tokens' states for a model that has none, such as a generative one), one input at a time.
+    A lock keeps it to one thread at a time; the engine's context is never touched."""
+
+    def __init__(self, model: LlamaCppModel) -> None:
+        import threading
+
+        import llama_cpp
+
+        self.model = model
+        self.n_ctx = model.info.n_ctx
+        self.n_embd = int(llama_cpp.llama_model_n_embd_out(model._model.model))
+        self._lock = threading.Lock()
+        self._llama_cpp = llama_cpp
+        meta = model._model.metadata()
+        pooling = meta.get(f"{meta.get('general.architecture', '')}.pooling_type")
+        if pooling == str(llama_cpp.LLAMA_POOLING_TYPE_RANK):
+            raise HaifError(
+                "model_load_failed",
+                f"{model.info.path} is a reranker: its output is a score, not an embedding",
+                "start this worker without --embeddings",
+            )
+        if pooling in (None, str(llama_cpp.LLAMA_POOLING_TYPE_NONE)):
+            self._ctx = self._context(llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+        else:
+            self._ctx = self._context(llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED)
+        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+
+    def _context(self, pooling: int) -> Any:
+        llama_cpp = self._llama_cpp
+        params = llama_cpp.llama_context_default_params()
+        # one input per decode, whole (a non-causal model must see all of it in one ubatch)
+        params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.model.device.threads
+        params.embeddings = True
+        params.pooling_type = pooling
+        if not self.model.device.gpu_offload:
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        try:
+            return _internals().LlamaContext(model=self.model._model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise HaifError(
+                "model_load_failed",
+                f"cannot create an embedding context of {self.n_ctx} tokens: {exc}",
+                "lower --n-ctx, or start this worker without --embeddings",
+            ) from None
+
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        import numpy as np
+
+        model = self.model
+        prompts: list[list[int]] = []
+        for i, item in enumerate(inputs):  # every input checked before any is decoded
+            if isinstance(item, str):
+                tokens = model.tokenize_text(item, add_special=True, parse_special=False)
+            else:
+                tokens = list(item)
+                model.check_tokens(tokens, f"input[{i}]")
+            if not tokens:
+                raise InvalidInput("invalid_request", f"input[{i}]: no tokens to embed")
+            if len(tokens) > self.n_ctx:
+                raise InvalidInput(
+                    "input_too_long",
+                    f"input[{i}] is {len(tokens)} tokens; the context window holds {self.n_ctx}",
+                    "shorten it or raise --n-ctx (up to the model's trained context)",
+                )
+            prompts.append(tokens)
+        llama_cpp = self._llama_cpp
+        vectors: list[list[float]] = []
+        with self._lock:
+            if self._ctx is None:
+                raise HaifError("model_closed", "the model has been unloaded")
+            ctx = self._ctx.ctx
+            batch = self._batch
+            for tokens in prompts:
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+                for i, token in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = True
+                batch.n_tokens = len(tokens)
+                rc = llama_cpp.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise HaifError("decode_failed", f"llama_decode returned {rc}")
+                pointer = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+                if not pointer:
+                    raise HaifError("embedding_failed", "llama.cpp returned no embedding")
+                row = np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).astype(np.float64)
+                norm = float(np.linalg.norm(row))
+                vectors.append((row / norm if norm > 0 else row).tolist())
+        return vectors, sum(len(tokens) for tokens in prompts)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx is not None:
+                self._llama_cpp.llama_batch_free(self._batch)
+                self._ctx.close()
+                self._ctx = None
 
 
 class LlamaCppRuntime:
