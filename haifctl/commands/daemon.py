@@ -224,6 +224,15 @@ def worker(
             "--threads", min=0, help="CPU threads for llama.cpp (0: automatic). [env: HAIF_THREADS]"
         ),
     ] = None,
+    embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--embeddings",
+            help="Also load an embedding context, for POST /v1/embeddings and `haifctl embed` "
+            "(the orchestrator sends embedding requests only to such workers). "
+            "[env: HAIF_EMBEDDINGS]",
+        ),
+    ] = False,
     join: Annotated[
         str | None,
         typer.Option(
@@ -245,7 +254,11 @@ def worker(
     from haifctl.security import Keyring
 
     settings = state(ctx).settings(
-        model=model, metrics_port=metrics_port, slots=slots, threads=threads
+        model=model,
+        metrics_port=metrics_port,
+        slots=slots,
+        threads=threads,
+        embeddings=embeddings or None,
     )
     daemon = WorkerDaemon(
         orchestrator,

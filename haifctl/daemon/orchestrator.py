@@ -4,10 +4,11 @@ Workers register and heartbeat; a worker silent for ``heartbeat_timeout_s`` is d
 unstarted requests go back to the front of their queue.  A request whose tokens had started to
 stream ends with a ``worker_lost`` error instead of a silent retry.
 
-Nothing the loop does per message or per tick grows with the cluster: each model has a heap of
-its workers with a free slot (dispatch pops the least loaded), heartbeat and queue deadlines sit
-in heaps (a sweep looks only at what is due), and the table's gauges are computed when Prometheus
-scrapes them.
+Nothing the loop does per message or per tick grows with the cluster: each pool (a model, and
+apart, the model's workers that loaded it with embeddings: :func:`embed_pool`) has a queue and a
+heap of its workers with a free slot (dispatch pops the least loaded), heartbeat and queue
+deadlines sit in heaps (a sweep looks only at what is due), and the table's gauges are computed
+when Prometheus scrapes them.
 
 The loop never waits for another daemon.  Registry calls go out on a DEALER read by the same
 poller and their answers are matched by id; requests naming a model being looked up are parked
@@ -64,6 +65,12 @@ ORPHAN_QUEUE_S = 15.0
 ACK_KNOWN = wire.encode(wire.Ack(known=True))
 
 
+def embed_pool(ref: str) -> str:
+    """The pool of a model's workers that serve embeddings: a key of its own in every per-model
+    index (a model reference holds no space, so no model's own key is one of these)."""
+    return f"{ref} embeddings"
+
+
 @dataclass
 class WorkerRec:
     identity: bytes
@@ -87,6 +94,12 @@ class WorkerRec:
     # Requests it is stopping that are not its to run (see Ack.cancel): their text is dropped.
     orphans: set[str] = field(default_factory=set)
     listed: bool = False  # counted among its models' workers with a free slot
+    embeddings: bool = False
+    # The index keys it is listed under: its models, and their embedding pools when it has them.
+    pools: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pools = [*self.models, *(embed_pool(r) for r in self.models if self.embeddings)]
 
     @property
     def free(self) -> int:
@@ -132,6 +145,7 @@ class Pending:
     gateway: bytes
     model_ref: str
     enqueued_at: float
+    pool: str = ""  # the queue and the workers it waits for (embed_pool); "": the model's
     worker: bytes | None = None
     streamed: bool = False
     first_at: float = 0.0
@@ -141,9 +155,12 @@ class Pending:
     attempts: int = 0
     tried: set[bytes] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.pool = self.pool or self.model_ref
+
 
 # What each role may send the orchestrator (anyone may ping, ask for stats or list models).
-WORKER_MESSAGES = (wire.Done, wire.Error, wire.Heartbeat, wire.Register, wire.ResolveModel)
+WORKER_MESSAGES = (*wire.FINAL, wire.Heartbeat, wire.Register, wire.ResolveModel)
 GATEWAY_MESSAGES = (wire.Infer, wire.Cancel)
 
 
@@ -301,13 +318,13 @@ class OrchestratorDaemon(Daemon):
             isinstance(msg, GATEWAY_MESSAGES) and role != GATEWAY
         ):
             refusal = self.refuse_role(role, type(msg).__name__.lower())
-            if envelope.id and not isinstance(msg, wire.Done | wire.Error | wire.Cancel):
+            if envelope.id and not isinstance(msg, (*wire.FINAL, wire.Cancel)):
                 self.send(identity, wire.reply(envelope, refusal))
             return
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if isinstance(msg, wire.Done | wire.Error) and worker is not None:
+        if isinstance(msg, wire.FINAL) and worker is not None:
             self.from_worker(worker, envelope, body)
         elif isinstance(msg, wire.Heartbeat):
             self.heartbeat(identity, envelope, msg)
@@ -353,6 +370,7 @@ class OrchestratorDaemon(Daemon):
             last_seen=time.monotonic(),
             gpu_name=msg.gpu_name,
             gpu_memory_mb=msg.gpu_memory_mb,
+            embeddings=msg.embeddings,
         )
         first = [ref for ref in rec.models if ref not in self.serving]
         ours = {
@@ -386,9 +404,10 @@ class OrchestratorDaemon(Daemon):
             device=msg.device,
             running=len(rec.running),
             orphans=len(rec.orphans),
+            embeddings=msg.embeddings,
         )
         self.send(identity, wire.reply(envelope, wire.Ack(known=True, cancel=sorted(rec.orphans))))
-        for ref in rec.models:
+        for ref in rec.pools:
             self.orphaned.pop(ref, None)
         for ref in first:  # the registry hears when a model gains its first worker, not each time
             self.set_status(ref, "deployed")
@@ -401,11 +420,11 @@ class OrchestratorDaemon(Daemon):
             return
         worker.served, worker.errors, worker.tokens = msg.served, msg.errors, msg.tokens
         if msg.draining != worker.draining:
-            self.open_workers.update({ref: -1 if msg.draining else 1 for ref in worker.models})
+            self.open_workers.update({ref: -1 if msg.draining else 1 for ref in worker.pools})
             worker.draining = msg.draining
             self.reindex(worker)
             if msg.draining:
-                for ref in worker.models:  # the last worker of a model drains: nobody waits
+                for ref in worker.pools:  # the last worker of a model drains: nobody waits
                     self.answer_orphaned_queue(ref, "its last worker is shutting down")
         if envelope.id or envelope.deadline or envelope.traceparent:
             self.send(identity, wire.reply(envelope, wire.Ack(known=True)))
@@ -454,6 +473,7 @@ class OrchestratorDaemon(Daemon):
         for ref in worker.models:
             if ref not in self.serving:
                 self.set_status(ref, "registered")
+        for ref in worker.pools:
             if not self.open_workers[ref] and self.queues.get(ref):
                 # a crashed worker is usually restarted in seconds: its queue waits that long
                 self.orphaned.setdefault(ref, time.monotonic())
@@ -529,12 +549,12 @@ class OrchestratorDaemon(Daemon):
                 ttft=pending.first_at - pending.enqueued_at if pending.first_at else None,
                 tokens=msg.completion_tokens if isinstance(msg, wire.Done) else 0,
                 worker=worker.worker_id if worker is not None else "",
-                ok=isinstance(msg, wire.Done),
+                ok=not isinstance(msg, wire.Error),
             )
         )
         if worker is not None:
             self.release(worker, pending.envelope.id)
-        queue = self.queues.get(pending.model_ref)
+        queue = self.queues.get(pending.pool)
         if queue is not None and pending.envelope.id in queue:
             queue.remove(pending.envelope.id)
         self.counters["finished_" + type(msg).__name__.lower()] += 1
@@ -810,13 +830,27 @@ class OrchestratorDaemon(Daemon):
         info: wire.ModelInfo,
         refuse: Callable[[wire.Error], None],
     ) -> None:
-        """Queue (or dispatch at once) a request whose model is known."""
+        """Queue (or dispatch at once) a request whose model is known: an embed request in
+        the model's embedding pool, any other in the model's own."""
+        embed = msg.request.get("op") == "embed"
+        pool = embed_pool(info.ref) if embed else info.ref
         young = time.monotonic() - self.started_mono < self.startup_grace_s
-        if not self.open_workers[info.ref] and young:
+        if not self.open_workers[pool] and young:
             # Just started (a restart): workers are on their way back; the request waits for
             # them in the queue, as long as a queue whose workers went away does.
-            self.orphaned.setdefault(info.ref, time.monotonic())
-        elif not self.open_workers[info.ref]:
+            self.orphaned.setdefault(pool, time.monotonic())
+        elif not self.open_workers[pool] and embed and self.open_workers[info.ref]:
+            return refuse(
+                wire.Error(
+                    kind=Kind.invalid,
+                    code="embeddings_unsupported",
+                    message=f"{info.ref} is served without embeddings: no worker of it "
+                    "loaded the model with them",
+                    hint=f"start one: haifctl worker --orchestrator ADDRESS --model {info.ref} "
+                    "--embeddings",
+                )
+            )
+        elif not self.open_workers[pool]:
             return refuse(
                 wire.Error(
                     kind=Kind.unavailable,
@@ -842,14 +876,15 @@ class OrchestratorDaemon(Daemon):
                 gateway=gateway,
                 model_ref=info.ref,
                 enqueued_at=time.monotonic(),
+                pool=pool,
             )
         )
-        queue = self.queues.setdefault(info.ref, deque())
+        queue = self.queues.setdefault(pool, deque())
         if not queue and self.dispatch(pending):
             self.pending[envelope.id] = pending
             return None
         if len(queue) >= self.queue_size:
-            busy = self.busy[info.ref]
+            busy = self.busy[pool]
             return refuse(
                 wire.Error(
                     kind=Kind.overloaded,
@@ -885,7 +920,7 @@ class OrchestratorDaemon(Daemon):
         return pending
 
     def dispatch(self, pending: Pending) -> bool:
-        worker = self.pick(pending.model_ref, pending.tried)
+        worker = self.pick(pending.pool, pending.tried)
         if worker is None:
             return False
         if pending.queue_span is not None:
@@ -893,7 +928,7 @@ class OrchestratorDaemon(Daemon):
                 {
                     "haif.worker": worker.worker_id,
                     "haif.attempt": pending.attempts + 1,
-                    "haif.candidates": self.free_workers[pending.model_ref],
+                    "haif.candidates": self.free_workers[pending.pool],
                 }
             )
             pending.queue_span.end()
@@ -908,7 +943,7 @@ class OrchestratorDaemon(Daemon):
         pending.attempts += 1
         worker.assigned += 1
         worker.running.add(pending.envelope.id)
-        for ref in worker.models:
+        for ref in worker.pools:
             self.busy[ref] += 1
         self.reindex(worker)
         env = pending.envelope
@@ -1006,13 +1041,13 @@ class OrchestratorDaemon(Daemon):
 
     def requeue(self, pending: Pending) -> None:
         """Put an unstarted request back at the front of its queue (retry, failover)."""
-        self.queues.setdefault(pending.model_ref, deque()).appendleft(pending.envelope.id)
+        self.queues.setdefault(pending.pool, deque()).appendleft(pending.envelope.id)
         self.expire_later(pending)
 
     # worker index ----------------------------------------------------------------------------
     def index(self, worker: WorkerRec) -> None:
         """Enter a worker, newly in the table, in the per-model indexes."""
-        for ref in worker.models:
+        for ref in worker.pools:
             self.serving.setdefault(ref, {})[worker.identity] = worker
             self.busy[ref] += len(worker.running)
             if not worker.draining:
@@ -1022,7 +1057,7 @@ class OrchestratorDaemon(Daemon):
     def unindex(self, worker: WorkerRec) -> None:
         """Take a worker, just removed from the table, out of the per-model indexes."""
         worker.version = -1  # its heap entries go stale
-        for ref in worker.models:
+        for ref in worker.pools:
             serving = self.serving.get(ref, {})
             serving.pop(worker.identity, None)
             if not serving:
@@ -1041,12 +1076,12 @@ class OrchestratorDaemon(Daemon):
         worker.version = next(self.seq)
         free = worker.free > 0
         if free != worker.listed:
-            self.free_workers.update({ref: 1 if free else -1 for ref in worker.models})
+            self.free_workers.update({ref: 1 if free else -1 for ref in worker.pools})
             worker.listed = free
         if not free:
             return
         entry = (len(worker.running) / worker.slots, worker.assigned, worker.version, worker)
-        for ref in worker.models:
+        for ref in worker.pools:
             heap = self.vacancies.setdefault(ref, [])
             heapq.heappush(heap, entry)
             if len(heap) > 4 * len(self.serving[ref]) + 64:  # mostly stale: rebuild
@@ -1086,7 +1121,7 @@ class OrchestratorDaemon(Daemon):
             return
         worker.running.discard(request_id)
         if self.workers.get(worker.identity) is worker:
-            for ref in worker.models:
+            for ref in worker.pools:
                 self.busy[ref] -= 1
             self.reindex(worker)
 

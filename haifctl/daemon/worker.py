@@ -9,12 +9,19 @@ which turns them into one stream frame per destination (coalesced for at most
 ``stream_interval_s``; a first token and a stream's end go out at once) and the final Done or
 Error of each finished request.  Frames reach the main loop over an inproc socket, so the engine
 never waits for the network and heartbeats never wait for the engine.
+
+Requests that generate nothing (their ``op``) hold a slot too, briefly: tokenize and detokenize
+are answered on the main loop (a tokeniser call); embeddings, when the worker loaded the model
+with them (``--embeddings``), run one request at a time on one embedding thread, which owns the
+model's embedding context and hands its answers to the main loop as the engine does.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket as pysocket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,19 +32,32 @@ import zmq
 from haifctl import wire
 from haifctl.config import Settings
 from haifctl.daemon.base import Daemon, incoming, log, socket
-from haifctl.errors import HaifError, Kind, Unavailable
+from haifctl.errors import HaifError, InvalidInput, Kind, Unavailable
 from haifctl.generation import Generation, load_model, looks_like_path, model_at, render_prompt
 from haifctl.rpc import RpcClient
 from haifctl.runtime.base import SamplingParams, TokenEvent
 from haifctl.runtime.engine import Job, LoadedModel, Step, deliver_to_queues
 from haifctl.runtime.llamacpp import nvidia_smi
-from haifctl.schema import validate_request
+from haifctl.schema import (
+    DetokenizeRequest,
+    EmbedRequest,
+    TokenizeRequest,
+    validate_any,
+    validate_request,
+)
 from haifctl.security import WORKER
 
 STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
 
 # What the engine thread hands the main loop: the first frame says what follows.
 RELAY, FINAL = b"R", b"F"
+
+
+def float32_bytes(vector: list[float]) -> bytes:
+    """A vector as little-endian float32 bytes (how :class:`wire.Embeddings` carries it)."""
+    import numpy as np
+
+    return np.asarray(vector, dtype="<f4").tobytes()
 
 
 class Stream:
@@ -113,6 +133,11 @@ class WorkerDaemon(Daemon):
         self._out: zmq.Socket[bytes] | None = None
         self._outboxes: dict[tuple[bytes, ...], Outbox] = {}
         self._dirty: list[Outbox] = []
+        # the embedding thread: requests in, answers out through the results socket
+        self._embed_inbox: queue.SimpleQueue[tuple[wire.Envelope, EmbedRequest] | None] = (
+            queue.SimpleQueue()
+        )
+        self._embed_thread: threading.Thread | None = None
 
     # start -----------------------------------------------------------------------------------
     def resolve(self, deadline_s: float = 60.0) -> wire.ModelInfo:
@@ -157,7 +182,13 @@ class WorkerDaemon(Daemon):
             device=self.loaded.device.backend,
             slots=self.loaded.slots,
             threads=self.loaded.device.threads,
+            embeddings=self.loaded.embeddings,
         )
+        if self.loaded.embeddings:
+            self._embed_thread = threading.Thread(
+                target=self.embed_loop, name="embeddings", daemon=True
+            )
+            self._embed_thread.start()
         self.gpu = self.gpu_facts()
         self.connect()
         self.watch(self.results, self.read_results)
@@ -203,6 +234,7 @@ class WorkerDaemon(Daemon):
                     pid=os.getpid(),
                     host=pysocket.gethostname(),
                     running=list(self.streams),
+                    embeddings=self.loaded.embeddings,
                 )
             )
         )
@@ -216,7 +248,10 @@ class WorkerDaemon(Daemon):
         restarted."""
         if self.loaded is None:
             return {}
-        return {"engine": self.loaded.engine.alive}
+        checks = {"engine": self.loaded.engine.alive}
+        if self._embed_thread is not None:
+            checks["embeddings"] = self._embed_thread.is_alive()
+        return checks
 
     def ready_checks(self) -> dict[str, bool]:
         """Ready when the model is loaded and the orchestrator has us registered and has
@@ -331,6 +366,9 @@ class WorkerDaemon(Daemon):
         if refusal is not None:
             self.dealer.send(wire.reply(envelope, refusal))
             return
+        if msg.request.get("op") is not None:
+            self.answer_op(envelope, msg)
+            return
         stream = Stream(envelope, tuple(reversed(msg.route)), self.model.ref if self.model else "")
         try:
             request = validate_request(msg.request, "request")
@@ -345,6 +383,107 @@ class WorkerDaemon(Daemon):
             return
         self.streams[envelope.id] = stream
         self.loaded.engine.submit(stream.job)
+
+    def answer_op(self, envelope: wire.Envelope, msg: wire.Infer) -> None:
+        """A request that generates nothing: tokenize and detokenize answered here; an embed
+        request handed to the embedding thread."""
+        assert self.loaded is not None
+        assert self.model is not None
+        op = str(msg.request.get("op"))
+        try:
+            request = validate_any(msg.request, "request")
+            if isinstance(request, EmbedRequest):
+                self.check_embed(request)
+                self.streams[envelope.id] = Stream(envelope, (), self.model.ref)
+                self._embed_inbox.put((envelope, request))
+                return
+            if isinstance(request, TokenizeRequest):
+                ids = self.loaded.tokenize_text(
+                    request.content, request.add_special, request.parse_special
+                )
+                pieces = [self.loaded.token_piece(t) for t in ids] if request.with_pieces else []
+                answer: wire.Msg = wire.Tokens(
+                    ids=ids, pieces=pieces, model=self.model.ref, worker=self.worker_id
+                )
+            elif isinstance(request, DetokenizeRequest):
+                text = self.loaded.detokenize(list(request.tokens))
+                answer = wire.Tokens(text=text, model=self.model.ref, worker=self.worker_id)
+            else:
+                raise InvalidInput("invalid_request", f"request: op {op!r} is not answered here")
+        except HaifError as exc:
+            answer = exc.to_wire()
+        self.dealer.send(self.answer_body(envelope, op, answer))
+
+    def check_embed(self, request: EmbedRequest) -> None:
+        """Refuse, before queueing, what the embedding thread could not answer: no
+        embeddings here, or more vectors than one answer frame holds."""
+        assert self.loaded is not None
+        assert self.model is not None
+        if not self.loaded.embeddings:
+            raise InvalidInput(
+                "embeddings_unsupported",
+                f"this worker serves {self.model.ref} without embeddings",
+                "start a worker with --embeddings (or HAIF_EMBEDDINGS=1) for it",
+            )
+        most = (wire.MAX_FRAME_BYTES - 4096) // (4 * self.loaded.n_embd + 8)
+        if len(request.input) > most:
+            raise InvalidInput(
+                "too_many_inputs",
+                f"input: {len(request.input)} items; one answer holds at most {most} vectors "
+                f"of {self.loaded.n_embd} numbers",
+                "split the inputs over several requests",
+            )
+
+    def answer_body(self, envelope: wire.Envelope, op: str, answer: wire.Msg) -> bytes:
+        """The frame that answers a request of ``op``, counted; an answer over the frame limit
+        becomes an error saying so (no relay could pass it on)."""
+        body = wire.reply(envelope, answer)
+        if len(body) > wire.MAX_FRAME_BYTES:
+            answer = InvalidInput(
+                "answer_too_large",
+                f"the answer takes {len(body)} bytes, over the limit of {wire.MAX_FRAME_BYTES}",
+                "send less text (or fewer inputs) per request",
+            ).to_wire()
+            body = wire.reply(envelope, answer)
+        outcome = answer.code if isinstance(answer, wire.Error) else "ok"
+        self.counters["errors" if isinstance(answer, wire.Error) else "served"] += 1
+        self.metrics.requests.labels(self.name, op, outcome).inc()
+        return body
+
+    # the embedding thread --------------------------------------------------------------------
+    def embed_loop(self) -> None:
+        """Embed one request at a time; each answer goes to the main loop as a final frame."""
+        out = socket(self.ctx, zmq.PUSH)
+        out.connect(self.results_address)
+        try:
+            while (item := self._embed_inbox.get()) is not None:
+                envelope, request = item
+                body = self.answer_body(envelope, "embed", self.embedded(envelope, request))
+                out.send_multipart([FINAL, envelope.id.encode(), body])
+        finally:
+            out.close(linger=0)
+
+    def embedded(self, envelope: wire.Envelope, request: EmbedRequest) -> wire.Msg:
+        assert self.loaded is not None
+        assert self.model is not None
+        if wire.expired(envelope):
+            return wire.Error(
+                kind=Kind.timeout, code="deadline_exceeded", message="the deadline had passed"
+            )
+        try:
+            vectors, n_tokens = self.loaded.embed(list(request.input))
+        except HaifError as exc:
+            return exc.to_wire()
+        except Exception as exc:  # a bug must not end the thread: the request fails
+            log(self.name, "embedding failed", level="error", error=repr(exc))
+            return wire.Error(kind=Kind.internal, code="embedding_failed", message=repr(exc))
+        self.metrics.prompt_tokens.labels(self.model.ref).inc(n_tokens)
+        return wire.Embeddings(
+            vectors=[float32_bytes(v) for v in vectors],
+            prompt_tokens=n_tokens,
+            model=self.model.ref,
+            worker=self.worker_id,
+        )
 
     # the engine thread -----------------------------------------------------------------------
     def on_step(self, step: Step) -> None:
@@ -529,6 +668,9 @@ class WorkerDaemon(Daemon):
         for stream in self.streams.values():
             if stream.job is not None:
                 stream.job.cancel.cancel()
+        if self._embed_thread is not None:
+            self._embed_inbox.put(None)
+            self._embed_thread.join()
         if self.loaded is not None:
             self.loaded.close()  # stops the engine thread first
         if self._out is not None:
