@@ -3,6 +3,7 @@ with the ``haif_`` prefix and base units, buckets that suit LLM latencies."""
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
@@ -150,7 +151,9 @@ class Metrics:
         app = MetricsApp(make_wsgi_app(self.registry), probes or {})
         server_class = type("Server", (_Server,), {"address_family": _family(host)})
         self.server = make_server(host, port, app, server_class, _QuietHandler)
-        threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
+        # A short poll interval: close() waits for the serving loop to notice, at a daemon's stop.
+        serve = functools.partial(self.server.serve_forever, poll_interval=0.1)
+        threading.Thread(target=serve, name="metrics", daemon=True).start()
         return int(self.server.server_port)
 
     def close(self) -> None:
