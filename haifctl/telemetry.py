@@ -3,7 +3,6 @@ with the ``haif_`` prefix and base units, buckets that suit LLM latencies."""
 
 from __future__ import annotations
 
-import functools
 import json
 import socket
 import threading
@@ -149,12 +148,15 @@ class Metrics:
         """Serve /metrics, and each of ``probes`` (``/healthz``, ``/readyz``) at its path, in a
         thread of the server's own; port 0 picks a free one.  Returns the port."""
         app = MetricsApp(make_wsgi_app(self.registry), probes or {})
-        server_class = type("Server", (_Server,), {"address_family": _family(host)})
-        self.server = make_server(host, port, app, server_class, _QuietHandler)
+        server_class: type[WSGIServer] = type(
+            "Server", (_Server,), {"address_family": _family(host)}
+        )
+        server = self.server = make_server(host, port, app, server_class, _QuietHandler)
         # A short poll interval: close() waits for the serving loop to notice, at a daemon's stop.
-        serve = functools.partial(self.server.serve_forever, poll_interval=0.1)
-        threading.Thread(target=serve, name="metrics", daemon=True).start()
-        return int(self.server.server_port)
+        threading.Thread(
+            target=lambda: server.serve_forever(poll_interval=0.1), name="metrics", daemon=True
+        ).start()
+        return int(server.server_port)
 
     def close(self) -> None:
         """Stop serving (a probe then fails to connect: the daemon is gone)."""
