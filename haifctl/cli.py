@@ -14,6 +14,7 @@ from haifctl.commands import bench as bench_cmd
 from haifctl.commands import cluster as cluster_cmd
 from haifctl.commands import config as config_cmd
 from haifctl.commands import daemon as daemon_cmd
+from haifctl.commands import embed as embed_cmd
 from haifctl.commands import infer as infer_cmd
 from haifctl.commands import join as join_cmd
 from haifctl.commands import keys as keys_cmd
@@ -45,6 +46,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(infer_cmd.infer)
+app.command()(embed_cmd.embed)
 app.command()(cluster_cmd.up)
 app.command()(cluster_cmd.down)
 app.command()(cluster_cmd.status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator
 from typing import Any
@@ -52,6 +53,17 @@ class ClusterClient:
     def stats(self, timeout: float = 2.0) -> wire.Stats:
         return self.rpc.ask(wire.StatsRequest(), wire.Stats, timeout)
 
+    def ask(
+        self, request: dict[str, Any], *, timeout: float = 300.0
+    ) -> wire.Embeddings | wire.Tokens | wire.Error:
+        """Send a request that answers with one message (an embed, tokenize or detokenize
+        ``op``) and return it, or the Error it ended with."""
+        with contextlib.closing(self._exchange(request, timeout, None, "")) as messages:
+            for msg in messages:
+                if isinstance(msg, wire.Error | wire.Embeddings | wire.Tokens):
+                    return msg
+        raise Unavailable("protocol_error", "the request ended without an answer")
+
     def stream(
         self,
         request: dict[str, Any] | msgspec.Struct,
@@ -64,6 +76,21 @@ class ClusterClient:
 
         Closing the iterator early cancels the generation on the worker.
         """
+        exchange = self._exchange(request, timeout, request_id, traceparent)
+        with contextlib.closing(exchange) as messages:
+            for msg in messages:
+                if isinstance(msg, wire.Chunk | wire.Done | wire.Error):
+                    yield msg
+
+    def _exchange(
+        self,
+        request: dict[str, Any] | msgspec.Struct,
+        timeout: float,
+        request_id: str | None,
+        traceparent: str,
+    ) -> Generator[wire.Msg]:
+        """Send one request; yield its chunks, then the message that ends it (FINAL).  Closing
+        the iterator early withdraws the request (the worker stops generating)."""
         body = request if isinstance(request, dict) else msgspec.to_builtins(request)
         body = {k: v for k, v in body.items() if v is not None}
         request_id = request_id or wire.new_id()
@@ -95,7 +122,7 @@ class ClusterClient:
                     continue
                 if envelope.id != request_id:
                     continue
-                if isinstance(msg, wire.Done | wire.Error):
+                if isinstance(msg, wire.FINAL):
                     finished = True
                     yield msg
                     return

@@ -18,6 +18,8 @@ socket can crash a daemon.  Never pickle.
 
 from __future__ import annotations
 
+import array
+import sys
 import time
 import uuid
 from typing import Any
@@ -329,6 +331,23 @@ _decoder = msgspec.msgpack.Decoder(Envelope)
 
 class BadFrame(Exception):
     """A frame that is not a valid envelope of this protocol version."""
+
+
+def float32_bytes(vector: list[float]) -> bytes:
+    """A vector as :class:`Embeddings` carries it: little-endian float32."""
+    values = array.array("f", vector)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
+
+
+def float32_list(data: bytes) -> list[float]:
+    """A vector of :class:`Embeddings` as numbers."""
+    values = array.array("f")
+    values.frombytes(data)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
 
 
 def new_id() -> str:

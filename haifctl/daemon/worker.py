@@ -53,13 +53,6 @@ STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to 
 RELAY, FINAL = b"R", b"F"
 
 
-def float32_bytes(vector: list[float]) -> bytes:
-    """A vector as little-endian float32 bytes (how :class:`wire.Embeddings` carries it)."""
-    import numpy as np
-
-    return np.asarray(vector, dtype="<f4").tobytes()
-
-
 class Stream:
     """One request on this worker; the engine job's tag.  Touched only by the engine thread
     once submitted, except ``job.cancel``."""
@@ -479,7 +472,7 @@ class WorkerDaemon(Daemon):
             return wire.Error(kind=Kind.internal, code="embedding_failed", message=repr(exc))
         self.metrics.prompt_tokens.labels(self.model.ref).inc(n_tokens)
         return wire.Embeddings(
-            vectors=[float32_bytes(v) for v in vectors],
+            vectors=[wire.float32_bytes(v) for v in vectors],
             prompt_tokens=n_tokens,
             model=self.model.ref,
             worker=self.worker_id,

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from haifctl import __version__, security, tracing
 from haifctl.daemon.base import log
-from haifctl.daemon.bridge import generate, health, models, page
+from haifctl.daemon.bridge import embeddings, generate, health, models, page, tokens
 from haifctl.daemon.bridge.edge import Auth, Edge, EdgeLimits
 from haifctl.daemon.bridge.errors import install_handlers
 from haifctl.daemon.bridge.link import GatewayLink
@@ -62,7 +62,7 @@ def create_app(
     app.add_middleware(
         Edge, metrics=metrics, tracer=tracer, auth=bridge.auth, limits=limits or EdgeLimits()
     )
-    for router in (health.router, models.router, generate.router, page.router):
-        app.include_router(router)
+    for module in (health, models, generate, embeddings, tokens, page):
+        app.include_router(module.router)
     page.mount_assets(app)
     return app

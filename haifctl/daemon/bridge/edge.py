@@ -65,9 +65,9 @@ def is_loopback(host: str) -> bool:
 
 
 def protected(path: str) -> bool:
-    """The routes that need a key: the OpenAI API and ``/infer`` (health, docs and the chat
-    page stay open)."""
-    return path == "/v1" or path.startswith(("/v1/", "/infer"))
+    """The routes that need a key: the OpenAI API, ``/infer``, ``/tokenize`` and
+    ``/detokenize`` (health, docs and the chat page stay open)."""
+    return path == "/v1" or path.startswith(("/v1/", "/infer", "/tokenize", "/detokenize"))
 
 
 class Auth:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import zmq
@@ -144,10 +144,21 @@ class GatewayLink:
         finally:
             self.done(request_id)
 
+    async def ask(self, request: dict[str, Any], client: str, traceparent: str = "") -> wire.Msg:
+        """Send a request that answers with one message (an embed, tokenize or detokenize
+        ``op``) and return that message; raise HaifError for an Error.  Leaving early (the
+        HTTP client disconnected) withdraws it."""
+        async with contextlib.aclosing(self.stream(request, client, traceparent)) as messages:
+            async for msg in messages:
+                if isinstance(msg, wire.ANSWERS):
+                    return msg
+        raise HaifError("protocol_error", "the request ended without an answer")
+
     async def stream(
         self, request: dict[str, Any], client: str, traceparent: str = ""
-    ) -> AsyncIterator[wire.Msg]:
-        """Yield Chunk messages then one Done; raise HaifError for an Error.  Leaving early
+    ) -> AsyncGenerator[wire.Msg]:
+        """Yield Chunk messages then one Done (or the one answer of a request that generates
+        nothing); raise HaifError for an Error.  Leaving early
         (the HTTP client disconnected) cancels the generation on the worker."""
         deadline = time.time() + REQUEST_TIMEOUT_S
         request_id, queue = await self.open(
@@ -170,7 +181,7 @@ class GatewayLink:
                 if isinstance(msg, wire.Error):
                     finished = True
                     raise HaifError.from_wire(msg)
-                if isinstance(msg, wire.Done):
+                if isinstance(msg, wire.FINAL):
                     finished = True
                 yield msg
                 if finished:
