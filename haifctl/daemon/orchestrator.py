@@ -71,6 +71,16 @@ def embed_pool(ref: str) -> str:
     return f"{ref} embeddings"
 
 
+def no_embeddings(ref: str) -> wire.Error:
+    return wire.Error(
+        kind=Kind.invalid,
+        code="embeddings_unsupported",
+        message=f"{ref} is served without embeddings: none of its workers was started with "
+        "--embeddings",
+        hint=f"start one: haifctl worker --orchestrator ADDRESS --model {ref} --embeddings",
+    )
+
+
 @dataclass
 class WorkerRec:
     identity: bytes
@@ -480,26 +490,28 @@ class OrchestratorDaemon(Daemon):
         self.pump()
 
     def answer_orphaned_queue(self, ref: str, why: str) -> None:
-        """A model with no worker left to take its queue: answer the queue 503 at once."""
+        """A model (a pool) with no worker left to take its queue: answer the queue 503 at
+        once (400 for embeddings of a model whose workers have none)."""
         self.orphaned.pop(ref, None)
         if self.open_workers[ref]:
             return
+        model = ref.removesuffix(embed_pool(""))
+        error = wire.Error(
+            kind=Kind.unavailable,
+            code="unavailable",
+            message=f"no worker can run {ref}: {why}",
+            hint="retry shortly, or start a worker for it",
+            retry_after=2.0,
+        )
+        if model != ref and self.open_workers[model]:
+            error = no_embeddings(model)
         queue = self.queues.get(ref)
         while queue:
             pending = self.pending.get(queue.popleft())
             if pending is None:
                 continue
             self.counters["unserved_queued"] += 1
-            self.finish(
-                pending,
-                wire.Error(
-                    kind=Kind.unavailable,
-                    code="unavailable",
-                    message=f"no worker can run {ref}: {why}",
-                    hint="retry shortly, or start a worker for it",
-                    retry_after=2.0,
-                ),
-            )
+            self.finish(pending, error)
 
     def started_streams(self, worker: WorkerRec, msg: wire.Started) -> None:
         """These requests have streamed: from now on a lost worker fails them, never retries."""
@@ -837,19 +849,14 @@ class OrchestratorDaemon(Daemon):
         young = time.monotonic() - self.started_mono < self.startup_grace_s
         if not self.open_workers[pool] and young:
             # Just started (a restart): workers are on their way back; the request waits for
-            # them in the queue, as long as a queue whose workers went away does.
-            self.orphaned.setdefault(pool, time.monotonic())
+            # them in the queue, as long as a queue whose workers went away does.  When the
+            # model's workers are back, those with embeddings have until the grace ends.
+            since = time.monotonic()
+            if embed and self.open_workers[info.ref]:
+                since = self.started_mono + self.startup_grace_s - ORPHAN_QUEUE_S
+            self.orphaned.setdefault(pool, since)
         elif not self.open_workers[pool] and embed and self.open_workers[info.ref]:
-            return refuse(
-                wire.Error(
-                    kind=Kind.invalid,
-                    code="embeddings_unsupported",
-                    message=f"{info.ref} is served without embeddings: no worker of it "
-                    "loaded the model with them",
-                    hint=f"start one: haifctl worker --orchestrator ADDRESS --model {info.ref} "
-                    "--embeddings",
-                )
-            )
+            return refuse(no_embeddings(info.ref))
         elif not self.open_workers[pool]:
             return refuse(
                 wire.Error(
