@@ -62,6 +62,13 @@ def test_secrets_are_masked(home: Path) -> None:
     assert mask_url("sqlite:///x.db") == "sqlite:///x.db"
 
 
+def test_a_redis_password_is_masked_and_the_rest_shown(home: Path) -> None:
+    settings = resolve(env={"HAIF_HOME": str(home), "HAIF_REDIS_URL": "redis://:s3cret@r:6379/2"})
+    assert settings.redis_url == "redis://:s3cret@r:6379/2"
+    assert settings.display_value("redis_url") == "redis://:********@r:6379/2"
+    assert resolve(env={"HAIF_HOME": str(home)}).display_value("redis_url") == ""
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
