@@ -83,9 +83,18 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per round (default: 4 per stream); "
+        "with --tokens 1 the figures are CPU per request",
+    )
     parser.add_argument("--slots", default="", help="HAIF_SLOTS for the worker (default: its own)")
     args = parser.parse_args()
     env = {"HAIF_SLOTS": args.slots} if args.slots else {}
+    env["HAIF_RATE_LIMIT"] = "100000"  # many short requests measure cost, not the rate limit
+    env["HAIF_RATE_BURST"] = "100000"
     pids: dict[str, int] = {}
     with running_cluster(1, env, pids) as endpoints:
         url = endpoints["bridge"]
@@ -94,7 +103,8 @@ def main() -> None:
         for streams in (int(s) for s in args.streams.split(",")):
             for _ in range(args.rounds):
                 before = {n: cpu_seconds(pids[n]) for n in names}
-                used, wall, ttft = asyncio.run(load(url, streams, streams * 4, args.tokens))
+                requests = args.requests or streams * 4
+                used, wall, ttft = asyncio.run(load(url, streams, requests, args.tokens))
                 cost = {n: (cpu_seconds(pids[n]) - before[n]) / used * 1e6 for n in names}
                 relays = cost["bridge"] + cost["gateway"] + cost["orchestrator"]
                 print(
