@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":bench"|":config"|":down"|":infer"|":join-token"|":keys"|":logs"|":models"|":status"|":top"|":up"|":usage"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":bench"|":config"|":down"|":embed"|":infer"|":join-token"|":keys"|":logs"|":models"|":status"|":top"|":up"|":usage"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:set"|"models:show"|"models:status") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer up down status logs top bench usage worker join-token models config keys'
+            opts='--home --registry-url --version --help -h'; cmds='infer embed up down status logs top bench usage worker join-token models config keys'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -31,6 +31,16 @@ _haifctl() {
                 --stop) COMPREPLY=(); return ;;
                 --system) COMPREPLY=(); return ;;
                 --output|-o) COMPREPLY=($(compgen -W 'text json' -- "$cur")); return ;;
+                --n-ctx) COMPREPLY=(); return ;;
+                --n-gpu-layers) COMPREPLY=(); return ;;
+                --threads) COMPREPLY=(); return ;;
+                --gateway) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "embed")
+            opts='--model -m --json --n-ctx --n-gpu-layers --threads --local --gateway --help -h'; cmds=''
+            case "$prev" in
+                --model|-m) COMPREPLY=(); return ;;
                 --n-ctx) COMPREPLY=(); return ;;
                 --n-gpu-layers) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
@@ -63,9 +73,11 @@ _haifctl() {
             opts='--json --help -h'; cmds=''
             ;;
         "logs")
-            opts='--follow -f --lines -n --help -h'; cmds=''
+            opts='--follow -f --lines -n --since --level --all --json --help -h'; cmds=''
             case "$prev" in
                 --lines|-n) COMPREPLY=(); return ;;
+                --since) COMPREPLY=(); return ;;
+                --level) COMPREPLY=(); return ;;
             esac
             ;;
         "top")
@@ -98,7 +110,7 @@ _haifctl() {
             esac
             ;;
         "worker")
-            opts='--orchestrator --model -m --worker-id --heartbeat --slots --threads --join --metrics-port --ready-file --help -h'; cmds=''
+            opts='--orchestrator --model -m --worker-id --heartbeat --slots --threads --embeddings --join --metrics-port --ready-file --help -h'; cmds=''
             case "$prev" in
                 --orchestrator) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=(); return ;;
@@ -119,7 +131,7 @@ _haifctl() {
             esac
             ;;
         "models")
-            opts='--help -h'; cmds='register list show rm alias default status'
+            opts='--help -h'; cmds='register list show rm alias default set status'
             ;;
         "models register")
             opts='--name --version --alias --param --default --json --help -h'; cmds=''
@@ -144,6 +156,13 @@ _haifctl() {
             ;;
         "models default")
             opts='--help -h'; cmds=''
+            ;;
+        "models set")
+            opts='--param --unset --json --help -h'; cmds=''
+            case "$prev" in
+                --param) COMPREPLY=(); return ;;
+                --unset) COMPREPLY=(); return ;;
+            esac
             ;;
         "models status")
             opts='--help -h'; cmds=''

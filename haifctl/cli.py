@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Annotated
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
+import typer.main
 
 from haifctl import __version__
 from haifctl.commands import bench as bench_cmd
@@ -18,6 +21,7 @@ from haifctl.commands import embed as embed_cmd
 from haifctl.commands import infer as infer_cmd
 from haifctl.commands import join as join_cmd
 from haifctl.commands import keys as keys_cmd
+from haifctl.commands import logs as logs_cmd
 from haifctl.commands import models as models_cmd
 from haifctl.commands import top as top_cmd
 from haifctl.commands import usage as usage_cmd
@@ -50,7 +54,7 @@ app.command()(embed_cmd.embed)
 app.command()(cluster_cmd.up)
 app.command()(cluster_cmd.down)
 app.command()(cluster_cmd.status)
-app.command()(cluster_cmd.logs)
+app.command()(logs_cmd.logs)
 app.command()(top_cmd.top)
 app.command()(bench_cmd.bench)
 app.add_typer(models_cmd.app, name="models")
@@ -84,14 +88,58 @@ def root(
     state(ctx).flags.update({"home": home, "registry_url": registry_url})
 
 
+# Placeholders people read in --help and the man pages, by the option's Python type (Typer's own
+# read `<int range>`, `<list[str]>`, and `<bool>` on flags that take no value).
+PLACEHOLDERS: dict[Any, str] = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
+
+
+def placeholder(annotation: Any) -> str:
+    """The placeholder for an option's value: N, NUMBER, TEXT, PATH, or its choices."""
+    if get_origin(annotation) is not None:  # list[str], str | None
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return placeholder(inner[0]) if inner else "VALUE"
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "[" + "|".join(str(m.value) for m in annotation) + "]"
+    return PLACEHOLDERS.get(annotation, "VALUE")
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _humanise(command: Any) -> None:
+    """Help as click prints it, plainly: Rich markup would swallow every `[env: ...]` note
+    (and print docstrings' hard wraps ragged); placeholders people read; flags without one."""
+    command.rich_markup_mode = None
+    for param in command.params:
+        if param.metavar is not None:
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = (param.name or "").upper()
+            param.display_type_rich = _no_type  # "PROMPT", not "PROMPT <str>"
+        elif not (param.is_flag or param.count):
+            param.metavar = placeholder(param.type_descriptor.annotation)
+    for sub in getattr(command, "commands", {}).values():
+        _humanise(sub)
+
+
+def command() -> Any:
+    """The click command behind ``app``, with the help people read (--help, man pages)."""
+    root = typer.main.get_command(app)
+    _humanise(root)
+    return root
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run the app; print user errors as `error:`/`hint:` lines, never tracebacks.
 
     Usage errors (bad flags, unknown commands) are Typer's own, with exit code 2.
     """
     cli_state = CliState()
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        app(args=list(argv) if argv is not None else None, prog_name="haifctl", obj=cli_state)
+        infer_cmd.check_json_flag(args)
+        command()(args=args, prog_name="haifctl", obj=cli_state)
     except HaifError as exc:
         report_error(exc, cli_state.json_errors)
         sys.exit(EXIT_CODES[exc.kind])

@@ -202,6 +202,14 @@ SETTINGS: tuple[Setting, ...] = (
         300.0,
         "Deadline the gateway gives a request, in seconds.",
     ),
+    Setting(
+        "log_max_bytes",
+        ("HAIF_LOG_MAX_BYTES",),
+        int,
+        10_000_000,
+        "Size at which a daemon's log file under HOME/logs is rotated (0: never).",
+    ),
+    Setting("log_keep", ("HAIF_LOG_KEEP",), int, 3, "Rotated log files kept per daemon."),
     Setting("postgres_user", ("POSTGRES_USER",), str, "", "Postgres user (builds registry_url)."),
     Setting(
         "postgres_password",
@@ -250,6 +258,8 @@ class Settings:
     max_prompt_chars: int
     max_tokens_cap: int
     request_timeout: float
+    log_max_bytes: int
+    log_keep: int
     postgres_user: str
     postgres_password: str
     postgres_db: str

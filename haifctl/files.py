@@ -10,8 +10,11 @@ before anything reads it: opening a FIFO for reading would wait for a writer for
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import stat
+import time
 from pathlib import Path
 
 from haifctl.errors import InvalidInput
@@ -47,6 +50,49 @@ def open_log(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# The line each daemon's log gets where a run of the cluster starts (`haifctl up`): `haifctl
+# logs` shows the latest run by default, so an earlier failure is not reprinted as if it were new.
+RUN_STARTED = "run started"
+
+
+def write_run_marker(fd: int, daemon: str, run: float) -> None:
+    """Mark, in a log opened with :func:`open_log`, where the run that started at ``run``
+    (epoch seconds, the same for every daemon of one `haifctl up`) begins."""
+    record = {"time": round(time.time(), 3), "level": "info", "daemon": daemon}
+    record.update({"msg": RUN_STARTED, "run": run})
+    os.write(fd, (json.dumps(record) + "\n").encode())
+
+
+def rotated(path: Path, n: int) -> Path:
+    return path.with_name(f"{path.name}.{n}")
+
+
+def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
+    """Rotate a log file a running daemon appends to, once it is over ``max_bytes``: its
+    content moves to ``NAME.1`` (``NAME.1`` to ``NAME.2``..., ``keep`` of them kept) and the file
+    is truncated in place.  The daemon keeps its descriptor: it writes with O_APPEND, so its next
+    line lands at the start of the emptied file (a line written between the copy and the
+    truncation is lost, as with logrotate's copytruncate)."""
+    try:
+        if max_bytes <= 0 or path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if keep <= 0:
+        os.truncate(path, 0)
+        return True
+    rotated(path, keep).unlink(missing_ok=True)
+    for n in range(keep - 1, 0, -1):
+        if rotated(path, n).exists():
+            rotated(path, n).replace(rotated(path, n + 1))
+    target = rotated(path, 1)
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    with open(path, "rb") as src, os.fdopen(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.truncate(path, 0)
+    return True
 
 
 def _kind(mode: int) -> str:

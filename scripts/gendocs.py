@@ -22,7 +22,7 @@ import typer
 import typer.main
 
 from haifctl import __version__
-from haifctl.cli import app
+from haifctl.cli import command
 
 ROOT = Path(__file__).resolve().parent.parent
 PROG = "haifctl"
@@ -110,7 +110,7 @@ def _walk(command: Any, path: list[str], ctx: typer.Context) -> Cmd:
 
 
 def command_tree() -> Cmd:
-    root = typer.main.get_command(app)
+    root = command()
     return _walk(root, [], typer.Context(root, info_name=PROG, **root.context_settings))
 
 

@@ -175,7 +175,7 @@ def run_cluster(
                             f"retry after {error.retry_after:g}s"
                         )
                     raise error
-                else:
+                elif isinstance(msg, wire.Done):  # a generation ends with Done, nothing else
                     final = msg
                     generation.model = msg.model
                     generation.record(

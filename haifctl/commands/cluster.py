@@ -30,7 +30,7 @@ from haifctl.daemon.state import (
     running_state,
 )
 from haifctl.errors import HaifError, InvalidInput, Unavailable
-from haifctl.files import open_log, private_dir
+from haifctl.files import open_log, private_dir, write_run_marker
 
 
 class RestartPolicy(StrEnum):
@@ -166,6 +166,8 @@ def up(
     ]
     for ref in refs:
         args += ["--model", ref]
+    run = round(time.time(), 3)  # this run's id: where each log's part of it starts
+    args += ["--run", str(run)]
     # the registry URL may hold a password: the environment carries it (to the supervisor, and
     # from it to the daemons), never a command line that `ps` shows to every user
     env = {**os.environ, "HAIF_REGISTRY_URL": settings.registry_url}
@@ -177,6 +179,7 @@ def up(
     remove_state(home)
     logfile = open_log(log_dir(home) / "supervisor.log")  # 0600
     try:
+        write_run_marker(logfile, "supervisor", run)
         supervisor = subprocess.Popen(
             args,
             stdout=logfile,
@@ -421,52 +424,3 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
     out.print(wt)
     if any(queues.values()):
         out.print("\nqueued: " + ", ".join(f"{k} {v}" for k, v in queues.items() if v))
-
-
-def logs(
-    ctx: typer.Context,
-    daemon: Annotated[
-        str | None, typer.Argument(help="gateway, orchestrator, registry, worker-N or supervisor.")
-    ] = None,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
-    ] = False,
-    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of history.")] = 50,
-) -> None:
-    """Print the daemons' logs (JSON lines), like tail."""
-    directory = log_dir(state(ctx).settings().home)
-    files = sorted(directory.glob("*.log")) if directory.is_dir() else []
-    if daemon is not None:
-        files = [f for f in files if f.stem == daemon]
-        if not files:
-            known = ", ".join(f.stem for f in sorted(directory.glob("*.log"))) or "none yet"
-            raise InvalidInput("unknown_daemon", f"no log for {daemon!r}", f"logs: {known}")
-    if not files:
-        stdout().print(f"no logs yet in {directory}")
-        return
-    prefix = len(files) > 1
-    out = sys.stdout
-    for path in files:
-        for line in _tail(path, lines):
-            out.write(f"{path.stem}| {line}\n" if prefix else f"{line}\n")
-    out.flush()
-    if not follow:
-        return
-    handles = {path: path.open("r", errors="replace") for path in files}
-    for fh in handles.values():
-        fh.seek(0, os.SEEK_END)
-    try:
-        while True:
-            quiet = True
-            for path, fh in handles.items():
-                for line in fh.readlines():
-                    quiet = False
-                    out.write(f"{path.stem}| {line}" if prefix else line)
-            out.flush()
-            if quiet:
-                time.sleep(0.2)  # follow mode's polling interval
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for fh in handles.values():
-            fh.close()

@@ -287,6 +287,7 @@ def supervise(
     heartbeat_timeout: HeartbeatTimeoutOpt = None,
     bridge_bind: Annotated[str | None, typer.Option("--bridge-bind")] = None,
     metrics_base: Annotated[int, typer.Option("--metrics-base-port", min=0)] = 0,
+    run: Annotated[float | None, typer.Option("--run", help="The run's id (its start).")] = None,
 ) -> None:
     """Start and watch the whole cluster (what `haifctl up` runs in the background)."""
     from haifctl.daemon.supervisor import Supervisor
@@ -305,6 +306,9 @@ def supervise(
         bridge_bind=settings.bridge_bind,
         metrics_base_port=metrics_base,
         worker_threads=settings.threads,
+        log_max_bytes=settings.log_max_bytes,
+        log_keep=settings.log_keep,
+        run=run,
     ).run()
     raise typer.Exit(code)
 

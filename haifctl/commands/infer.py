@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,12 +11,14 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
+from haifctl import wire
 from haifctl.commands._dispatch import cluster_gateway, run_cluster, run_local
 from haifctl.commands._shared import (
     GpuLayersOpt,
     ModelOpt,
     NCtxOpt,
     ThreadsOpt,
+    human_size,
     print_json,
     state,
     stderr,
@@ -47,7 +50,7 @@ def _read_payload(source: str) -> tuple[bytes, str]:
             raise InvalidInput(
                 "payload_not_found",
                 f"no such payload file: {path}",
-                "check the path, or use --json -",
+                "check the path, or use --json - for stdin (--output json prints JSON)",
             ) from None
         except IsADirectoryError:
             raise InvalidInput("payload_unreadable", f"{path} is a directory") from None
@@ -68,6 +71,40 @@ def _too_big(name: str) -> InvalidInput:
     )
 
 
+def check_json_flag(args: list[str]) -> None:
+    """`infer "text" --json` with no FILE after it: --json means the request's input here, so
+    say what was meant rather than click's "requires an argument"."""
+    if "infer" not in args:
+        return
+    rest = args[args.index("infer") + 1 :]
+    for i, arg in enumerate(rest):
+        if arg == "--":
+            return
+        if arg == "--json":
+            after = rest[i + 1] if i + 1 < len(rest) else None
+            if after is None or (after.startswith("-") and after != "-"):
+                raise InvalidInput(
+                    "invalid_arguments",
+                    "--json reads a request from a FILE, and none was given",
+                    "for JSON output use --output json (-o json); for a request on stdin, --json -",
+                )
+            return
+
+
+def loading_spinner(model: wire.ModelInfo) -> AbstractContextManager[object]:
+    """A spinner naming the model and its size on stderr while it loads, so that tens of
+    seconds of loading a large model do not look like a hang; only on a terminal (it goes
+    before the first token, so piped output and logs never see it)."""
+    err = stderr()
+    if not err.is_terminal:
+        return nullcontext()
+    try:
+        size = f" ({human_size(Path(model.path).stat().st_size)})"
+    except OSError:
+        size = ""
+    return err.status(f"loading {model.ref}{size}", spinner="dots")
+
+
 def infer(
     ctx: typer.Context,
     prompt: Annotated[
@@ -78,7 +115,8 @@ def infer(
         typer.Option(
             "--json",
             help="Read a JSON request from FILE ('-' for stdin): "
-            '{"model", "prompt" | "messages", "max_tokens", "temperature", ...}.',
+            '{"model", "prompt" | "messages", "max_tokens", "temperature", ...}. '
+            "For JSON output, use --output json.",
             metavar="FILE",
             show_default=False,
         ),
@@ -229,7 +267,7 @@ def infer(
     if address is not None:
         result = run_cluster(address, settings, request, show)
     else:
-        result = run_local(settings, request, show)
+        result = run_local(settings, request, show, loading_spinner)
     if result.finish_reason == "cancelled" and not as_json:
         stderr().print("\n[dim]stopped[/dim]")
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from haifctl.daemon.base import log
 from haifctl.daemon.state import log_dir, remove_state, run_dir, write_state
-from haifctl.files import open_log, private_dir
+from haifctl.files import open_log, private_dir, rotate_log, write_run_marker
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 30.0  # a daemon up this long has its backoff reset
+ROTATE_EVERY_S = 2.0  # how often the log files' sizes are looked at
 
 
 @dataclass
@@ -66,8 +67,14 @@ class Supervisor:
         bridge_bind: str | None = "127.0.0.1:8080",
         metrics_base_port: int = 0,
         worker_threads: int = 0,
+        log_max_bytes: int = 10_000_000,
+        log_keep: int = 3,
+        run: float | None = None,
     ) -> None:
         self.metrics_base_port = metrics_base_port
+        self.log_max_bytes = log_max_bytes
+        self.log_keep = log_keep
+        self.next_rotation = 0.0  # monotonic time of the next look at the log files' sizes
         self.home = home
         self.restart = restart
         self.drain_grace_s = drain_grace_s
@@ -75,6 +82,7 @@ class Supervisor:
         self.ready = False
         self.failed = ""
         self.started_at = time.time()
+        self.run_id = run if run is not None else self.started_at  # `up` names it
         self.registry_url = registry_url
         # the registry URL may hold a password: it reaches the daemons through their
         # environment (HAIF_REGISTRY_URL, see child_env), never their command lines, which
@@ -202,8 +210,10 @@ class Supervisor:
 
     def spawn(self, child: Child) -> None:
         self.ready_file(child).unlink(missing_ok=True)
-        logfile = open_log(log_dir(self.home) / f"{child.name}.log")  # 0600
+        logfile = open_log(self.log_path(child.name))  # 0600
         try:
+            if child.restarts == 0 and child.popen is None:
+                write_run_marker(logfile, child.name, self.run_id)
             child.popen = subprocess.Popen(
                 self.args_for(child),
                 stdout=logfile,
@@ -279,7 +289,22 @@ class Supervisor:
                     changed = True
             if changed:
                 self.write_state("ready")
+            if now >= self.next_rotation:
+                self.next_rotation = now + ROTATE_EVERY_S
+                self.rotate_logs()
             time.sleep(0.1)  # the supervision loop's tick
+
+    def log_path(self, name: str) -> Path:
+        return log_dir(self.home) / f"{name}.log"
+
+    def rotate_logs(self) -> None:
+        """Keep each log file under its size: the daemons', and the supervisor's own."""
+        for name in ["supervisor", *(c.name for c in self.children)]:
+            try:
+                if rotate_log(self.log_path(name), self.log_max_bytes, self.log_keep):
+                    log("supervisor", "log rotated", target=name, keep=self.log_keep)
+            except OSError as exc:
+                log("supervisor", "cannot rotate a log", level="warning", target=name, error=exc)
 
     def shutdown(self) -> None:
         """Drain: the gateway first (it finishes what it has in flight), then the rest."""

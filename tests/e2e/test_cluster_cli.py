@@ -85,14 +85,16 @@ def test_cluster_lifecycle(haifctl: Run, home: Path, model_path: Path) -> None:
         assert "via-daemon" in [m["name"] for m in listed]
         assert haifctl("models", "rm", "via-daemon").returncode == 0
         registry_log = haifctl("logs", "registry", "-n", "500").stdout
-        assert '"op": "register"' in registry_log
-        assert '"op": "remove"' in registry_log
+        assert " registry     INFO    registry write  op=register " in registry_log
+        assert "op=remove" in registry_log
+        raw = haifctl("logs", "registry", "-n", "500", "--json").stdout
+        assert '"op": "register"' in raw
         assert haifctl("models", "show", "via-daemon").returncode == 2
 
         logs = haifctl("logs", "worker-1", "-n", "200")
-        assert '"msg": "model loaded"' in logs.stdout
+        assert "worker-1     INFO    model loaded" in logs.stdout
         assert haifctl("logs", "nonesuch").returncode == 2
-        assert "supervisor|" in haifctl("logs").stdout
+        assert " supervisor   INFO    " in haifctl("logs").stdout
 
         # SIGTERM drains: a stream under way when `down` starts still completes
         reader = subprocess.Popen(
