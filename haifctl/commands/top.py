@@ -10,6 +10,7 @@ import termios
 import time
 import tty
 from collections.abc import Iterator
+from enum import StrEnum
 from typing import Annotated, Any
 
 import msgspec
@@ -25,7 +26,15 @@ from haifctl.commands._shared import JsonFlag, print_json, state, stdout, want_j
 from haifctl.daemon.state import daemon_endpoint, pid_alive, running_state
 from haifctl.errors import Unavailable
 
-SORTS = ("name", "load", "served", "tokens/s")
+
+class Sort(StrEnum):
+    name = "name"
+    load = "load"
+    served = "served"
+    tokens = "tokens/s"
+
+
+SORTS = tuple(s.value for s in Sort)
 
 
 def snapshot(home: Any, gateway_override: str | None = None) -> dict[str, Any]:
@@ -70,7 +79,8 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def render(snap: dict[str, Any], sort: str) -> Group:
+def render(snap: dict[str, Any], sort: str, live: bool = True) -> Group:
+    """The view; ``live`` adds the keys that work in it (not in a one-off snapshot)."""
     w = snap["window"] or {}
     head = Text.assemble(
         ("haifctl top", "bold"),
@@ -113,7 +123,7 @@ def render(snap: dict[str, Any], sort: str) -> Group:
     queues.add_column("QUEUED")
     for model, depth in sorted(snap["queues"].items()):
         queues.add_row(model, str(depth))
-    footer = Text(f"sorted by {sort} · s: sort · q: quit", style="dim")
+    footer = Text(f"sorted by {sort}" + (" · s: sort · q: quit" if live else ""), style="dim")
     return Group(head, Text(), daemons, Text(), workers, Text(), queues, Text(), footer)
 
 
@@ -139,24 +149,34 @@ def top(
     interval: Annotated[
         float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")
     ] = 1.0,
-    sort: Annotated[str, typer.Option("--sort", help="name, load, served or tokens/s.")] = "name",
+    sort_by: Annotated[
+        Sort, typer.Option("--sort", help="Order of the workers (s changes it while live).")
+    ] = Sort.name,
     gateway: Annotated[
         str | None,
         typer.Option("--gateway", help="A gateway to watch instead of the local cluster."),
     ] = None,
 ) -> None:
-    """Watch workers, queues, throughput and latency, refreshed every second."""
+    """Watch workers, queues, throughput and latency, refreshed every second.
+
+    Keys while it runs: s changes the sort, q quits.
+
+    Examples:
+
+      haifctl top
+
+      haifctl top --once --sort load
+
+      haifctl top --json | jq .window
+    """
     want_json(ctx, json)
     home = state(ctx).settings().home
-    if sort not in SORTS:
-        from haifctl.errors import InvalidInput
-
-        raise InvalidInput("invalid_sort", f"unknown sort {sort!r}", "one of: " + ", ".join(SORTS))
+    sort = sort_by.value
     if json:
         print_json(snapshot(home, gateway))
         return
     if once:
-        stdout().print(render(snapshot(home, gateway), sort))
+        stdout().print(render(snapshot(home, gateway), sort, live=False))
         return
     with (
         _keys() as interactive,
