@@ -179,6 +179,20 @@ def redis_client(url: str, timeout: float = REDIS_TIMEOUT_S) -> redis.Redis:
     )
 
 
+def _checked_client(url: str) -> redis.Redis:
+    from haifctl.config import mask_url
+    from haifctl.errors import InvalidInput
+
+    try:
+        return redis_client(url)
+    except ValueError as exc:
+        raise InvalidInput(
+            "bad_redis_url",
+            f"HAIF_REDIS_URL {mask_url(url)!r} is not a Redis URL: {mask_url(str(exc), url)}",
+            "use redis://[:PASSWORD@]HOST:6379/DB, or leave it empty for local limits",
+        ) from None
+
+
 def revoked_hash(prefix: str) -> str:
     return f"{prefix}:revoked"
 
@@ -191,7 +205,7 @@ def revoke_shared(url: str, prefix: str, key_id: str) -> None:
     from haifctl.config import mask_url
     from haifctl.errors import Unavailable
 
-    client = redis_client(url, timeout=3.0)
+    client = _checked_client(url)
     try:
         client.hset(revoked_hash(prefix), key_id, f"{time.time():.3f}")
     except redis_py.RedisError as exc:
@@ -237,10 +251,11 @@ class Coordinator:
         # admitted here because the thread's pipe was full: their release stays here too
         self.local_ids: set[str] = set()
         if redis_url:
+            client = _checked_client(redis_url)  # a mistyped URL stops the gateway here
             address = f"inproc://coordination-{uuid.uuid4().hex}"
             self.socket = _pair(ctx)
             self.socket.bind(address)
-            self.worker = _RedisWorker(self, ctx, address)
+            self.worker = _RedisWorker(self, ctx, address, client)
             self.thread = threading.Thread(target=self.worker.run, name="coordination", daemon=True)
             self.thread.start()
 
@@ -307,13 +322,17 @@ class _RedisWorker:
     """The coordination thread: the only user of the Redis connection."""
 
     def __init__(
-        self, owner: Coordinator, ctx: zmq.Context[zmq.Socket[bytes]], address: str
+        self,
+        owner: Coordinator,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        client: redis.Redis,
     ) -> None:
         self.owner = owner
         self.ctx = ctx
         self.address = address
         self.stopping = False
-        self.client: redis.Redis | None = None
+        self.client: redis.Redis | None = client
         self.sha = ""
         self.next_probe = 0.0
         self.next_revoked = 0.0
@@ -328,7 +347,6 @@ class _RedisWorker:
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        self.client = redis_client(self.owner.redis_url)
         self.probe(time.monotonic())
         try:
             while not self.stopping:
@@ -350,10 +368,13 @@ class _RedisWorker:
                                 decision.reason.encode(),
                             ]
                         )
-                if not self.owner.shared and now >= self.next_probe:
-                    self.probe(now)
-                elif self.owner.shared and now >= self.next_revoked:
-                    self.refresh_revoked(now)
+                try:
+                    if not self.owner.shared and now >= self.next_probe:
+                        self.probe(now)
+                    elif self.owner.shared and now >= self.next_revoked:
+                        self.refresh_revoked(now)
+                except Exception as exc:  # whatever it was, the thread goes on deciding
+                    self.went_away(exc)
         finally:
             sock.close(linger=0)
             if self.client is not None:

@@ -196,6 +196,36 @@ def test_an_unreachable_redis_decides_locally_at_once(
         coordinator.close()
 
 
+def test_a_mistyped_redis_url_stops_the_gateway_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HAIF_HOME": str(tmp_path), "HAIF_REDIS_URL": "localhost:6379"}
+    result = subprocess.run(
+        [HAIFCTL, "daemon", "gateway", "--orchestrator", "tcp://127.0.0.1:9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "error: HAIF_REDIS_URL 'localhost:6379' is not a Redis URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_revocation_redis_does_not_record_changes_nothing(tmp_path: Path) -> None:
+    """Redis unreachable: `keys revoke` fails (exit 3) and the key stays, so that retrying
+    later revokes it everywhere; a mistyped URL is one error line too."""
+    home = tmp_path / "home"
+    _, record = KeyStore(home).create("kept")
+    for url, code in ((f"redis://127.0.0.1:{free_port()}/0", 3), ("localhost:6379", 2)):
+        env = {**os.environ, "HAIF_HOME": str(home), "HAIF_REDIS_URL": url}
+        result = subprocess.run(
+            [HAIFCTL, "keys", "revoke", "kept"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == code, result.stderr
+        assert result.stderr.startswith("error: ")
+        assert "Traceback" not in result.stderr
+        assert [k["id"] for k in KeyStore(home).list()] == [record["id"]]
+
+
 # --- two real gateways ------------------------------------------------------------------------
 
 
