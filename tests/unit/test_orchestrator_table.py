@@ -3,6 +3,7 @@ scheduling policy, failover, heartbeat and queue deadlines, and the gauges read 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -494,3 +495,54 @@ def test_a_just_started_orchestrator_queues_until_workers_are_back(h: Harness) -
     assert h.answer(queued) is None
     a = h.register("a")
     assert h.where(queued) == a
+
+
+def test_embed_requests_go_only_to_workers_with_embeddings(h: Harness) -> None:
+    plain = h.register("plain", slots=2)
+
+    def embed() -> str:
+        h.seq += 1
+        request_id = f"e{h.seq}"
+        h.deliver(GATEWAY, wire.Infer(request={"op": "embed", "input": ["x"]}), request_id)
+        return request_id
+
+    refused = h.answer(embed())
+    assert isinstance(refused, wire.Error)
+    assert (refused.kind, refused.code) == ("invalid", "embeddings_unsupported")
+    assert MODEL in refused.message
+    register = wire.Register(
+        worker_id="emb",
+        models=[MODEL],
+        slots=1,
+        device="cpu",
+        n_ctx=512,
+        pid=2,
+        host="h",
+        embeddings=True,
+    )
+    h.deliver(b"emb", register)
+    pool = orchestrator_module.embed_pool(MODEL)
+    running, queued = embed(), embed()
+    assert h.where(running) == b"emb"
+    assert h.where(queued) is None  # its one slot is taken: the embed waits, plain or not
+    assert h.d.queues[pool] == deque([queued])
+    # a generation may still go to either; the embedding worker's slot counts in both pools
+    assert h.where(h.infer()) == plain
+    assert (h.d.busy[MODEL], h.d.busy[pool]) == (2, 1)
+    h.deliver(
+        b"emb",
+        wire.Embeddings(vectors=[b"\0\0\0\0"], prompt_tokens=1, model=MODEL, worker="emb"),
+        running,
+    )
+    assert isinstance(h.answer(running), wire.Embeddings)
+    assert h.where(queued) == b"emb"
+    # the last embedding worker goes: its pool is gone from every index, the model's stays
+    h.clock.now += 2.0
+    h.heartbeat(plain)
+    h.clock.now += 2.0
+    h.d.sweep()
+    assert set(h.d.workers) == {plain}
+    assert pool not in h.d.serving
+    assert pool not in h.d.vacancies
+    assert (h.d.open_workers[pool], h.d.free_workers[pool], h.d.busy[pool]) == (0, 0, 0)
+    assert h.d.open_workers[MODEL] == 1
