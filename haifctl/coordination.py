@@ -101,17 +101,13 @@ class Decision:
 
 
 class TokenBucket:
+    """Per-key token buckets in this process (``rate`` tokens a second, at most ``burst``)."""
+
     MAX_KEYS = 10_000
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
         self.buckets: dict[str, tuple[float, float]] = {}
-
-    def peek(self, key: str, now: float) -> float:
-        """0.0 if a token is there now, else the seconds until one is (nothing is taken)."""
-        tokens, last = self.buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def take(self, key: str, now: float) -> float:
         """0.0 if allowed, else the seconds until a token is available."""

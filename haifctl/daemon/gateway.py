@@ -35,7 +35,6 @@ from haifctl.coordination import (
     Coordinator,
     Decision,
     KeyLimits,
-    TokenBucket,
 )
 from haifctl.daemon.base import (
     Daemon,
@@ -48,8 +47,6 @@ from haifctl.schema import MAX_TOKENS_HINT, InferenceRequest, Request, validate_
 from haifctl.security import ADMIN, BRIDGE, GATEWAY
 from haifctl.tracing import Span, SpanKind, child_traceparent, parent_context
 from haifctl.usage import UsageRecorder
-
-__all__ = ["GatewayDaemon", "Limits", "TokenBucket"]
 
 PING_EVERY_S = 1.0
 ORCHESTRATOR_GRACE_S = 10.0  # unstarted requests wait this long for a lost orchestrator
