@@ -57,6 +57,26 @@ class StatsRequest(Msg, frozen=True, tag=True, kw_only=True):
     pass
 
 
+class ModelState(msgspec.Struct, frozen=True, kw_only=True):
+    """One model loaded on a worker: what it takes in memory and how it runs.  The worker
+    fills in what it knows; the orchestrator's stats add the use it has seen."""
+
+    ref: str
+    size_bytes: int = 0  # weights + KV cache
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    n_ctx: int = 0
+    slots: int = 1
+    n_gpu_layers: int = 0  # layers offloaded to the GPU
+    n_layers: int = 0
+    embeddings: bool = False
+    # the orchestrator's view, in Stats
+    busy: int = 0
+    served: int = 0
+    idle_s: float = 0.0
+    keep_alive_left_s: float | None = None  # None: kept loaded
+
+
 class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     models: list[str]
@@ -72,6 +92,11 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     last_seen_s: float
     pid: int
     host: str
+    loaded: list[ModelState] = []
+    loading: list[str] = []
+    memory_budget: int = 0  # bytes (0: unknown)
+    memory_used: int = 0
+    labels: dict[str, str] = {}
 
 
 class Window(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +153,9 @@ class Infer(Msg, frozen=True, tag=True, kw_only=True):
     # Where stream frames go: the identities the request came through, client first
     # ([client] from the gateway, [client, gateway] from the orchestrator).
     route: list[bytes] = []
+    # Set by the orchestrator when no worker has a larger context: a prompt that fits runs
+    # even if max_tokens would overflow it (generation stops when the context is full).
+    truncate: bool = False
 
 
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -244,6 +272,15 @@ class Register(Msg, frozen=True, tag=True, kw_only=True):
     running: list[str] = []
     # It loaded its models with embeddings: the orchestrator sends it embed requests.
     embeddings: bool = False
+    # Models on demand: what each loaded model takes, the memory it may fill (bytes; 0:
+    # unknown, taken as unlimited), what is used, what it is loading, its labels and the
+    # keep-alive it gives an idle model (None: keep).  Older workers send none of it.
+    loaded: list[ModelState] = []
+    loading: list[str] = []
+    memory_budget: int = 0
+    memory_used: int = 0
+    labels: dict[str, str] = {}
+    keep_alive_s: float | None = 300.0
 
 
 class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
@@ -253,6 +290,64 @@ class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
     errors: int
     tokens: int
     draining: bool = False
+    memory_budget: int = 0
+    memory_used: int = 0
+
+
+class Load(Msg, frozen=True, tag=True, kw_only=True):
+    """Orchestrator -> worker: load this model (in the background; the worker announces its
+    models again when it is in, or answers :class:`LoadFailed`)."""
+
+    ref: str
+    path: str
+    sha256: str = ""  # checked against the file before loading, when the registry has it
+    n_ctx: int = 0  # 0: the worker's own setting
+    context_length: int | None = None
+
+
+class Unload(Msg, frozen=True, tag=True, kw_only=True):
+    """Orchestrator -> worker: unload this model (the orchestrator has stopped sending it
+    requests; any still running finish first)."""
+
+    ref: str
+
+
+class LoadFailed(Msg, frozen=True, tag=True, kw_only=True):
+    """Worker -> orchestrator: a :class:`Load` failed, and why (an Error's fields)."""
+
+    ref: str
+    kind: str = "internal"
+    code: str
+    message: str
+    hint: str = ""
+
+
+class ContextTooSmall(Msg, frozen=True, tag=True, kw_only=True):
+    """Worker -> orchestrator, instead of starting a request: the prompt and its max_tokens
+    need ``need`` tokens of context and this worker's model holds ``n_ctx``; the orchestrator
+    sends it to a worker with a larger context (or back with ``Infer.truncate``)."""
+
+    need: int
+    prompt_tokens: int
+    n_ctx: int
+
+
+class ManageModel(Msg, frozen=True, tag=True, kw_only=True):
+    """An operator's order to the orchestrator: ``op`` "load" (on ``worker``, or where the
+    placement policy puts it) or "unload" (everywhere, or on ``worker``)."""
+
+    op: str
+    ref: str
+    worker: str = ""
+    n_ctx: int = 0
+
+
+class ModelPlaced(Msg, frozen=True, tag=True, kw_only=True):
+    """The answer to :class:`ManageModel`: the workers concerned, and what was decided."""
+
+    ref: str
+    workers: list[str] = []
+    message: str = ""
 
 
 class Ack(Msg, frozen=True, tag=True, kw_only=True):
@@ -308,6 +403,12 @@ Message = (
     | ModelInfo
     | RegistryCall
     | RegistryReply
+    | Load
+    | Unload
+    | LoadFailed
+    | ContextTooSmall
+    | ManageModel
+    | ModelPlaced
 )
 
 
