@@ -69,7 +69,10 @@ def up(
     model: Annotated[
         list[str] | None,
         typer.Option(
-            "--model", "-m", help="Model for the workers (repeatable; workers take turns)."
+            "--model",
+            "-m",
+            help="Model for the workers (repeatable; workers take turns). "
+            "[env: HAIF_MODEL, MODEL_ID]",
         ),
     ] = None,
     foreground: Annotated[
@@ -126,6 +129,12 @@ def up(
 
     Returns once every daemon is ready and every worker has joined. Running it again while the
     cluster is up does nothing.
+
+    Examples:
+
+      haifctl up
+
+      haifctl up --workers 2 --model llama3.2-1b --bridge-bind 127.0.0.1:0
     """
     settings = state(ctx).settings(
         registry_url=registry_url, heartbeat_timeout=heartbeat_timeout, bridge_bind=bridge_bind
@@ -327,7 +336,14 @@ def down(
         float, typer.Option("--grace", help="Seconds to let in-flight requests finish.")
     ] = 30.0,
 ) -> None:
-    """Stop the cluster: drain in-flight requests, then stop every daemon."""
+    """Stop the cluster: drain in-flight requests, then stop every daemon.
+
+    Examples:
+
+      haifctl down
+
+      haifctl down --grace 5
+    """
     home = state(ctx).settings().home
     data = read_state(home)
     if data is None:
@@ -351,7 +367,14 @@ def down(
 
 
 def status(ctx: typer.Context, json: JsonFlag = False) -> None:
-    """Show each daemon (pid, address, state, uptime, restarts) and each worker's load."""
+    """Show each daemon (pid, address, state, uptime, restarts) and each worker's load.
+
+    Examples:
+
+      haifctl status
+
+      haifctl status --json | jq '.workers[].busy'
+    """
     want_json(ctx, json)
     home = state(ctx).settings().home
     data = running_state(home)

@@ -17,6 +17,12 @@ def show(ctx: typer.Context, json: JsonFlag = False) -> None:
 
     Precedence: command-line flag > environment > config file (HOME/config.toml) > default.
     Secrets are masked.
+
+    Examples:
+
+      haifctl config show
+
+      HAIF_N_CTX=8192 haifctl config show --json
     """
     want_json(ctx, json)
     settings = state(ctx).settings()
@@ -49,5 +55,10 @@ def show(ctx: typer.Context, json: JsonFlag = False) -> None:
 
 @app.command()
 def path(ctx: typer.Context) -> None:
-    """Print the path of the config file."""
+    """Print the path of the config file.
+
+    Examples:
+
+      $EDITOR "$(haifctl config path)"
+    """
     stdout().print(str(state(ctx).settings().config_file))

@@ -248,7 +248,11 @@ def worker(
 ) -> None:
     """Run a worker that loads a model and joins an orchestrator (on this or another machine).
 
-    Example: haifctl worker --orchestrator tcp://10.0.0.5:5552 --join haif1-...
+    Examples:
+
+      haifctl worker --orchestrator tcp://10.0.0.5:5552 --join haif1-...
+
+      haifctl worker --orchestrator tcp://127.0.0.1:5552 --model llama3.2-1b --slots 4
     """
     from haifctl.daemon.worker import WorkerDaemon
     from haifctl.security import Keyring

@@ -32,8 +32,11 @@ def join_token(
     the token holds the orchestrator's public key and a key pair made for that worker, whose
     public half the orchestrator now accepts (until revoked).  Keep it secret.
 
-    Example: haifctl join-token --name gpu-box, then on that machine:
-    haifctl worker --orchestrator tcp://THIS-HOST:PORT --join haif1-...
+    Examples (a token here, then the worker on the other machine):
+
+      haifctl join-token --name gpu-box
+
+      haifctl worker --orchestrator tcp://THIS-HOST:PORT --join haif1-...
     """
     want_json(ctx, json)
     keyring = security.local(state(ctx).settings().home)

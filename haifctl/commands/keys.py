@@ -21,7 +21,14 @@ def create(
     name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "default",
     json: JsonFlag = False,
 ) -> None:
-    """Create a key; it is printed once and stored only as a hash."""
+    """Create a key; it is printed once and stored only as a hash.
+
+    Examples:
+
+      haifctl keys create --name ci
+
+      haifctl keys create --name ci --json | jq -r .key
+    """
     want_json(ctx, json)
     key, record = KeyStore(state(ctx).settings().home).create(name)
     if json:
@@ -34,7 +41,12 @@ def create(
 
 @app.command("list")
 def list_keys(ctx: typer.Context, json: JsonFlag = False) -> None:
-    """List keys (ids, names and prefixes; never the keys)."""
+    """List keys (ids, names and prefixes; never the keys).
+
+    Examples:
+
+      haifctl keys list
+    """
     want_json(ctx, json)
     keys = KeyStore(state(ctx).settings().home).list()
     if json:
@@ -57,6 +69,10 @@ def revoke(
 
     With HAIF_REDIS_URL set, the revocation is recorded in Redis first, so that every gateway
     sharing it refuses the key within a second, whichever bridge it comes through.
+
+    Examples:
+
+      haifctl keys revoke ci
     """
     settings = state(ctx).settings()
     store = KeyStore(settings.home)

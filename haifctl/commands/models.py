@@ -108,7 +108,14 @@ def register(
     ] = False,
     json: JsonFlag = False,
 ) -> None:
-    """Add a GGUF model: verify it, read its metadata, hash it, and record it."""
+    """Add a GGUF model: verify it, read its metadata, hash it, and record it.
+
+    Examples:
+
+      haifctl models register ~/models/llama-3.2-1b-q4_0.gguf --name llama3.2-1b --alias small
+
+      haifctl models register model.gguf --param temperature=0.6 --param top_k=40 --default
+    """
     want_json(ctx, json)
     params = check_params(parse_params(param or []))  # before hashing: a typo costs nothing
     path = check_model_path(path)
@@ -145,7 +152,14 @@ def register(
 
 @app.command("list")
 def list_models(ctx: typer.Context, json: JsonFlag = False) -> None:
-    """List registered models, newest version first."""
+    """List registered models, newest version first.
+
+    Examples:
+
+      haifctl models list
+
+      haifctl models list --json | jq -r '.[].name'
+    """
     want_json(ctx, json)
     with open_cli_registry(state(ctx).settings()) as registry:
         records = registry.all()
@@ -172,7 +186,14 @@ def list_models(ctx: typer.Context, json: JsonFlag = False) -> None:
 
 @app.command()
 def show(ctx: typer.Context, ref: RefArg, json: JsonFlag = False) -> None:
-    """Show everything recorded about one model version."""
+    """Show everything recorded about one model version.
+
+    Examples:
+
+      haifctl models show small
+
+      haifctl models show llama3.2-1b:2 --json
+    """
     want_json(ctx, json)
     with open_cli_registry(state(ctx).settings()) as registry:
         record = registry.resolve(ref)
@@ -246,7 +267,14 @@ def alias(
     ] = None,
     remove: Annotated[bool, typer.Option("--rm", help="Delete the alias.")] = False,
 ) -> None:
-    """Point an alias at a model version (moving it if it exists), or delete it with --rm."""
+    """Point an alias at a model version (moving it if it exists), or delete it with --rm.
+
+    Examples:
+
+      haifctl models alias prod llama3.2-1b:2
+
+      haifctl models alias prod --rm
+    """
     with open_cli_registry(state(ctx).settings()) as registry:
         if remove:
             if ref is not None:
@@ -266,7 +294,12 @@ def alias(
 
 @app.command("default")
 def set_default(ctx: typer.Context, ref: RefArg) -> None:
-    """Make NAME:VERSION the version that NAME alone resolves to."""
+    """Make NAME:VERSION the version that NAME alone resolves to.
+
+    Examples:
+
+      haifctl models default llama3.2-1b:1
+    """
     with open_cli_registry(state(ctx).settings()) as registry:
         record = registry.set_default(ref)
     stdout().print(f"{record.name} -> {record.ref}")
@@ -325,7 +358,12 @@ def set_status(
         str, typer.Argument(help="One of: " + ", ".join(STATUSES) + ".", show_default=False)
     ],
 ) -> None:
-    """Set a model version's deployment status (registered, deployed, retired)."""
+    """Set a model version's deployment status (registered, deployed, retired).
+
+    Examples:
+
+      haifctl models status llama3.2-1b:1 retired
+    """
     with open_cli_registry(state(ctx).settings()) as registry:
         record = registry.set_status(ref, status)
     stdout().print(f"{record.ref}: {record.status}")

@@ -38,6 +38,12 @@ def usage(
     The gateways record every request that ends (its key id, model, worker, prompt and
     completion tokens, time to first token, duration, outcome) in the registry database;
     rows older than usage_retention_days are pruned.
+
+    Examples:
+
+      haifctl usage --by key
+
+      haifctl usage --since 1d --by model --json
     """
     want_json(ctx, json)
     since_s = parse_since(since)
