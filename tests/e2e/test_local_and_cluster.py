@@ -108,3 +108,27 @@ def test_cluster_timings_are_the_workers(haifctl: Run, cluster: None) -> None:
     assert timings["tokens_per_second"] == pytest.approx(1 / per_token_s, rel=0.01)
     ttft_s = metric(metrics, "haif_time_to_first_token_seconds_sum")
     assert timings["time_to_first_token_ms"] == pytest.approx(ttft_s * 1000, rel=0.01)
+
+
+def test_streamed_and_whole_replies_name_the_model_alike(haifctl: Run, cluster: None) -> None:
+    from openai import OpenAI
+
+    status = json.loads(haifctl("status", "--json").stdout)
+    bridge = next(d["endpoint"] for d in status["daemons"] if d["name"] == "bridge")
+    client = OpenAI(base_url=bridge + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "A story"}]
+    for model in ("stories260K", "stories260K:1"):
+        whole = client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+        chunks = list(
+            client.chat.completions.create(
+                model=model, messages=messages, max_tokens=4, stream=True
+            )
+        )
+        assert whole.model == model
+        assert {c.model for c in chunks} == {model}
+        text = client.completions.create(model=model, prompt="Once", max_tokens=4)
+        streamed = list(
+            client.completions.create(model=model, prompt="Once", max_tokens=4, stream=True)
+        )
+        assert text.model == model
+        assert {c.model for c in streamed} == {model}

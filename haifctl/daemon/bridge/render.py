@@ -168,7 +168,9 @@ class OpenAIRenderer(Renderer):
             "id": self.id,
             "object": self.object_name,
             "created": self.created,
-            "model": dones[0].model if dones else self.model,
+            # the name the client asked for, as every chunk of a stream says (a stream's chunks
+            # go out before the worker names the version it ran); the resolved one without
+            "model": self.model or (dones[0].model if dones else ""),
             "system_fingerprint": FINGERPRINT,
             "choices": choices,
             "usage": usage(dones),
