@@ -72,8 +72,20 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # tools the chat template shows the model (OpenAI's shape)
     tools: list[dict[str, Any]] | None = None
     stream: bool = True
+    # models on demand: how long the model stays loaded once idle (Ollama's keep_alive:
+    # seconds or "5m"; 0 unloads after this request, -1 keeps it), and the worker labels a
+    # load of it must carry
+    keep_alive: float | str | None = None
+    labels: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.keep_alive is not None:
+            from haifctl.placement import parse_keep_alive
+
+            try:
+                parse_keep_alive(self.keep_alive)
+            except InvalidInput as exc:
+                raise ValueError(exc.message) from None
         given = [n for n in ("prompt", "messages", "prompt_ids") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of `prompt`, `messages` and `prompt_ids`")
@@ -174,6 +186,9 @@ class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 SAMPLING_KEYS = tuple(
     k for k in SamplingParams.__struct_fields__ if k not in ("grammar", "logit_bias", "logprobs")
 )
+# What a model's registered params may hold besides sampling defaults: where and how long it
+# stays loaded (the orchestrator reads them; sampling ignores them).
+PLACEMENT_KEYS = ("keep_alive", "labels")
 
 
 def _check_field(name: str, value: str) -> None:

@@ -233,6 +233,34 @@ def worker(
             "[env: HAIF_EMBEDDINGS]",
         ),
     ] = False,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            "--memory",
+            help="Memory its models may take, e.g. 8G (default: what is free when it starts; "
+            "the GPU's under CUDA). [env: HAIF_WORKER_MEMORY]",
+            envvar="HAIF_WORKER_MEMORY",
+            show_envvar=False,
+        ),
+    ] = None,
+    keep_alive: Annotated[
+        str,
+        typer.Option(
+            "--keep-alive",
+            help='How long a model it loaded on demand stays once idle ("5m", seconds; -1: '
+            "keep) unless a request or the registry says. [env: HAIF_KEEP_ALIVE]",
+            envvar="HAIF_KEEP_ALIVE",
+            show_envvar=False,
+        ),
+    ] = "5m",
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            help="KEY=VALUE this worker carries, which requests and registry params select "
+            "(repeatable), e.g. --label gpu=h100.",
+        ),
+    ] = None,
     join: Annotated[
         str | None,
         typer.Option(
@@ -255,6 +283,7 @@ def worker(
       haifctl worker --orchestrator tcp://127.0.0.1:5552 --model llama3.2-1b --slots 4
     """
     from haifctl.daemon.worker import WorkerDaemon
+    from haifctl.placement import parse_keep_alive, parse_labels, parse_size
     from haifctl.security import Keyring
 
     settings = state(ctx).settings(
@@ -273,6 +302,9 @@ def worker(
         orchestrator_timeout_s=max(3.0, 6 * heartbeat),
         stream_interval_s=settings.stream_interval_ms / 1000,
         ready_file=ready_file,
+        memory=parse_size(memory) if memory else 0,
+        labels=parse_labels(label or []),
+        keep_alive_s=parse_keep_alive(keep_alive),
     )
     if join:
         daemon.keyring = Keyring.from_token(join)

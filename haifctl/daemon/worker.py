@@ -1,4 +1,4 @@
-"""The worker daemon: loads a model, joins an orchestrator, runs requests, streams tokens.
+"""The worker daemon: loads models, joins an orchestrator, runs requests, streams tokens.
 
 No thread per request.  The main loop owns the orchestrator link: it validates requests, renders
 and tokenises their prompts and hands them to the model's engine, relays cancels, heartbeats,
@@ -14,10 +14,17 @@ Requests that generate nothing (their ``op``) hold a slot too, briefly: tokenize
 are answered on the main loop (a tokeniser call); embeddings, when the worker loaded the model
 with them (``--embeddings``), run one request at a time on one embedding thread, which owns the
 model's embedding context and hands its answers to the main loop as the engine does.
+
+A worker holds several models, each with its own engine: the one it starts with, and those the
+orchestrator tells it to load (:class:`wire.Load`) or unload.  Loads and unloads run one at a
+time on a loader thread, so the loop (and its heartbeats) never waits for a model to come off
+disk; when one is in (or out) the worker announces its models again.  It never loads more than
+its memory budget (``--memory``, or what was free when it started) holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import socket as pysocket
@@ -34,10 +41,12 @@ from haifctl.config import Settings
 from haifctl.daemon.base import Daemon, incoming, log, socket
 from haifctl.errors import HaifError, InvalidInput, Kind, Unavailable
 from haifctl.generation import Generation, load_model, looks_like_path, model_at, render_prompt
+from haifctl.hashing import sha256_file
+from haifctl.placement import estimate_bytes, human_bytes
 from haifctl.rpc import RpcClient
 from haifctl.runtime.base import SamplingParams, TokenEvent
 from haifctl.runtime.engine import Job, LoadedModel, Step, deliver_to_queues
-from haifctl.runtime.llamacpp import nvidia_smi
+from haifctl.runtime.llamacpp import available_memory, gpu_backend, nvidia_smi
 from haifctl.schema import (
     DetokenizeRequest,
     EmbedRequest,
@@ -49,8 +58,9 @@ from haifctl.security import WORKER
 
 STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
 
-# What the engine thread hands the main loop: the first frame says what follows.
-RELAY, FINAL = b"R", b"F"
+# What the engine thread hands the main loop: the first frame says what follows.  LOADER:
+# the loader thread finished a task (its outcome waits in a queue).
+RELAY, FINAL, LOADER = b"R", b"F", b"L"
 
 
 class Stream:
@@ -60,6 +70,7 @@ class Stream:
     __slots__ = (
         "envelope",
         "gen",
+        "held",
         "job",
         "logprobs",
         "n_pending",
@@ -68,15 +79,37 @@ class Stream:
         "started_ns",
     )
 
-    def __init__(self, envelope: wire.Envelope, route: tuple[bytes, ...], model: str) -> None:
+    def __init__(self, envelope: wire.Envelope, route: tuple[bytes, ...], held: Held) -> None:
         self.envelope = envelope
         self.route = route
-        self.gen = Generation(model, keep_text=False)  # the clock: first token, end
+        self.held = held
+        self.gen = Generation(held.ref, keep_text=False)  # the clock: first token, end
         self.started_ns = time.time_ns()
         self.pending: list[str] = []
         self.n_pending = 0
         self.logprobs: list[wire.TokenLogprob] = []  # pending, when the request asked for them
         self.job: Job | None = None
+
+
+class Held:
+    """A model this worker has loaded: its engine, what it takes in memory, and how many of
+    this worker's requests run on it.  Touched by the main loop only (``streams``)."""
+
+    __slots__ = ("info", "loaded", "relay", "state", "streams", "unloading")
+
+    def __init__(
+        self, info: wire.ModelInfo, loaded: LoadedModel, relay: Relay, state: wire.ModelState
+    ) -> None:
+        self.info = info
+        self.loaded = loaded
+        self.relay = relay
+        self.state = state
+        self.streams = 0
+        self.unloading = False  # unloaded while requests ran: closed when the last one ends
+
+    @property
+    def ref(self) -> str:
+        return self.info.ref
 
 
 class Outbox:
@@ -88,6 +121,97 @@ class Outbox:
         self.route = route
         self.streams: list[Stream] = []
         self.due = 0.0
+
+
+class Relay:
+    """One model's engine thread's side of the worker: it turns each engine step into stream
+    frames for the main loop.  Its state is touched by that engine thread only (each engine
+    has its own socket: ZeroMQ sockets are not shared between threads)."""
+
+    def __init__(self, worker: WorkerDaemon) -> None:
+        self.worker = worker
+        self._out: zmq.Socket[bytes] | None = None
+        self._outboxes: dict[tuple[bytes, ...], Outbox] = {}
+        self._dirty: list[Outbox] = []
+
+    def close(self) -> None:
+        """After the engine thread has stopped."""
+        if self._out is not None:
+            self._out.close(linger=0)
+            self._out = None
+
+    def on_step(self, step: Step) -> None:
+        """One engine step's events: coalesce text per destination, send what is due, then the
+        Done or Error of each request that finished."""
+        now = time.perf_counter()
+        urgent: list[Outbox] = []
+        started: set[str] = set()
+        finished: list[tuple[Stream, TokenEvent]] = []
+        for job, event in step:
+            stream = job.tag
+            if not isinstance(stream, Stream):
+                deliver_to_queues([(job, event)])  # an in-process generation (the warm-up)
+                continue
+            first = event.n_tokens and stream.gen.first_token is None
+            stream.gen.record(event)
+            if event.n_tokens or event.text:
+                stream.pending.append(event.text)
+                stream.n_pending += event.n_tokens
+                if event.logprobs:
+                    stream.logprobs.extend(event.logprobs)
+                box = self._outboxes.get(stream.route)
+                if box is None:
+                    box = self._outboxes[stream.route] = Outbox(stream.route)
+                if not box.streams:
+                    box.due = now + self.worker.stream_interval_s
+                    self._dirty.append(box)
+                if len(stream.pending) == 1:
+                    box.streams.append(stream)
+                if first:
+                    started.add(stream.envelope.id)
+                    urgent.append(box)  # a first token never waits
+            if event.finish_reason is not None:
+                finished.append((stream, event))
+                box = self._outboxes.get(stream.route)
+                if box is not None:
+                    urgent.append(box)
+        out = self._out
+        if out is None:
+            out = self._out = socket(self.worker.ctx, zmq.PUSH)
+            out.connect(self.worker.results_address)
+        if self._dirty:
+            keep = []
+            for box in self._dirty:
+                if box.streams and (now >= box.due or box in urgent):
+                    self.flush(out, box, started)
+                elif box.streams:
+                    keep.append(box)
+            self._dirty = keep
+        for stream, event in finished:
+            self.worker.finish(out, stream, event)
+
+    def flush(self, out: zmq.Socket[bytes], box: Outbox, started: set[str]) -> None:
+        """One stream frame with every pending part bound for ``box``'s client.  The ids of
+        streams whose first text it carries ride in the same ZeroMQ message, after the body
+        (delivered whole or not at all): the orchestrator counts a request as started only
+        when its first text is really on its way."""
+        parts = []
+        for stream in box.streams:
+            text = "".join(stream.pending)
+            if stream.logprobs:
+                parts.append(wire.Part(stream.envelope.id, text, stream.n_pending, stream.logprobs))
+                stream.logprobs = []
+            else:
+                parts.append(wire.Part(stream.envelope.id, text, stream.n_pending))
+            stream.pending.clear()
+            stream.n_pending = 0
+        box.streams.clear()
+        del self._outboxes[box.route]  # made again on demand: clients come and go
+        frames = [RELAY, *box.route, wire.encode(wire.Chunks(parts=parts))]
+        first = [part.id for part in parts if part.id in started]
+        if first:
+            frames.append(wire.encode(wire.Started(ids=first)))
+        out.send_multipart(frames)
 
 
 class WorkerDaemon(Daemon):
@@ -105,8 +229,15 @@ class WorkerDaemon(Daemon):
         drain_grace_s: float = 30.0,
         stream_interval_s: float = STREAM_INTERVAL_S,
         ready_file: Path | None = None,
+        memory: int = 0,
+        labels: dict[str, str] | None = None,
+        keep_alive_s: float | None = 300.0,
     ) -> None:
         super().__init__(ready_file)
+        self.memory_cap = memory  # bytes its models may take (0: what is free at start)
+        self.memory_budget = memory
+        self.labels = dict(labels or {})
+        self.keep_alive_s = keep_alive_s  # what it asks for an idle model (None: keep)
         self.orchestrator = orchestrator
         self.model_ref = model_ref
         self.settings = settings
@@ -116,21 +247,25 @@ class WorkerDaemon(Daemon):
         self.orchestrator_timeout_s = orchestrator_timeout_s
         self.drain_grace_s = drain_grace_s
         self.stream_interval_s = stream_interval_s
-        self.loaded: LoadedModel | None = None
+        self.models: dict[str, Held] = {}  # loaded, by reference (the main loop's)
+        self.used = 0  # bytes they take (read by the loader thread)
+        self.loading: set[str] = set()  # loads handed to the loader thread
+        self.backend = "cpu"
         self.known = False  # the orchestrator's last Ack said it has us in its table
         self.last_ack = 0.0
-        self.model: wire.ModelInfo | None = None
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
-        # the engine thread's own state
-        self._out: zmq.Socket[bytes] | None = None
-        self._outboxes: dict[tuple[bytes, ...], Outbox] = {}
-        self._dirty: list[Outbox] = []
         # the embedding thread: requests in, answers out through the results socket
-        self._embed_inbox: queue.SimpleQueue[tuple[wire.Envelope, EmbedRequest] | None] = (
+        self._embed_inbox: queue.SimpleQueue[tuple[wire.Envelope, EmbedRequest, Held] | None] = (
             queue.SimpleQueue()
         )
         self._embed_thread: threading.Thread | None = None
+        # the loader thread: loads and unloads in, outcomes out (and a LOADER frame to wake
+        # the main loop)
+        self._tasks: queue.SimpleQueue[wire.Load | Held | None] = queue.SimpleQueue()
+        self._outcomes: queue.SimpleQueue[Held | wire.LoadFailed] = queue.SimpleQueue()
+        self._loader_thread: threading.Thread | None = None
+        self._loader_out: zmq.Socket[bytes] | None = None
 
     # start -----------------------------------------------------------------------------------
     def resolve(self, deadline_s: float = 60.0) -> wire.ModelInfo:
@@ -158,34 +293,193 @@ class WorkerDaemon(Daemon):
     def start(self) -> None:
         self.results = socket(self.ctx, zmq.PULL)
         self.results.bind(self.results_address)
-        self.model = self.resolve()
+        self.backend = gpu_backend()[0]
+        if not self.memory_budget:
+            self.memory_budget = available_memory(self.backend)
+        info = self.resolve()
         started = time.perf_counter()
-        self.loaded = load_model(self.settings, self.model, self.on_step)
-        self.metrics.model_load.labels(self.model.ref).set(time.perf_counter() - started)
-        # One token before joining: the engine thread's first decode sets up its thread pool
-        # and buffers, which would otherwise land on the first user's time to first token.
-        for _ in self.loaded.generate("", SamplingParams(max_tokens=1, seed=0)):
-            pass
+        held = self.load(info, 0, "")
+        self.models[held.ref] = held
+        self.used += held.state.size_bytes
         log(
             self.name,
             "model loaded",
-            model=self.model.ref,
-            path=self.model.path,
+            model=held.ref,
+            path=info.path,
             load_ms=round((time.perf_counter() - started) * 1000, 1),
-            device=self.loaded.device.backend,
-            slots=self.loaded.slots,
-            threads=self.loaded.device.threads,
-            embeddings=self.loaded.embeddings,
+            device=held.loaded.device.backend,
+            slots=held.loaded.slots,
+            threads=held.loaded.device.threads,
+            embeddings=held.loaded.embeddings,
+            size_bytes=held.state.size_bytes,
+            memory_budget=self.memory_budget,
         )
-        if self.loaded.embeddings:
+        if self.settings.embeddings:
             self._embed_thread = threading.Thread(
                 target=self.embed_loop, name="embeddings", daemon=True
             )
             self._embed_thread.start()
+        self._loader_thread = threading.Thread(target=self.loader_loop, name="loader", daemon=True)
+        self._loader_thread.start()
         self.gpu = self.gpu_facts()
         self.connect()
         self.watch(self.results, self.read_results)
         self.endpoints["orchestrator"] = self.orchestrator
+
+    def load(self, info: wire.ModelInfo, n_ctx: int, sha256: str) -> Held:
+        """Load ``info`` (on the loader thread, or at start): check its file against the
+        registry's checksum, refuse what the memory budget cannot hold, warm its engine up."""
+        path = Path(info.path)
+        try:
+            file_bytes = path.stat().st_size
+        except OSError as exc:
+            raise HaifError(
+                "model_load_failed",
+                f"cannot read {path}: {exc.strerror or exc}",
+                "check the path the registry has for the model",
+            ) from None
+        free = self.memory_budget - self.used
+        if self.memory_budget and estimate_bytes(file_bytes) > free:
+            raise self.out_of_memory(info.ref, estimate_bytes(file_bytes), free)
+        if sha256:
+            digest = sha256_file(path)
+            if digest != sha256:
+                raise HaifError(
+                    "checksum_mismatch",
+                    f"{info.ref}: {path} has sha256 {digest[:12]}..., the registry says "
+                    f"{sha256[:12]}...",
+                    "the file changed since it was registered: register it again",
+                )
+        settings = self.settings
+        if n_ctx > 0:
+            settings = dataclasses.replace(settings, n_ctx=n_ctx)
+        started = time.perf_counter()
+        relay = Relay(self)
+        loaded = load_model(settings, info, relay.on_step)
+        kv_per_token = getattr(loaded, "kv_bytes_per_token", lambda: 0)()
+        kv_bytes = loaded.info.n_ctx * loaded.slots * kv_per_token
+        size = file_bytes + kv_bytes
+        if self.memory_budget and size > free:
+            loaded.close()
+            relay.close()
+            raise self.out_of_memory(info.ref, size, free)
+        # One token first: the engine thread's first decode sets up its thread pool and
+        # buffers, which would otherwise land on the first user's time to first token.
+        for _ in loaded.generate("", SamplingParams(max_tokens=1, seed=0)):
+            pass
+        n_layers = int(getattr(loaded, "n_layers", 0))
+        offloaded = loaded.device.n_gpu_layers if loaded.device.gpu_offload else 0
+        state = wire.ModelState(
+            ref=info.ref,
+            size_bytes=size,
+            weights_bytes=file_bytes,
+            kv_bytes=kv_bytes,
+            n_ctx=loaded.info.n_ctx,
+            slots=loaded.slots,
+            n_gpu_layers=n_layers if offloaded < 0 else min(offloaded, n_layers),
+            n_layers=n_layers,
+            embeddings=loaded.embeddings,
+        )
+        self.metrics.model_load.labels(info.ref).set(time.perf_counter() - started)
+        return Held(info, loaded, relay, state)
+
+    def out_of_memory(self, ref: str, need: int, free: int) -> HaifError:
+        return HaifError(
+            "out_of_memory",
+            f"{ref} needs {human_bytes(need)}; worker {self.worker_id} has "
+            f"{human_bytes(max(0, free))} free of {human_bytes(self.memory_budget)}",
+            "unload a model (haifctl models unload NAME) or give the worker more --memory",
+        )
+
+    # the loader thread -----------------------------------------------------------------------
+    def loader_loop(self) -> None:
+        """Loads and unloads, one at a time, in the order the main loop handed them over."""
+        out = self._loader_out = socket(self.ctx, zmq.PUSH)
+        out.connect(self.results_address)
+        try:
+            while (task := self._tasks.get()) is not None:
+                if isinstance(task, Held):
+                    self.close_model(task)
+                    continue
+                info = wire.ModelInfo(
+                    ref=task.ref, path=task.path, context_length=task.context_length
+                )
+                started = time.perf_counter()
+                outcome: Held | wire.LoadFailed
+                try:
+                    outcome = self.load(info, task.n_ctx, task.sha256)
+                except HaifError as exc:
+                    outcome = wire.LoadFailed(
+                        ref=task.ref,
+                        kind=exc.kind.value,
+                        code=exc.code,
+                        message=exc.message,
+                        hint=exc.hint,
+                    )
+                except Exception as exc:  # a bug must not end the thread: the load fails
+                    outcome = wire.LoadFailed(
+                        ref=task.ref, code="model_load_failed", message=f"{task.ref}: {exc!r}"
+                    )
+                log(
+                    self.name,
+                    "model loaded" if isinstance(outcome, Held) else "model load failed",
+                    level="info" if isinstance(outcome, Held) else "warning",
+                    model=task.ref,
+                    load_ms=round((time.perf_counter() - started) * 1000, 1),
+                    error=getattr(outcome, "message", None),
+                )
+                self._outcomes.put(outcome)
+                out.send_multipart([LOADER])
+        finally:
+            out.close(linger=0)
+
+    def close_model(self, held: Held) -> None:
+        held.loaded.close()  # stops its engine thread first
+        held.relay.close()
+        log(self.name, "model unloaded", model=held.ref, size_bytes=held.state.size_bytes)
+
+    def loaded_outcomes(self) -> None:
+        """The loader thread finished loads: take them in (or report them failed) and tell
+        the orchestrator."""
+        changed = False
+        while True:
+            try:
+                outcome = self._outcomes.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(outcome, wire.LoadFailed):
+                self.loading.discard(outcome.ref)
+                self.dealer.send(wire.encode(outcome))
+                continue
+            self.loading.discard(outcome.ref)
+            if outcome.ref in self.models or not self.accepting:
+                self._tasks.put(outcome)  # loaded twice, or shutting down: let it go
+                continue
+            self.models[outcome.ref] = outcome
+            self.used += outcome.state.size_bytes
+            changed = True
+        if changed:
+            self.register()
+
+    def take_load(self, msg: wire.Load) -> None:
+        """The orchestrator wants a model here: the loader thread loads it (once)."""
+        if msg.ref in self.models:
+            self.register()  # it has it already: say so again
+            return
+        if msg.ref in self.loading or not self.accepting:
+            return
+        self.loading.add(msg.ref)
+        self._tasks.put(msg)
+
+    def take_unload(self, ref: str) -> None:
+        """The orchestrator sends this model nothing more: free it once its requests end."""
+        held = self.models.pop(ref, None)
+        if held is not None:
+            self.used -= held.state.size_bytes
+            held.unloading = True
+            if not held.streams:
+                self._tasks.put(held)
+        self.register()
 
     def connect(self) -> None:
         """Open the orchestrator link, once: ZeroMQ reconnects it by itself, and keeping it
@@ -201,8 +495,7 @@ class WorkerDaemon(Daemon):
 
     def gpu_facts(self) -> tuple[str, int]:
         """GPU name and memory (MiB) for the registration, when nvidia-smi can tell."""
-        assert self.loaded is not None
-        if self.loaded.device.backend != "cuda":
+        if self.backend != "cuda":
             return "", 0
         facts = nvidia_smi("name", "memory.total")
         try:
@@ -211,23 +504,29 @@ class WorkerDaemon(Daemon):
             return "", 0
 
     def register(self) -> None:
-        assert self.loaded is not None
-        assert self.model is not None
+        """Announce this worker, its models and its memory (again after any change)."""
         self.registered_at = time.monotonic()
+        helds = list(self.models.values())
         self.dealer.send(
             wire.encode(
                 wire.Register(
                     worker_id=self.worker_id,
-                    models=[self.model.ref],
-                    slots=self.loaded.slots,
-                    device=self.loaded.device.backend,
+                    models=[h.ref for h in helds],
+                    slots=sum(h.loaded.slots for h in helds) or 1,
+                    device=self.backend,
                     gpu_name=self.gpu[0],
                     gpu_memory_mb=self.gpu[1],
-                    n_ctx=self.loaded.info.n_ctx,
+                    n_ctx=max((h.loaded.info.n_ctx for h in helds), default=0),
                     pid=os.getpid(),
                     host=pysocket.gethostname(),
                     running=list(self.streams),
-                    embeddings=self.loaded.embeddings,
+                    embeddings=self.settings.embeddings,
+                    loaded=[h.state for h in helds],
+                    loading=sorted(self.loading),
+                    memory_budget=self.memory_budget,
+                    memory_used=self.used,
+                    labels=self.labels,
+                    keep_alive_s=self.keep_alive_s,
                 )
             )
         )
@@ -237,11 +536,11 @@ class WorkerDaemon(Daemon):
         return len(self.streams)
 
     def alive_checks(self) -> dict[str, bool]:
-        """The engine thread runs every generation: without it the worker can only be
-        restarted."""
-        if self.loaded is None:
-            return {}
-        checks = {"engine": self.loaded.engine.alive}
+        """Each model's engine thread runs its generations, the loader thread its loads:
+        without them the worker can only be restarted."""
+        checks = {f"engine {ref}": held.loaded.engine.alive for ref, held in self.models.items()}
+        if self._loader_thread is not None:
+            checks["loader"] = self._loader_thread.is_alive()
         if self._embed_thread is not None:
             checks["embeddings"] = self._embed_thread.is_alive()
         return checks
@@ -252,13 +551,14 @@ class WorkerDaemon(Daemon):
         registered = self.known and time.monotonic() - self.last_ack <= self.orchestrator_timeout_s
         return {
             **super().ready_checks(),
-            "model_loaded": self.loaded is not None,
+            "model_loaded": bool(self.models),
             "registered": registered,
         }
 
     def health_detail(self) -> dict[str, Any]:
         return {
-            "model": self.model.ref if self.model else self.model_ref,
+            "model": next(iter(self.models), self.model_ref),
+            "models": list(self.models),
             "busy": len(self.streams),
         }
 
@@ -284,6 +584,8 @@ class WorkerDaemon(Daemon):
                     errors=self.counters["errors"],
                     tokens=self.counters["tokens"],
                     draining=not self.accepting,
+                    memory_budget=self.memory_budget,
+                    memory_used=self.used,
                 )
             )
         )
@@ -293,10 +595,20 @@ class WorkerDaemon(Daemon):
         for frames in incoming(self.results):
             kind = frames[0]
             if kind == FINAL:
-                self.streams.pop(frames[1].decode(), None)
+                stream = self.streams.pop(frames[1].decode(), None)
+                if stream is not None:
+                    self.ended(stream.held)
                 self.dealer.send(frames[2])
+            elif kind == LOADER:
+                self.loaded_outcomes()
             else:  # RELAY
                 self.dealer.send_multipart(frames[1:])
+
+    def ended(self, held: Held) -> None:
+        """A request on ``held`` ended: an unloaded model goes once its last one has."""
+        held.streams -= 1
+        if held.unloading and held.streams <= 0:
+            self._tasks.put(held)
 
     def read_orchestrator(self) -> None:
         for frames in incoming(self.dealer):
@@ -324,6 +636,10 @@ class WorkerDaemon(Daemon):
                     log(self.name, "cancelled", request_id=envelope.id)
             elif isinstance(msg, wire.Ping):
                 self.dealer.send(wire.reply(envelope, self.pong()))
+            elif isinstance(msg, wire.Load):
+                self.take_load(msg)
+            elif isinstance(msg, wire.Unload):
+                self.take_unload(msg.ref)
             else:
                 self.counters["unexpected_messages"] += 1
 
@@ -337,14 +653,27 @@ class WorkerDaemon(Daemon):
             self.counters["orphans_stopped"] += 1
             log(self.name, "stopped a request the orchestrator gave up on", request_id=request_id)
 
+    def held_for(self, msg: wire.Infer) -> Held | None:
+        """The model a request runs on (a request from an orchestrator that names no model:
+        the only one loaded)."""
+        if msg.model_ref:
+            return self.models.get(msg.model_ref)
+        return next(iter(self.models.values())) if len(self.models) == 1 else None
+
     def accept(self, envelope: wire.Envelope, msg: wire.Infer) -> None:
-        assert self.loaded is not None
+        held = self.held_for(msg)
         refusal = None
         if not self.accepting:
             refusal = wire.Error(
                 kind=Kind.unavailable, code="worker_draining", message="the worker is shutting down"
             )
-        elif len(self.streams) >= self.loaded.slots:
+        elif held is None:
+            refusal = wire.Error(
+                kind=Kind.unavailable,
+                code="model_not_loaded",
+                message=f"{msg.model_ref or 'the model'} is not loaded on this worker",
+            )
+        elif held.streams >= held.loaded.slots:
             refusal = wire.Error(
                 kind=Kind.overloaded, code="worker_busy", message="no free slot on this worker"
             )
@@ -359,15 +688,29 @@ class WorkerDaemon(Daemon):
         if refusal is not None:
             self.dealer.send(wire.reply(envelope, refusal))
             return
+        assert held is not None
         if msg.request.get("op") is not None:
-            self.answer_op(envelope, msg)
+            self.answer_op(envelope, msg, held)
             return
-        stream = Stream(envelope, tuple(reversed(msg.route)), self.model.ref if self.model else "")
+        loaded = held.loaded
+        stream = Stream(envelope, tuple(reversed(msg.route)), held)
         try:
             request = validate_request(msg.request, "request")
             params = request.sampling(msg.model_params, self.settings.max_tokens)
-            prompt = render_prompt(request, self.loaded)
-            stream.job = self.loaded.job(prompt, params, tag=stream)
+            prompt = render_prompt(request, loaded)
+            tokens = prompt if isinstance(prompt, list) else loaded.tokenize(prompt)
+            n_ctx = loaded.info.n_ctx
+            if not msg.truncate and len(tokens) + params.max_tokens > n_ctx:
+                # A worker with a larger context may take it whole: the orchestrator decides.
+                need = len(tokens) + params.max_tokens
+                self.dealer.send(
+                    wire.reply(
+                        envelope,
+                        wire.ContextTooSmall(need=need, prompt_tokens=len(tokens), n_ctx=n_ctx),
+                    )
+                )
+                return
+            stream.job = loaded.job(tokens, params, tag=stream)
         except HaifError as exc:
             self.counters["errors"] += 1
             self.metrics.requests.labels(self.name, "generate", exc.code).inc()
@@ -375,55 +718,55 @@ class WorkerDaemon(Daemon):
             self.dealer.send(wire.reply(envelope, exc.to_wire()))
             return
         self.streams[envelope.id] = stream
-        self.loaded.engine.submit(stream.job)
+        held.streams += 1
+        loaded.engine.submit(stream.job)
 
-    def answer_op(self, envelope: wire.Envelope, msg: wire.Infer) -> None:
+    def answer_op(self, envelope: wire.Envelope, msg: wire.Infer, held: Held) -> None:
         """A request that generates nothing: tokenize and detokenize answered here; an embed
         request handed to the embedding thread."""
-        assert self.loaded is not None
-        assert self.model is not None
+        loaded = held.loaded
         op = str(msg.request.get("op"))
         try:
             request = validate_any(msg.request, "request")
             if isinstance(request, EmbedRequest):
-                self.check_embed(request)
-                self.streams[envelope.id] = Stream(envelope, (), self.model.ref)
-                self._embed_inbox.put((envelope, request))
+                self.check_embed(request, held)
+                self.streams[envelope.id] = Stream(envelope, (), held)
+                held.streams += 1
+                self._embed_inbox.put((envelope, request, held))
                 return
             if isinstance(request, TokenizeRequest):
-                ids = self.loaded.tokenize_text(
+                ids = loaded.tokenize_text(
                     request.content, request.add_special, request.parse_special
                 )
-                pieces = [self.loaded.token_piece(t) for t in ids] if request.with_pieces else []
+                pieces = [loaded.token_piece(t) for t in ids] if request.with_pieces else []
                 answer: wire.Msg = wire.Tokens(
-                    ids=ids, pieces=pieces, model=self.model.ref, worker=self.worker_id
+                    ids=ids, pieces=pieces, model=held.ref, worker=self.worker_id
                 )
             elif isinstance(request, DetokenizeRequest):
-                text = self.loaded.detokenize(list(request.tokens))
-                answer = wire.Tokens(text=text, model=self.model.ref, worker=self.worker_id)
+                text = loaded.detokenize(list(request.tokens))
+                answer = wire.Tokens(text=text, model=held.ref, worker=self.worker_id)
             else:
                 raise InvalidInput("invalid_request", f"request: op {op!r} is not answered here")
         except HaifError as exc:
             answer = exc.to_wire()
         self.dealer.send(self.answer_body(envelope, op, answer))
 
-    def check_embed(self, request: EmbedRequest) -> None:
+    def check_embed(self, request: EmbedRequest, held: Held) -> None:
         """Refuse, before queueing, what the embedding thread could not answer: no
         embeddings here, or more vectors than one answer frame holds."""
-        assert self.loaded is not None
-        assert self.model is not None
-        if not self.loaded.embeddings:
+        loaded = held.loaded
+        if not loaded.embeddings:
             raise InvalidInput(
                 "embeddings_unsupported",
-                f"this worker serves {self.model.ref} without embeddings",
+                f"this worker serves {held.ref} without embeddings",
                 "start a worker with --embeddings (or HAIF_EMBEDDINGS=1) for it",
             )
-        most = (wire.MAX_FRAME_BYTES - 4096) // (4 * self.loaded.n_embd + 8)
+        most = (wire.MAX_FRAME_BYTES - 4096) // (4 * loaded.n_embd + 8)
         if len(request.input) > most:
             raise InvalidInput(
                 "too_many_inputs",
                 f"input: {len(request.input)} items; one answer holds at most {most} vectors "
-                f"of {self.loaded.n_embd} numbers",
+                f"of {loaded.n_embd} numbers",
                 "split the inputs over several requests",
             )
 
@@ -450,110 +793,34 @@ class WorkerDaemon(Daemon):
         out.connect(self.results_address)
         try:
             while (item := self._embed_inbox.get()) is not None:
-                envelope, request = item
-                body = self.answer_body(envelope, "embed", self.embedded(envelope, request))
+                envelope, request, held = item
+                body = self.answer_body(envelope, "embed", self.embedded(envelope, request, held))
                 out.send_multipart([FINAL, envelope.id.encode(), body])
         finally:
             out.close(linger=0)
 
-    def embedded(self, envelope: wire.Envelope, request: EmbedRequest) -> wire.Msg:
-        assert self.loaded is not None
-        assert self.model is not None
+    def embedded(self, envelope: wire.Envelope, request: EmbedRequest, held: Held) -> wire.Msg:
         if wire.expired(envelope):
             return wire.Error(
                 kind=Kind.timeout, code="deadline_exceeded", message="the deadline had passed"
             )
         try:
-            vectors, n_tokens = self.loaded.embed(list(request.input))
+            vectors, n_tokens = held.loaded.embed(list(request.input))
         except HaifError as exc:
             return exc.to_wire()
         except Exception as exc:  # a bug must not end the thread: the request fails
             log(self.name, "embedding failed", level="error", error=repr(exc))
             return wire.Error(kind=Kind.internal, code="embedding_failed", message=repr(exc))
-        self.metrics.prompt_tokens.labels(self.model.ref).inc(n_tokens)
+        self.metrics.prompt_tokens.labels(held.ref).inc(n_tokens)
         return wire.Embeddings(
             vectors=[wire.float32_bytes(v) for v in vectors],
             prompt_tokens=n_tokens,
-            model=self.model.ref,
+            model=held.ref,
             worker=self.worker_id,
         )
 
-    # the engine thread -----------------------------------------------------------------------
-    def on_step(self, step: Step) -> None:
-        """One engine step's events: coalesce text per destination, send what is due, then the
-        Done or Error of each request that finished."""
-        now = time.perf_counter()
-        urgent: list[Outbox] = []
-        started: set[str] = set()
-        finished: list[tuple[Stream, TokenEvent]] = []
-        for job, event in step:
-            stream = job.tag
-            if not isinstance(stream, Stream):
-                deliver_to_queues([(job, event)])  # an in-process generation (the warm-up)
-                continue
-            first = event.n_tokens and stream.gen.first_token is None
-            stream.gen.record(event)
-            if event.n_tokens or event.text:
-                stream.pending.append(event.text)
-                stream.n_pending += event.n_tokens
-                if event.logprobs:
-                    stream.logprobs.extend(event.logprobs)
-                box = self._outboxes.get(stream.route)
-                if box is None:
-                    box = self._outboxes[stream.route] = Outbox(stream.route)
-                if not box.streams:
-                    box.due = now + self.stream_interval_s
-                    self._dirty.append(box)
-                if len(stream.pending) == 1:
-                    box.streams.append(stream)
-                if first:
-                    started.add(stream.envelope.id)
-                    urgent.append(box)  # a first token never waits
-            if event.finish_reason is not None:
-                finished.append((stream, event))
-                box = self._outboxes.get(stream.route)
-                if box is not None:
-                    urgent.append(box)
-        out = self._out
-        if out is None:
-            out = self._out = socket(self.ctx, zmq.PUSH)
-            out.connect(self.results_address)
-        if self._dirty:
-            keep = []
-            for box in self._dirty:
-                if box.streams and (now >= box.due or box in urgent):
-                    self.flush(out, box, started)
-                elif box.streams:
-                    keep.append(box)
-            self._dirty = keep
-        for stream, event in finished:
-            self.finish(out, stream, event)
-
-    def flush(self, out: zmq.Socket[bytes], box: Outbox, started: set[str]) -> None:
-        """One stream frame with every pending part bound for ``box``'s client.  The ids of
-        streams whose first text it carries ride in the same ZeroMQ message, after the body
-        (delivered whole or not at all): the orchestrator counts a request as started only
-        when its first text is really on its way."""
-        parts = []
-        for stream in box.streams:
-            text = "".join(stream.pending)
-            if stream.logprobs:
-                parts.append(wire.Part(stream.envelope.id, text, stream.n_pending, stream.logprobs))
-                stream.logprobs = []
-            else:
-                parts.append(wire.Part(stream.envelope.id, text, stream.n_pending))
-            stream.pending.clear()
-            stream.n_pending = 0
-        box.streams.clear()
-        del self._outboxes[box.route]  # made again on demand: clients come and go
-        frames = [RELAY, *box.route, wire.encode(wire.Chunks(parts=parts))]
-        first = [part.id for part in parts if part.id in started]
-        if first:
-            frames.append(wire.encode(wire.Started(ids=first)))
-        out.send_multipart(frames)
-
+    # the engine threads (each through its model's Relay) ------------------------------------
     def finish(self, out: zmq.Socket[bytes], stream: Stream, event: TokenEvent) -> None:
-        assert self.model is not None
         envelope = stream.envelope
         gen = stream.gen
         msg: wire.Msg
@@ -568,7 +835,7 @@ class WorkerDaemon(Daemon):
                 message=f"worker error: {event.message}",
             )
         else:
-            self.record(event, gen)
+            self.record(event, gen, stream.held.ref)
             self.trace(envelope, stream, event, None)
             self.counters["served"] += 1
             self.counters["tokens"] += event.completion_tokens
@@ -576,16 +843,14 @@ class WorkerDaemon(Daemon):
                 finish_reason=event.finish_reason or "stop",
                 prompt_tokens=event.prompt_tokens,
                 completion_tokens=event.completion_tokens,
-                model=self.model.ref,
+                model=stream.held.ref,
                 worker=self.worker_id,
                 time_to_first_token_ms=gen.ttft_ms,
                 generation_ms=gen.generation_ms,
             )
         out.send_multipart([FINAL, envelope.id.encode(), wire.reply(envelope, msg)])
 
-    def record(self, event: TokenEvent, gen: Generation) -> None:
-        assert self.model is not None
-        model = self.model.ref
+    def record(self, event: TokenEvent, gen: Generation, model: str) -> None:
         m = self.metrics
         m.requests.labels(self.name, "generate", event.finish_reason or "stop").inc()
         m.request_duration.labels(self.name, "generate").observe(gen.generation_ms / 1000)
@@ -626,7 +891,7 @@ class WorkerDaemon(Daemon):
             attributes={
                 "haif.request_id": envelope.id,
                 "haif.worker": self.worker_id,
-                "haif.model": self.model.ref if self.model else "",
+                "haif.model": stream.held.ref,
             },
         )
         inside = otel.set_span_in_context(span)
@@ -664,8 +929,10 @@ class WorkerDaemon(Daemon):
         if self._embed_thread is not None:
             self._embed_inbox.put(None)
             self._embed_thread.join()
-        if self.loaded is not None:
-            self.loaded.close()  # stops the engine thread first
-        if self._out is not None:
-            self._out.close(linger=0)
+        if self._loader_thread is not None:
+            self._tasks.put(None)
+            self._loader_thread.join()
+        for held in self.models.values():
+            self.close_model(held)  # stops its engine thread first
+        self.models.clear()
         super().stop()

@@ -149,16 +149,17 @@ def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Refuse, when a model is registered or edited, default parameters that every inference
     would refuse later: a key that is not a sampling parameter (with the closest ones as a
     suggestion) or a value of the wrong type or out of range (the request schema's bounds)."""
-    from haifctl.schema import SAMPLING_KEYS, validate_request
+    from haifctl.schema import PLACEMENT_KEYS, SAMPLING_KEYS, validate_request
 
+    known = (*SAMPLING_KEYS, *PLACEMENT_KEYS)
     for key in params:
-        if key not in SAMPLING_KEYS:
-            close = difflib.get_close_matches(key, SAMPLING_KEYS, n=3, cutoff=0.6)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             raise InvalidInput(
                 "invalid_param",
                 f"--param {key} is not a sampling parameter",
-                hint + "known: " + ", ".join(SAMPLING_KEYS),
+                hint + "known: " + ", ".join(known),
             )
     try:
         validate_request({"prompt": "", **params}, "--param")

@@ -173,6 +173,13 @@ class LlamaCppModel(Model):
         self.slots = self.engine.slots
         self._closed = False
 
+    @property
+    def n_layers(self) -> int:
+        """Transformer blocks (what ``n_gpu_layers`` counts)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_layer(self._model.model))
+
     def kv_bytes_per_token(self) -> int:
         """KV cache per token of context (f16 keys and values, every layer)."""
         import llama_cpp
