@@ -15,6 +15,7 @@ import typer.main
 from haifctl import __version__
 from haifctl.commands import bench as bench_cmd
 from haifctl.commands import cluster as cluster_cmd
+from haifctl.commands import completion as completion_cmd
 from haifctl.commands import config as config_cmd
 from haifctl.commands import daemon as daemon_cmd
 from haifctl.commands import embed as embed_cmd
@@ -23,6 +24,7 @@ from haifctl.commands import join as join_cmd
 from haifctl.commands import keys as keys_cmd
 from haifctl.commands import logs as logs_cmd
 from haifctl.commands import models as models_cmd
+from haifctl.commands import scale as scale_cmd
 from haifctl.commands import top as top_cmd
 from haifctl.commands import usage as usage_cmd
 from haifctl.commands._shared import CliState, HomeOpt, RegistryUrlOpt, report_error, state
@@ -54,12 +56,14 @@ app.command()(embed_cmd.embed)
 app.command()(cluster_cmd.up)
 app.command()(cluster_cmd.down)
 app.command()(cluster_cmd.status)
+app.command()(scale_cmd.scale)
 app.command()(logs_cmd.logs)
 app.command()(top_cmd.top)
 app.command()(bench_cmd.bench)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys_cmd.app, name="keys")
+app.command()(completion_cmd.completion)
 app.command()(usage_cmd.usage)
 app.command()(daemon_cmd.worker)
 app.command("join-token")(join_cmd.join_token)

@@ -127,8 +127,9 @@ def up(
 ) -> None:
     """Start the local cluster: registry, orchestrator, gateway and workers.
 
-    Returns once every daemon is ready and every worker has joined. Running it again while the
-    cluster is up does nothing.
+    Returns once every daemon is ready and every worker has joined. Run again while the cluster
+    is up, it scales the workers to --workers (as `haifctl scale` does) and refuses any other
+    flag that differs from what runs (exit 2, nothing changed): those need `haifctl down` first.
 
     Examples:
 
@@ -142,7 +143,9 @@ def up(
     home = settings.home
     current = running_state(home)
     if current is not None:
-        stdout().print(f"cluster already running (gateway {daemon_endpoint(current, 'gateway')})")
+        from haifctl.commands.scale import up_running
+
+        up_running(ctx, settings, current)
         return
     preflight(settings.bridge_bind, orchestrator_bind, gateway_bind, home)
     models = [cluster_model_ref(m) for m in model or [settings.model]]
@@ -407,7 +410,9 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
                 "state": data.get("state"),
                 "supervisor_pid": data.get("supervisor_pid"),
                 "registry": mask_url(str(data.get("registry_url", ""))),
+                "workers_target": data.get("workers_target"),
                 "daemons": daemons,
+                "retired": data.get("retired", []),  # workers scaled away, with their exit status
                 "workers": workers,
                 "queues": queues,
             }

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "cluster.json"
+SCALE_FILE = "scale.json"  # a scale request: the CLI writes it, then sends the supervisor SIGUSR1
+SCALE_LOCK = "scale.lock"  # held by the CLI from writing a request to its acknowledgement
+# cluster.json names this when its supervisor reads scale requests: one that does not would die
+# of the SIGUSR1 (its default action), so the CLI sends none to it
+SCALE_PROTOCOL = 1
 
 
 def run_dir(home: Path) -> Path:
@@ -41,6 +46,26 @@ def write_state(home: Path, data: dict[str, Any]) -> None:
 
 def remove_state(home: Path) -> None:
     state_path(home).unlink(missing_ok=True)
+
+
+def scale_request_path(home: Path) -> Path:
+    return run_dir(home) / SCALE_FILE
+
+
+def write_scale_request(home: Path, data: dict[str, Any]) -> None:
+    path = scale_request_path(home)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.chmod(0o600)
+    tmp.replace(path)  # the supervisor never reads half a request
+
+
+def read_scale_request(home: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(scale_request_path(home).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def running_state(home: Path) -> dict[str, Any] | None:

@@ -1,5 +1,13 @@
 """The supervisor: starts the cluster's daemons in order, restarts the ones that die (with
 backoff), records their state in ``HOME/run/cluster.json`` and drains them on SIGTERM.
+
+It also scales the workers while the cluster runs.  `haifctl scale` (or `haifctl up --workers N`
+on a running cluster) writes the new target to ``HOME/run/scale.json`` and sends SIGUSR1; the
+supervisor reads it on its next tick, starts workers or drains the ones it retires, and
+acknowledges in ``cluster.json``.  The request goes through the supervisor, rather than the CLI
+starting and stopping workers itself, because only the workers' parent can wait for them: a
+worker the CLI started would be nobody's to restart, and one the CLI stopped would be restarted
+by the supervisor, which would not know it had been retired.
 """
 
 from __future__ import annotations
@@ -10,17 +18,28 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from haifctl.daemon.base import log
-from haifctl.daemon.state import log_dir, remove_state, run_dir, write_state
+from haifctl.daemon.state import (
+    SCALE_PROTOCOL,
+    log_dir,
+    read_scale_request,
+    remove_state,
+    run_dir,
+    write_state,
+)
 from haifctl.files import open_log, private_dir, rotate_log, write_run_marker
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 30.0  # a daemon up this long has its backoff reset
 ROTATE_EVERY_S = 2.0  # how often the log files' sizes are looked at
+RETIRE_MARGIN_S = 15.0  # past its own drain grace, a retiring worker is killed
+RETIRED_KEPT = 32  # retired workers that cluster.json remembers (the newest)
 
 
 @dataclass
@@ -37,6 +56,48 @@ class Child:
     backoff: float = BACKOFF_START_S
     next_start: float = 0.0
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    slot: int = 0  # its place for --metrics-base-port: BASE + slot, kept while it lives
+    model: str = ""  # a worker's model
+    retire_by: float | None = None  # monotonic deadline once it is being retired
+
+
+def plan_scale(
+    workers: list[tuple[str, str, int]], models: list[str], target: int
+) -> tuple[list[str], list[str]]:
+    """How to go from ``workers`` (name, model, busy: -1 for one not serving yet) to ``target``
+    workers: the models of the workers to add, and the names of the workers to retire.
+
+    The workers keep taking turns over ``models``, as `haifctl up` assigned them, so each model
+    keeps its share (no model loses its last worker to a scale-down that could have retired
+    another).  Within a model, the least busy workers retire, the newest first on a tie."""
+    quota = Counter(models[i % len(models)] for i in range(target))
+    have = Counter(model for _, model, _ in workers)
+    retire: list[str] = []
+    for model in have:
+        excess = have[model] - quota[model]
+        if excess > 0:
+            mine = [(busy, -number(name), name) for name, m, busy in workers if m == model]
+            retire += [name for _, _, name in sorted(mine)[:excess]]
+    add: list[str] = []
+    for i in range(target):
+        model = models[i % len(models)]
+        if have[model] < quota[model]:
+            have[model] += 1
+            add.append(model)
+    return add, retire
+
+
+def _busy(reported: object, state: str) -> int:
+    """A worker's streams as the request says (-1 for one not serving yet: it goes first)."""
+    if state != "running":
+        return -1
+    return reported if isinstance(reported, int) and not isinstance(reported, bool) else 0
+
+
+def number(name: str) -> int:
+    """A worker's number: 3 for worker-3."""
+    tail = name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 def share_of_cores(cores: int, workers: int) -> int:
@@ -84,6 +145,26 @@ class Supervisor:
         self.started_at = time.time()
         self.run_id = run if run is not None else self.started_at  # `up` names it
         self.registry_url = registry_url
+        self.models = models
+        self.worker_threads = worker_threads  # 0: a share of the cores
+        self.workers_target = workers
+        self.scale_requested = False  # SIGUSR1: read HOME/run/scale.json
+        self.scale_ack: dict[str, Any] = {}  # the last scale request's outcome, for the CLI
+        self.retired: list[dict[str, Any]] = []
+        self.marked: set[str] = set()  # the logs that have this run's marker
+        # what cluster.json records of the command line, so that `haifctl up` on a running
+        # cluster can say which of its flags differ from what runs
+        self.config: dict[str, Any] = {
+            "models": models,
+            "gateways": gateways,
+            "orchestrator_bind": orchestrator_bind,
+            "gateway_bind": gateway_bind,
+            "restart": restart,
+            "heartbeat_timeout": heartbeat_timeout_s,
+            "bridge_bind": bridge_bind,
+            "metrics_base_port": metrics_base_port,
+            "worker_threads": worker_threads,
+        }
         # the registry URL may hold a password: it reaches the daemons through their
         # environment (HAIF_REGISTRY_URL, see child_env), never their command lines, which
         # every user of the machine can read in /proc/PID/cmdline
@@ -122,25 +203,22 @@ class Supervisor:
             )
         if bridge_bind is not None:
             self.children.append(Child("bridge", [*common, "daemon", "bridge"], bridge_bind))
+        for i, child in enumerate(self.children):
+            child.slot = i
         threads = worker_threads or share_of_cores(os.cpu_count() or 1, workers)
         for i in range(workers):
-            model = models[i % len(models)]
-            self.children.append(
-                Child(
-                    f"worker-{i + 1}",
-                    [
-                        *common,
-                        "worker",
-                        "--model",
-                        model,
-                        "--worker-id",
-                        f"worker-{i + 1}",
-                        "--threads",
-                        str(threads),
-                    ],
-                    None,
-                )
-            )
+            self.children.append(self.new_worker(models[i % len(models)], threads))
+
+    def new_worker(self, model: str, threads: int) -> Child:
+        """A worker with the lowest free number and the lowest free metrics slot."""
+        names = {c.name for c in self.children}
+        slots = {c.slot for c in self.children}
+        n = next(i for i in range(1, len(names) + 2) if f"worker-{i}" not in names)
+        name = f"worker-{n}"
+        args = ["--home", str(self.home), "worker", "--model", model, "--worker-id", name]
+        child = Child(name, [*args, "--threads", str(threads)], None, model=model)
+        child.slot = next(i for i in range(len(slots) + 1) if i not in slots)
+        return child
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -149,9 +227,13 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_scale)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.should_exit = True
+
+    def _on_scale(self, signum: int, frame: object) -> None:
+        self.scale_requested = True
 
     def run(self) -> int:
         self.install_signal_handlers()
@@ -195,8 +277,7 @@ class Supervisor:
             # after the first start, keep the same port so that peers reconnect by themselves
             args += ["--bind", child.endpoint or child.bind]
         # each daemon its own /metrics port: BASE, BASE+1, ... or any free one when BASE is 0
-        index = self.children.index(child)
-        port = self.metrics_base_port + index if self.metrics_base_port else 0
+        port = self.metrics_base_port + child.slot if self.metrics_base_port else 0
         args += ["--metrics-port", str(port)]
         return [*args, "--ready-file", str(self.ready_file(child))]
 
@@ -212,7 +293,8 @@ class Supervisor:
         self.ready_file(child).unlink(missing_ok=True)
         logfile = open_log(self.log_path(child.name))  # 0600
         try:
-            if child.restarts == 0 and child.popen is None:
+            if child.name not in self.marked:  # a worker added later may reuse a name
+                self.marked.add(child.name)
                 write_run_marker(logfile, child.name, self.run_id)
             child.popen = subprocess.Popen(
                 self.args_for(child),
@@ -257,8 +339,15 @@ class Supervisor:
         while not self.should_exit:
             now = time.monotonic()
             changed = False
-            for child in self.children:
+            if self.scale_requested:
+                self.scale_requested = False
+                self.scale()
+                changed = True
+            for child in list(self.children):
                 assert child.popen is not None
+                if child.retire_by is not None:
+                    changed |= self.watch_retiring(child, now)
+                    continue
                 if child.state == "running" and time.time() - child.started_at > HEALTHY_AFTER_S:
                     child.backoff = BACKOFF_START_S
                 if child.state in ("running", "starting") and child.popen.poll() is not None:
@@ -294,6 +383,65 @@ class Supervisor:
                 self.rotate_logs()
             time.sleep(0.1)  # the supervision loop's tick
 
+    # live scaling ------------------------------------------------------------------------------
+    def scale(self) -> None:
+        """Read the scale request and start or retire workers to meet it; the CLI waits for
+        the acknowledgement (its id) in cluster.json."""
+        request = read_scale_request(self.home)
+        if request is None:
+            log("supervisor", "scale signal without a readable request", level="warning")
+            return
+        rid = str(request.get("id", ""))
+        target = request.get("workers")
+        if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+            self.scale_ack = {"id": rid, "error": f"workers must be 1 or more, not {target!r}"}
+            return
+        raw = request.get("busy")
+        busy = raw if isinstance(raw, dict) else {}
+        serving = [c for c in self.children if c.name.startswith("worker") and c.retire_by is None]
+        was = len(serving)
+        load = [(c.name, c.model, _busy(busy.get(c.name), c.state)) for c in serving]
+        add, retire = plan_scale(load, self.models, target)
+        # new workers get a share of the cores for the new count; the running ones keep theirs
+        threads = self.worker_threads or share_of_cores(os.cpu_count() or 1, target)
+        added = []
+        for model in add:
+            child = self.new_worker(model, threads)
+            self.children.append(child)
+            self.spawn(child)
+            added.append(child.name)
+        for name in retire:
+            self.retire(self.child(name))
+        self.workers_target = target
+        self.scale_ack = {"id": rid, "workers": target, "added": added, "retiring": retire}
+        log("supervisor", "scaling", workers=target, was=was, added=added, retiring=retire)
+
+    def retire(self, child: Child) -> None:
+        """Drain a worker for good: it finishes its streams (the orchestrator sends it nothing
+        new once it says it is draining), exits, and is not started again."""
+        child.retire_by = time.monotonic() + self.drain_grace_s + RETIRE_MARGIN_S
+        if child.popen is not None and child.popen.poll() is None:
+            child.popen.send_signal(signal.SIGTERM)
+            child.state = "draining"
+
+    def watch_retiring(self, child: Child, now: float) -> bool:
+        """True once the retiring ``child`` is gone (it exited, or was killed past its time)."""
+        assert child.popen is not None
+        assert child.retire_by is not None
+        code = child.popen.poll()
+        if code is None and now > child.retire_by:
+            log("supervisor", "retiring worker did not drain in time; killing", target=child.name)
+            child.popen.kill()
+            code = child.popen.wait()
+        if code is None:
+            return False
+        self.children.remove(child)
+        self.ready_file(child).unlink(missing_ok=True)
+        exited = {"name": child.name, "pid": child.pid, "returncode": code, "at": time.time()}
+        self.retired = [*self.retired, exited][-RETIRED_KEPT:]
+        log("supervisor", "worker retired", target=child.name, returncode=code)
+        return True
+
     def log_path(self, name: str) -> Path:
         return log_dir(self.home) / f"{name}.log"
 
@@ -319,7 +467,12 @@ class Supervisor:
         for names in order:
             group = [self.child(n) for n in names]
             for child in group:
-                if child.popen is not None and child.popen.poll() is None:
+                # a retiring worker is draining already: a second SIGTERM would cut it short
+                if (
+                    child.retire_by is None
+                    and child.popen is not None
+                    and child.popen.poll() is None
+                ):
                     child.popen.send_signal(signal.SIGTERM)
             end = time.monotonic() + self.drain_grace_s
             for child in group:
@@ -354,6 +507,11 @@ class Supervisor:
             "restart": self.restart,
             "registry_url": self.registry_url,
             "home": str(self.home),
+            "scale_protocol": SCALE_PROTOCOL,  # this supervisor reads scale requests
+            "workers_target": self.workers_target,
+            "config": self.config,
+            "scale": self.scale_ack,
+            "retired": self.retired,
             "daemons": [
                 {
                     k: getattr(c, k)
