@@ -339,9 +339,15 @@ def _roff(text: str) -> str:
     return "\n".join(out)
 
 
-def _paragraphs(text: str) -> list[str]:
-    paras = [" ".join(p.split()) for p in text.strip().split("\n\n")]
-    return [p for p in paras if p]
+def _blocks(text: str) -> list[tuple[str, bool]]:
+    """Paragraphs, reflowed, and the blocks that keep their lines (click's ``\\b`` marker)."""
+    out = []
+    for p in text.strip().split("\n\n"):
+        if p.startswith("\b"):
+            out.append(("\n".join(line.strip() for line in p.split("\n")[1:]), True))
+        elif p.strip():
+            out.append((" ".join(p.split()), False))
+    return out
 
 
 def _options_section(options: list[Opt]) -> list[str]:
@@ -363,10 +369,10 @@ def _header(name: str, summary: str) -> list[str]:
 
 
 def _describe(node: Cmd, lines: list[str]) -> None:
-    for i, para in enumerate(_paragraphs(node.help)):
+    for i, (para, verbatim) in enumerate(_blocks(node.help)):
         if i:
             lines.append(".PP")
-        lines.append(_roff(para))
+        lines += [".nf", _roff(para), ".fi"] if verbatim else [_roff(para)]
 
 
 def man_root(tree: Cmd) -> str:

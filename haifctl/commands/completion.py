@@ -37,15 +37,17 @@ def completion(
         ),
     ] = None,
 ) -> None:
-    """Print the completion script for SHELL: commands, options, their choices, and the
-    registered model names and daemon names where they are wanted.
+    """Print the completion script for SHELL (bash, zsh or fish).
 
-    Install it once (open a new shell afterwards):
+    It completes commands, options and their choices, and asks haifctl for the names only it
+    knows: registered models (--model, models show...) and daemons with logs (logs).
 
+    Install it once (then open a new shell; for zsh, ~/.zfunc must be on $fpath before
+    compinit runs):
+
+    \b
       bash: haifctl completion bash > ~/.local/share/bash-completion/completions/haifctl
-
-      zsh: haifctl completion zsh > ~/.zfunc/_haifctl (a directory on $fpath, before compinit)
-
+      zsh:  haifctl completion zsh > ~/.zfunc/_haifctl
       fish: haifctl completion fish > ~/.config/fish/completions/haifctl.fish
 
     The pip package also installs the scripts (and the man pages) under its prefix's share/

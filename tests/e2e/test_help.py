@@ -55,7 +55,7 @@ def test_every_command_shows_its_settings_an_example_and_clean_prose(haifctl: Ru
         text = proc.stdout
         assert re.search(r"^  Examples\b.*:$", text, re.M), path
         example = re.split(r"^  Examples\b.*:$", text, flags=re.M)[1].split("\n\n")[1].strip()
-        assert example.startswith(("haifctl ", "$", "echo", "HAIF_")), (path, example)
+        assert "haifctl" in example, (path, example)
         for bad in ("<bool>", "<str>", "<int", "<float", "<list[", "<Path>"):
             assert bad not in text, (path, bad)
         prose = re.split(r"^(Arguments|Options|Commands):$", text, flags=re.M)[0]
