@@ -130,6 +130,7 @@ class Decision:
     name: str = ""
     evict: list[str] = field(default_factory=list)
     reason: str = ""
+    seen: int = 0  # candidates looked at
 
 
 def place(
@@ -184,6 +185,7 @@ def place(
             best.name,
             reason=f"{policy}: {why} of {matched} matching workers "
             f"({human_bytes(best.free)} free, load {best.load:.2f}, needs {human_bytes(need)})",
+            seen=seen,
         )
     if fallback is not None:
         freed, c, chosen = fallback
@@ -193,15 +195,18 @@ def place(
             evict=chosen,
             reason=f"no worker has {human_bytes(need)} free: evicting idle "
             f"{', '.join(chosen)} ({human_bytes(freed)}, least recently used) on {c.name}",
+            seen=seen,
         )
     if not matched:
         wanted = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
         return Decision(
             None,
-            reason=f"no worker has the labels {wanted}" if seen else "no worker is connected",
+            reason=f"no worker has the labels {wanted}" if seen else "no worker can take it",
+            seen=seen,
         )
     return Decision(
         None,
         reason=f"needs {human_bytes(need)} of memory; the most any worker has free, even "
         f"after unloading its idle models, is {human_bytes(most_free)}",
+        seen=seen,
     )

@@ -281,6 +281,9 @@ class Register(Msg, frozen=True, tag=True, kw_only=True):
     memory_used: int = 0
     labels: dict[str, str] = {}
     keep_alive_s: float | None = 300.0
+    # It was registered with an orchestrator before (this one restarted, or forgot it): an
+    # orchestrator that sees one waits for the others to come back before loading elsewhere.
+    rejoin: bool = False
 
 
 class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
@@ -368,6 +371,8 @@ class ModelInfo(Msg, frozen=True, tag=True, kw_only=True):
     path: str
     context_length: int | None
     params: dict[str, Any] = {}
+    size_bytes: int = 0  # the file's, as registered: what a load on demand must find room for
+    sha256: str = ""
 
 
 # registry RPC -------------------------------------------------------------------------------

@@ -14,6 +14,14 @@ The loop never waits for another daemon.  Registry calls go out on a DEALER read
 poller and their answers are matched by id; requests naming a model being looked up are parked
 on that one call.  A known model is served from the last good answer while the registry is away
 (stale-while-error); a failed lookup is remembered briefly; status updates are fire-and-forget.
+
+Models come and go on demand.  A request for a registered model that no worker has loaded makes
+the orchestrator choose a worker where it fits (:func:`haifctl.placement.place`: memory free,
+labels, spread or binpack; evicting the least recently used idle model when nothing fits) and
+send it a :class:`wire.Load`; the request waits in the model's queue, one load per model at a
+time, and a failed load fails its queue and is remembered for ``LOAD_FAILURE_S``.  An idle
+model is unloaded when its keep-alive runs out (a heap of deadlines, swept like the others).
+Each worker's slots are counted per model: a model's requests never wait for another's.
 """
 
 from __future__ import annotations
@@ -39,11 +47,22 @@ from prometheus_client.registry import Collector
 
 from haifctl import wire
 from haifctl.daemon.base import NOBLOCK, Daemon, incoming, log
-from haifctl.errors import Kind
-from haifctl.security import GATEWAY, ORCHESTRATOR, WORKER
+from haifctl.errors import HaifError, Kind
+from haifctl.placement import (
+    POLICIES,
+    Candidate,
+    Resident,
+    estimate_bytes,
+    matches,
+    parse_keep_alive,
+    place,
+)
+from haifctl.security import ADMIN, GATEWAY, ORCHESTRATOR, WORKER
 from haifctl.tracing import Span, child_traceparent, parent_context
 
-RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request"}
+RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request", "model_not_loaded"}
+LOAD_TIMEOUT_S = 600.0  # a load not done by then has failed
+LOAD_FAILURE_S = 60.0  # a model that failed to load is not tried again for this long
 RESOLVE_CACHE_S = 5.0  # a registry answer is fresh this long (then used while asking again)
 FAILED_LOOKUP_S = (
     1.0  # an unknown model, or a registry that did not answer, is remembered this long
@@ -69,6 +88,19 @@ def embed_pool(ref: str) -> str:
     """The pool of a model's workers that serve embeddings: a key of its own in every per-model
     index (a model reference holds no space, so no model's own key is one of these)."""
     return f"{ref} embeddings"
+
+
+def pool_model(pool: str) -> str:
+    """The model a pool belongs to."""
+    return pool.removesuffix(embed_pool(""))
+
+
+def selector_of(value: object) -> dict[str, str]:
+    """Labels a request (or a model's registered params) selects workers by; anything but a
+    mapping selects nothing."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def no_embeddings(ref: str) -> wire.Error:
@@ -103,17 +135,59 @@ class WorkerRec:
     version: int = 0  # which of its entries in the vacancy heaps is current
     # Requests it is stopping that are not its to run (see Ack.cancel): their text is dropped.
     orphans: set[str] = field(default_factory=set)
-    listed: bool = False  # counted among its models' workers with a free slot
+    listed: set[str] = field(default_factory=set)  # pools counting it as having a free slot
     embeddings: bool = False
     # The index keys it is listed under: its models, and their embedding pools when it has them.
     pools: list[str] = field(default_factory=list)
+    # models on demand (what the worker announced; older workers announce none of it)
+    loaded: dict[str, wire.ModelState] = field(default_factory=dict)
+    memory_budget: int = 0  # bytes (0: unknown, taken as unlimited)
+    memory_used: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    keep_alive_s: float | None = 300.0  # its own default for a model loaded on demand
+    model_of: dict[str, str] = field(default_factory=dict)  # running request -> its model
+    model_busy: Counter[str] = field(default_factory=Counter)
+    last_used: dict[str, float] = field(default_factory=dict)  # model -> monotonic
+    served_by: Counter[str] = field(default_factory=Counter)
+    keep: dict[str, float | None] = field(default_factory=dict)  # keep-alive asked per model
+    incoming: dict[str, int] = field(default_factory=dict)  # loads sent to it: model -> bytes
+    on_demand: set[str] = field(default_factory=set)  # models loaded by this orchestrator
 
     def __post_init__(self) -> None:
+        self.set_pools()
+
+    def set_pools(self) -> None:
         self.pools = [*self.models, *(embed_pool(r) for r in self.models if self.embeddings)]
 
     @property
     def free(self) -> int:
         return 0 if self.draining else self.slots - len(self.running)
+
+    def free_in(self, pool: str) -> int:
+        """Free slots for ``pool``'s model (each loaded model has slots of its own)."""
+        if self.draining:
+            return 0
+        state = self.loaded.get(pool_model(pool))
+        if state is None:
+            return self.slots - len(self.running)
+        return state.slots - self.model_busy[state.ref]
+
+    def load_in(self, pool: str) -> float:
+        state = self.loaded.get(pool_model(pool))
+        if state is None:
+            return len(self.running) / self.slots
+        return self.model_busy[state.ref] / max(1, state.slots)
+
+    def ctx_of(self, model: str) -> int:
+        state = self.loaded.get(model)
+        return state.n_ctx if state is not None and state.n_ctx else self.n_ctx
+
+    def keep_for(self, model: str) -> float | None:
+        """How long ``model`` stays once idle: what the last request or the registry asked,
+        else the worker's own setting for a model loaded on demand; one it started with stays."""
+        if model in self.keep:
+            return self.keep[model]
+        return self.keep_alive_s if model in self.on_demand else None
 
 
 @dataclass(frozen=True)
@@ -164,14 +238,39 @@ class Pending:
     queue_span: Span | None = None
     attempts: int = 0
     tried: set[bytes] = field(default_factory=set)
+    need_ctx: int = 0  # a worker must hold this much context (0: any)
+    selector: dict[str, str] = field(default_factory=dict)  # labels its worker must carry
+    keep_asked: bool = False  # the request named a keep_alive (None: keep loaded)
+    keep_alive: float | None = None
 
     def __post_init__(self) -> None:
         self.pool = self.pool or self.model_ref
 
 
+@dataclass
+class LoadTask:
+    """A model being loaded on a worker, and whoever waits for the outcome besides its queue."""
+
+    ref: str
+    worker: bytes
+    worker_id: str
+    sent: float
+    need: int
+    reason: str
+    waiters: list[Callable[[wire.Msg], None]] = field(default_factory=list)
+
+
 # What each role may send the orchestrator (anyone may ping, ask for stats or list models).
-WORKER_MESSAGES = (*wire.FINAL, wire.Heartbeat, wire.Register, wire.ResolveModel)
+WORKER_MESSAGES = (
+    *wire.FINAL,
+    wire.ContextTooSmall,
+    wire.Heartbeat,
+    wire.LoadFailed,
+    wire.Register,
+    wire.ResolveModel,
+)
 GATEWAY_MESSAGES = (wire.Infer, wire.Cancel)
+ADMIN_MESSAGES = (wire.ManageModel,)
 
 
 class OrchestratorDaemon(Daemon):
@@ -189,8 +288,12 @@ class OrchestratorDaemon(Daemon):
         max_attempts: int = 3,
         drain_grace_s: float = 30.0,
         ready_file: Path | None = None,
+        placement: str = "spread",
     ) -> None:
         super().__init__(ready_file)
+        if placement not in POLICIES:
+            raise ValueError(f"placement {placement!r}: one of {', '.join(POLICIES)}")
+        self.placement = placement
         self.bind_address = bind_address
         self.registry_address = registry_address
         self.default_model = default_model
@@ -228,6 +331,14 @@ class OrchestratorDaemon(Daemon):
         self.expiries: list[tuple[float, int, str]] = []  # (wall-clock deadline, seq, queued id)
         self.seq = itertools.count(1)
         self.queue_wait: dict[str, Histogram] = {}
+        # models on demand
+        self.loads: dict[str, LoadTask] = {}  # model -> its load in progress
+        self.load_failures: dict[str, tuple[float, wire.Error]] = {}  # model -> (until, why)
+        self.idle: list[tuple[float, int, WorkerRec, str, float]] = []  # keep-alive deadlines
+        self.widest: dict[str, int] = {}  # model -> the largest context a worker has it with
+        # model (NAME:VERSION) -> what the registry said of it, for loads the sweep starts
+        self.infos: OrderedDict[str, wire.ModelInfo] = OrderedDict()
+        self.rejoined = False  # a worker registered before came back: this is a restart
         # Gauges over the table are computed at scrape time, in the HTTP server's thread.
         for gauge in (self.metrics.workers, self.metrics.slots, self.metrics.queue_depth):
             self.metrics.registry.unregister(gauge)
@@ -324,8 +435,10 @@ class OrchestratorDaemon(Daemon):
     def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes, role: str) -> None:
         accepting = self.accepting
         msg = envelope.msg
-        if (isinstance(msg, WORKER_MESSAGES) and role != WORKER) or (
-            isinstance(msg, GATEWAY_MESSAGES) and role != GATEWAY
+        if (
+            (isinstance(msg, WORKER_MESSAGES) and role != WORKER)
+            or (isinstance(msg, GATEWAY_MESSAGES) and role != GATEWAY)
+            or (isinstance(msg, ADMIN_MESSAGES) and role != ADMIN)
         ):
             refusal = self.refuse_role(role, type(msg).__name__.lower())
             if envelope.id and not isinstance(msg, (*wire.FINAL, wire.Cancel)):
@@ -334,8 +447,12 @@ class OrchestratorDaemon(Daemon):
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if isinstance(msg, wire.FINAL) and worker is not None:
+        if isinstance(msg, (*wire.FINAL, wire.ContextTooSmall)) and worker is not None:
             self.from_worker(worker, envelope, body)
+        elif isinstance(msg, wire.LoadFailed) and worker is not None:
+            self.load_failed(worker, msg)
+        elif isinstance(msg, wire.ManageModel):
+            self.manage(msg, lambda answer: self.send(identity, wire.reply(envelope, answer)))
         elif isinstance(msg, wire.Heartbeat):
             self.heartbeat(identity, envelope, msg)
         elif isinstance(msg, wire.Register):
@@ -381,6 +498,11 @@ class OrchestratorDaemon(Daemon):
             gpu_name=msg.gpu_name,
             gpu_memory_mb=msg.gpu_memory_mb,
             embeddings=msg.embeddings,
+            loaded={state.ref: state for state in msg.loaded if state.ref in msg.models},
+            memory_budget=msg.memory_budget,
+            memory_used=msg.memory_used,
+            labels=dict(msg.labels),
+            keep_alive_s=msg.keep_alive_s,
         )
         first = [ref for ref in rec.models if ref not in self.serving]
         ours = {
@@ -392,12 +514,25 @@ class OrchestratorDaemon(Daemon):
         # Busy until their Done or Error: what it still runs, ours or not, and what we sent it
         # that it has not answered yet (messages on one connection arrive in order).
         rec.running = set(msg.running)
+        gone: list[str] = []
         if known is not None:
             rec.running |= known.running
             rec.draining = known.draining
+            rec.assigned = known.assigned
+            rec.model_of = {r: m for r, m in known.model_of.items() if r in rec.running}
+            rec.last_used = known.last_used
+            rec.served_by = known.served_by
+            rec.keep = known.keep
+            rec.on_demand = known.on_demand & set(rec.models)
+            rec.incoming = {r: n for r, n in known.incoming.items() if r not in rec.models}
+            gone = [ref for ref in known.models if ref not in rec.models]
             self.unindex(known)
             if self.by_worker_id.get(known.worker_id) is known:
                 del self.by_worker_id[known.worker_id]
+        for rid in ours:
+            pending = self.pending[rid]
+            rec.model_of.setdefault(rid, pending.model_ref)
+        rec.model_busy = Counter(rec.model_of.get(rid, "") for rid in rec.running)
         self.workers[identity] = rec
         self.by_worker_id[rec.worker_id] = rec
         self.index(rec)
@@ -405,6 +540,7 @@ class OrchestratorDaemon(Daemon):
             self.liveness, (rec.last_seen + self.heartbeat_timeout_s, next(self.seq), rec)
         )
         self.counters["registrations"] += 1
+        self.rejoined = self.rejoined or msg.rejoin
         log(
             self.name,
             "worker registered" if known is None else "worker registered again",
@@ -421,6 +557,10 @@ class OrchestratorDaemon(Daemon):
             self.orphaned.pop(ref, None)
         for ref in first:  # the registry hears when a model gains its first worker, not each time
             self.set_status(ref, "deployed")
+        for ref in gone:
+            if ref not in self.serving:
+                self.set_status(ref, "registered")
+        self.loads_arrived(rec)
         self.pump()
 
     def heartbeat(self, identity: bytes, envelope: wire.Envelope, msg: wire.Heartbeat) -> None:
@@ -429,6 +569,8 @@ class OrchestratorDaemon(Daemon):
             self.send(identity, wire.reply(envelope, wire.Ack(known=False)))
             return
         worker.served, worker.errors, worker.tokens = msg.served, msg.errors, msg.tokens
+        if msg.memory_budget:
+            worker.memory_budget, worker.memory_used = msg.memory_budget, msg.memory_used
         if msg.draining != worker.draining:
             self.open_workers.update({ref: -1 if msg.draining else 1 for ref in worker.pools})
             worker.draining = msg.draining
@@ -483,6 +625,14 @@ class OrchestratorDaemon(Daemon):
         for ref in worker.models:
             if ref not in self.serving:
                 self.set_status(ref, "registered")
+        for ref in list(worker.incoming):
+            task = self.loads.get(ref)
+            if task is not None and task.worker == worker.identity:
+                # its queue waits as one whose worker went away does: the sweep places it again
+                self.load_ended(ref, None)
+                for pool in (ref, embed_pool(ref)):
+                    if self.queues.get(pool) and not self.open_workers[pool]:
+                        self.orphaned.setdefault(pool, time.monotonic())
         for ref in worker.pools:
             if not self.open_workers[ref] and self.queues.get(ref):
                 # a crashed worker is usually restarted in seconds: its queue waits that long
@@ -493,7 +643,7 @@ class OrchestratorDaemon(Daemon):
         """A model (a pool) with no worker left to take its queue: answer the queue 503 at
         once (400 for embeddings of a model whose workers have none)."""
         self.orphaned.pop(ref, None)
-        if self.open_workers[ref]:
+        if self.open_workers[ref] or pool_model(ref) in self.loads:
             return
         model = ref.removesuffix(embed_pool(""))
         error = wire.Error(
@@ -532,13 +682,16 @@ class OrchestratorDaemon(Daemon):
             return
         msg = envelope.msg
         self.release(worker, envelope.id)
-        if isinstance(msg, wire.Error) and not pending.streamed and msg.code in RETRYABLE:
+        if isinstance(msg, wire.ContextTooSmall):
+            self.refit(pending, worker, msg)
+        elif isinstance(msg, wire.Error) and not pending.streamed and msg.code in RETRYABLE:
             pending.worker = None
             pending.tried.add(worker.identity)
             self.counters["retries"] += 1
             self.metrics.retries.inc()
             self.requeue(pending)
         elif isinstance(msg, wire.Done):
+            worker.served_by[pending.model_ref] += 1
             queue_ms = round((time.monotonic() - pending.enqueued_at) * 1000 - msg.generation_ms, 3)
             self.finish(pending, msgspec.structs.replace(msg, queue_ms=max(0.0, queue_ms)))
         else:
@@ -707,6 +860,8 @@ class OrchestratorDaemon(Daemon):
                 path=record["path"],
                 context_length=record.get("context_length"),
                 params=record.get("params") or {},
+                size_bytes=int(record.get("size_bytes") or 0),
+                sha256=str(record.get("sha256") or ""),
             )
         if isinstance(reply, wire.Error):
             return reply
@@ -778,6 +933,384 @@ class OrchestratorDaemon(Daemon):
 
         self.ask_registry("list", "", answer)
 
+    # models on demand ------------------------------------------------------------------------
+    def note_info(self, info: wire.ModelInfo) -> None:
+        self.infos[info.ref] = info
+        self.infos.move_to_end(info.ref)
+        if len(self.infos) > MAX_RESOLVED:
+            self.infos.popitem(last=False)
+
+    def any_matching(self, pool: str, selector: dict[str, str]) -> bool:
+        """Whether a worker with these labels serves ``pool`` (only asked when a request
+        selects labels: a scan of that model's workers)."""
+        return any(
+            matches(w.labels, selector) and not w.draining
+            for w in self.serving.get(pool, {}).values()
+        )
+
+    def candidates(self, ref: str, embed: bool, only: WorkerRec | None) -> Iterator[Candidate]:
+        """Workers that could load ``ref``: open, announcing a memory budget (they load on
+        demand), without it, with embeddings when needed."""
+        for w in [only] if only is not None else self.workers.values():
+            if (
+                w.draining
+                or not w.memory_budget  # a worker that cannot load on demand
+                or ref in w.models
+                or ref in w.incoming
+                or (embed and not w.embeddings)
+            ):
+                continue
+            residents = [
+                Resident(
+                    m,
+                    state.size_bytes,
+                    busy=w.model_busy[m],
+                    last_used=w.last_used.get(m, 0.0),
+                    pinned=bool(self.queues.get(m)),
+                )
+                for m, state in w.loaded.items()
+            ]
+            yield Candidate(
+                key=w.identity,
+                name=w.worker_id,
+                budget=w.memory_budget,
+                used=w.memory_used + sum(w.incoming.values()),
+                load=len(w.running) / max(1, w.slots),
+                labels=w.labels,
+                residents=residents,
+            )
+
+    def start_load(
+        self,
+        info: wire.ModelInfo,
+        selector: dict[str, str],
+        *,
+        embed: bool = False,
+        n_ctx: int = 0,
+        only: WorkerRec | None = None,
+        why: str = "",
+    ) -> wire.Error | None:
+        """Have ``info`` loaded where the placement policy puts it (evicting idle models if it
+        must); None when a load is on its way (this one, or one already going)."""
+        ref = info.ref
+        if ref in self.loads:
+            return None
+        failed = self.load_failures.get(ref)
+        if failed is not None:
+            if failed[0] > time.monotonic():
+                return failed[1]
+            del self.load_failures[ref]
+        need = estimate_bytes(info.size_bytes)
+        started = time.monotonic()
+        decision = place(self.candidates(ref, embed, only), need, self.placement, selector)
+        cost_us = round((time.monotonic() - started) * 1e6, 1)
+        if decision.key is None and not decision.seen and selector:
+            wanted = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+            return wire.Error(
+                kind=Kind.unavailable,
+                code="no_room",
+                message=f"no worker with the labels {wanted} serves {ref} or can load it",
+                hint="start a worker with them: haifctl worker --label KEY=VALUE ...",
+                retry_after=5.0,
+            )
+        if decision.key is None and not decision.seen:
+            return wire.Error(
+                kind=Kind.unavailable,
+                code="unavailable",
+                message=f"no worker serves {ref}",
+                hint=f"start one: haifctl worker --orchestrator ADDRESS --model {ref}",
+                retry_after=2.0,
+            )
+        if decision.key is None or decision.key not in self.workers:
+            self.counters["loads_refused"] += 1
+            log(self.name, "no room to load", level="debug", model=ref, reason=decision.reason)
+            return wire.Error(
+                kind=Kind.unavailable,
+                code="no_room",
+                message=f"cannot load {ref}: {decision.reason}",
+                hint="unload a model (haifctl models unload NAME), or start a worker with "
+                "more memory",
+                retry_after=5.0,
+            )
+        worker = self.workers[decision.key]
+        for victim in decision.evict:
+            self.unload(worker, victim, f"evicted to make room for {ref}")
+        self.send(
+            worker.identity,
+            wire.encode(
+                wire.Load(
+                    ref=ref,
+                    path=info.path,
+                    sha256=info.sha256,
+                    n_ctx=n_ctx,
+                    context_length=info.context_length,
+                )
+            ),
+        )
+        worker.incoming[ref] = need
+        if "keep_alive" in info.params:
+            with contextlib.suppress(HaifError):
+                worker.keep[ref] = parse_keep_alive(info.params["keep_alive"])
+        self.loads[ref] = LoadTask(
+            ref, worker.identity, worker.worker_id, time.monotonic(), need, decision.reason
+        )
+        self.counters["loads"] += 1
+        log(
+            self.name,
+            "loading a model",
+            level="debug",
+            model=ref,
+            worker=worker.worker_id,
+            why=why,
+            placement=decision.reason,
+            evicted=decision.evict,
+            n_ctx=n_ctx or None,
+            decision_us=cost_us,
+        )
+        if self.tracing is not None:
+            span = self.tracing.tracer.start_span(
+                "placement",
+                attributes={
+                    "haif.model": ref,
+                    "haif.worker": worker.worker_id,
+                    "haif.placement": self.placement,
+                    "haif.reason": decision.reason,
+                    "haif.evicted": ",".join(decision.evict),
+                },
+            )
+            span.end()
+        return None
+
+    def loads_arrived(self, worker: WorkerRec) -> None:
+        """A worker announced its models: the loads sent to it that are in are done."""
+        for ref in [r for r, t in self.loads.items() if t.worker == worker.identity]:
+            if ref in worker.models:
+                task = self.load_ended(ref, None)
+                worker.on_demand.add(ref)
+                if task is not None:
+                    log(
+                        self.name,
+                        "model loaded on demand",
+                        model=ref,
+                        worker=worker.worker_id,
+                        load_ms=round((time.monotonic() - task.sent) * 1000, 1),
+                    )
+                now = time.monotonic()
+                worker.last_used.setdefault(ref, now)
+                self.idle_later(worker, ref, now)
+            elif ref not in worker.incoming:
+                self.load_ended(ref, None)  # a new process under that name: it forgot
+
+    def load_ended(self, ref: str, error: wire.Error | None) -> LoadTask | None:
+        """A load is over (``error``: it failed): answer whoever waited for it."""
+        task = self.loads.pop(ref, None)
+        if task is None:
+            return None
+        worker = self.workers.get(task.worker)
+        if worker is not None:
+            worker.incoming.pop(ref, None)
+        answer: wire.Msg = error or wire.ModelPlaced(
+            ref=ref, workers=[task.worker_id], message=f"loaded on {task.worker_id}"
+        )
+        for waiter in task.waiters:
+            self.safely(waiter, answer)
+        return task
+
+    def load_failed(self, worker: WorkerRec, msg: wire.LoadFailed) -> None:
+        """A worker could not load a model: its queue fails with the reason, and the model is
+        not tried again for LOAD_FAILURE_S (a bad file stays bad)."""
+        worker.incoming.pop(msg.ref, None)
+        task = self.loads.get(msg.ref)
+        if task is None or task.worker != worker.identity:
+            return
+        error = wire.Error(kind=msg.kind, code=msg.code, message=msg.message, hint=msg.hint)
+        self.load_ended(msg.ref, error)
+        self.load_failures[msg.ref] = (time.monotonic() + LOAD_FAILURE_S, error)
+        self.counters["loads_failed"] += 1
+        log(
+            self.name,
+            "model load failed",
+            level="warning",
+            model=msg.ref,
+            worker=worker.worker_id,
+            error=msg.message,
+        )
+        for pool in (msg.ref, embed_pool(msg.ref)):
+            if not self.open_workers[pool]:
+                self.fail_queue(pool, error)
+
+    def fail_queue(self, pool: str, error: wire.Error) -> None:
+        self.orphaned.pop(pool, None)
+        queue = self.queues.get(pool)
+        while queue:
+            pending = self.pending.get(queue.popleft())
+            if pending is not None:
+                self.finish(pending, error)
+
+    def unload(self, worker: WorkerRec, ref: str, why: str) -> None:
+        """Stop sending ``ref`` to ``worker`` and tell it to unload it (requests still running
+        there finish first)."""
+        if ref not in worker.models:
+            return
+        state = worker.loaded.pop(ref, None)
+        self.set_models(worker, [m for m in worker.models if m != ref])
+        worker.memory_used = max(0, worker.memory_used - (state.size_bytes if state else 0))
+        worker.on_demand.discard(ref)
+        self.send(worker.identity, wire.encode(wire.Unload(ref=ref)))
+        self.counters["unloads"] += 1
+        log(self.name, "unloading a model", model=ref, worker=worker.worker_id, why=why)
+        if ref not in self.serving:
+            self.set_status(ref, "registered")
+
+    def idle_later(self, worker: WorkerRec, model: str, now: float) -> None:
+        """``model`` went idle on ``worker``: note when its keep-alive runs out."""
+        keep = worker.keep_for(model)
+        if keep is not None:
+            entry = (now + keep, next(self.seq), worker, model, worker.last_used.get(model, now))
+            heapq.heappush(self.idle, entry)
+
+    def expire_idle(self, now: float) -> None:
+        """Unload models whose keep-alive ran out (entries made stale by a later use, or by
+        the worker going away, are skipped)."""
+        while self.idle and self.idle[0][0] <= now:
+            _, _, worker, model, stamp = heapq.heappop(self.idle)
+            if (
+                self.workers.get(worker.identity) is not worker
+                or model not in worker.models
+                or worker.model_busy[model]
+                or worker.last_used.get(model) != stamp
+                or self.queues.get(model)
+            ):
+                continue
+            keep = worker.keep_for(model)
+            self.unload(worker, model, f"idle past its keep-alive ({keep:g}s)" if keep else "idle")
+
+    def refit(self, pending: Pending, worker: WorkerRec, msg: wire.ContextTooSmall) -> None:
+        """A worker's context is too small for the prompt and max_tokens: send the request to
+        a worker with a larger one, or have one loaded with it, or run it where the prompt
+        fits (generation stops when the context is full), or refuse it naming the largest."""
+        model = pending.model_ref
+        widest = self.widest.get(model, 0)
+        info = self.infos.get(model)
+        trained = info.context_length or 0 if info is not None else 0
+        route = "a worker with a larger context"
+        if widest >= msg.need:
+            pending.need_ctx = msg.need
+        elif (
+            info is not None
+            and trained >= msg.need
+            and self.start_load(info, pending.selector, n_ctx=msg.need, why="a longer context")
+            is None
+        ):
+            pending.need_ctx = msg.need
+            route = "a load with a larger context"
+        elif max(widest, msg.n_ctx) > msg.prompt_tokens:
+            pending.need_ctx = max(widest, msg.n_ctx)
+            pending.infer = msgspec.structs.replace(pending.infer, truncate=True)
+            route = "the largest context, generation cut where it is full"
+        else:
+            largest = max(widest, msg.n_ctx)
+            self.counters["rejected_context_too_small"] += 1
+            self.finish(
+                pending,
+                wire.Error(
+                    kind=Kind.invalid,
+                    code="context_too_small",
+                    message=f"the prompt is {msg.prompt_tokens} tokens (with max_tokens, "
+                    f"{msg.need}); the largest context available for {model} is {largest}",
+                    hint="shorten the prompt, or load the model with a larger context: "
+                    "haifctl models load NAME --n-ctx N",
+                ),
+            )
+            return
+        self.counters["context_reroutes"] += 1
+        log(
+            self.name,
+            "context too small; routing again",
+            level="debug",
+            request_id=pending.envelope.id,
+            model=model,
+            worker=worker.worker_id,
+            need=msg.need,
+            n_ctx=msg.n_ctx,
+            to=route,
+        )
+        if pending.queue_span is None and self.tracing is not None and pending.span is not None:
+            pending.queue_span = self.tracing.tracer.start_span(
+                "queue wait",
+                context=trace.set_span_in_context(pending.span),
+                attributes={"haif.reroute": route},
+            )
+        pending.worker = None
+        self.requeue(pending)
+
+    def manage(self, msg: wire.ManageModel, then: Callable[[wire.Msg], None]) -> None:
+        """An operator's load or unload (``haifctl models load/unload``)."""
+        if msg.op not in ("load", "unload"):
+            then(wire.Error(kind=Kind.invalid, code="invalid_request", message=f"op {msg.op!r}"))
+            return
+        only = None
+        if msg.worker:
+            only = self.by_worker_id.get(msg.worker)
+            if only is None:
+                then(
+                    wire.Error(
+                        kind=Kind.not_found,
+                        code="worker_not_found",
+                        message=f"no worker {msg.worker!r} is connected",
+                        hint="`haifctl ps` lists the workers",
+                    )
+                )
+                return
+
+        def resolved(info: Answer) -> None:
+            if isinstance(info, wire.Error):
+                return then(info)
+            ref = info.ref
+            self.note_info(info)
+            holders = [w for w in self.serving.get(ref, {}).values() if only is None or w is only]
+            if msg.op == "unload":
+                if not holders:
+                    return then(
+                        wire.Error(
+                            kind=Kind.not_found,
+                            code="not_loaded",
+                            message=f"{ref} is not loaded"
+                            + (f" on {msg.worker}" if msg.worker else ""),
+                        )
+                    )
+                for w in holders:
+                    self.unload(w, ref, "asked by an operator")
+                return then(
+                    wire.ModelPlaced(
+                        ref=ref,
+                        workers=[w.worker_id for w in holders],
+                        message="unloaded",
+                    )
+                )
+            if holders and not msg.n_ctx:
+                return then(
+                    wire.ModelPlaced(
+                        ref=ref,
+                        workers=[w.worker_id for w in holders],
+                        message="already loaded",
+                    )
+                )
+            self.load_failures.pop(ref, None)  # asked by hand: try again
+            error = self.start_load(
+                info,
+                selector_of(info.params.get("labels")),
+                n_ctx=msg.n_ctx,
+                only=only,
+                why="asked by an operator",
+            )
+            if error is not None:
+                return then(error)
+            self.loads[ref].waiters.append(then)
+            return None
+
+        self.resolve(msg.ref, resolved)
+
     # requests --------------------------------------------------------------------------------
     def infer(
         self, gateway: bytes, envelope: wire.Envelope, msg: wire.Infer, accepting: bool
@@ -846,7 +1379,19 @@ class OrchestratorDaemon(Daemon):
         the model's embedding pool, any other in the model's own."""
         embed = msg.request.get("op") == "embed"
         pool = embed_pool(info.ref) if embed else info.ref
-        young = time.monotonic() - self.started_mono < self.startup_grace_s
+        self.note_info(info)
+        selector = selector_of(msg.request.get("labels") or info.params.get("labels"))
+        keep_asked = msg.request.get("keep_alive") is not None
+        try:
+            keep = parse_keep_alive(msg.request["keep_alive"]) if keep_asked else None
+        except HaifError as exc:
+            return refuse(exc.to_wire())
+        # Just restarted, workers are on their way back (one that was registered before has
+        # said so, or none has come yet): wait for them rather than load the model elsewhere.
+        young = time.monotonic() - self.started_mono < self.startup_grace_s and (
+            self.rejoined or not self.workers
+        )
+        waits_for = ""
         if not self.open_workers[pool] and young:
             # Just started (a restart): workers are on their way back; the request waits for
             # them in the queue, as long as a queue whose workers went away does.  When the
@@ -855,18 +1400,15 @@ class OrchestratorDaemon(Daemon):
             if embed and self.open_workers[info.ref]:
                 since = self.started_mono + self.startup_grace_s - ORPHAN_QUEUE_S
             self.orphaned.setdefault(pool, since)
-        elif not self.open_workers[pool] and embed and self.open_workers[info.ref]:
-            return refuse(no_embeddings(info.ref))
-        elif not self.open_workers[pool]:
-            return refuse(
-                wire.Error(
-                    kind=Kind.unavailable,
-                    code="unavailable",
-                    message=f"no worker serves {info.ref}",
-                    hint=f"start one: haifctl worker --orchestrator ADDRESS --model {info.ref}",
-                    retry_after=2.0,
-                )
-            )
+        elif not self.open_workers[pool] or (selector and not self.any_matching(pool, selector)):
+            # Nobody (with these labels) has it loaded: load it where it fits; the request
+            # waits in the queue meanwhile.
+            error = self.start_load(info, selector, embed=embed, why="requested")
+            if error is not None:
+                if embed and self.open_workers[info.ref]:
+                    error = no_embeddings(info.ref)
+                return refuse(error)
+            waits_for = self.loads[info.ref].worker_id if info.ref in self.loads else ""
         infer = wire.Infer(
             request=msg.request,
             client=msg.client,
@@ -884,8 +1426,25 @@ class OrchestratorDaemon(Daemon):
                 model_ref=info.ref,
                 enqueued_at=time.monotonic(),
                 pool=pool,
+                selector=selector,
+                keep_asked=keep_asked,
+                keep_alive=keep,
             )
         )
+        if waits_for:
+            self.counters["waited_for_load"] += 1
+            if pending.queue_span is not None:
+                pending.queue_span.set_attributes(
+                    {"haif.waits_for_load": info.ref, "haif.load_worker": waits_for}
+                )
+            log(
+                self.name,
+                "request waits for a load",
+                level="debug",
+                request_id=envelope.id,
+                model=info.ref,
+                worker=waits_for,
+            )
         queue = self.queues.setdefault(pool, deque())
         if not queue and self.dispatch(pending):
             self.pending[envelope.id] = pending
@@ -927,9 +1486,13 @@ class OrchestratorDaemon(Daemon):
         return pending
 
     def dispatch(self, pending: Pending) -> bool:
-        worker = self.pick(pending.pool, pending.tried)
+        worker = self.pick(pending)
         if worker is None:
             return False
+        model = pending.model_ref
+        if not pending.infer.truncate and worker.ctx_of(model) >= self.widest.get(model, 0):
+            # no worker has a larger context: a prompt that fits runs, max_tokens or not
+            pending.infer = msgspec.structs.replace(pending.infer, truncate=True)
         if pending.queue_span is not None:
             pending.queue_span.set_attributes(
                 {
@@ -950,8 +1513,14 @@ class OrchestratorDaemon(Daemon):
         pending.attempts += 1
         worker.assigned += 1
         worker.running.add(pending.envelope.id)
-        for ref in worker.pools:
-            self.busy[ref] += 1
+        worker.model_of[pending.envelope.id] = model
+        worker.model_busy[model] += 1
+        worker.last_used[model] = time.monotonic()
+        if pending.keep_asked:
+            worker.keep[model] = pending.keep_alive
+        for ref in (model, embed_pool(model)) if worker.loaded else worker.pools:
+            if ref in self.serving and worker.identity in self.serving[ref]:
+                self.busy[ref] += 1
         self.reindex(worker)
         env = pending.envelope
         self.send(
@@ -1004,7 +1573,41 @@ class OrchestratorDaemon(Daemon):
     def sweep(self) -> None:
         """Drop silent workers and expire queued requests: only the heaps' due entries."""
         now = time.monotonic()
+        self.expire_idle(now)
+        for ref, task in list(self.loads.items()):
+            if now - task.sent > LOAD_TIMEOUT_S:
+                error = wire.Error(
+                    kind=Kind.unavailable,
+                    code="load_timeout",
+                    message=f"{ref} was not loaded on {task.worker_id} in {LOAD_TIMEOUT_S:g}s",
+                    retry_after=5.0,
+                )
+                self.load_ended(ref, error)
+                self.load_failures[ref] = (now + LOAD_FAILURE_S, error)
+                for pool in (ref, embed_pool(ref)):
+                    if not self.open_workers[pool]:
+                        self.fail_queue(pool, error)
+        young = now - self.started_mono < self.startup_grace_s and (
+            self.rejoined or not self.workers
+        )
         for ref, since in list(self.orphaned.items()):
+            model = pool_model(ref)
+            if model in self.loads:
+                continue  # its load is on its way
+            info = self.infos.get(model)
+            if not young and info is not None:
+                # no worker (back) for it: load it somewhere else
+                refused = self.start_load(info, {}, embed=ref != model, why="no worker")
+                if refused is None:
+                    self.orphaned.pop(ref, None)
+                    log(
+                        self.name,
+                        "queued requests wait for a load",
+                        level="debug",
+                        model=model,
+                        queued=len(self.queues.get(ref, ())),
+                    )
+                    continue
             if now - since > ORPHAN_QUEUE_S:
                 self.answer_orphaned_queue(ref, f"no worker came back in {ORPHAN_QUEUE_S:g}s")
         while self.liveness and self.liveness[0][0] < now:
@@ -1055,68 +1658,96 @@ class OrchestratorDaemon(Daemon):
     def index(self, worker: WorkerRec) -> None:
         """Enter a worker, newly in the table, in the per-model indexes."""
         for ref in worker.pools:
+            model = pool_model(ref)
             self.serving.setdefault(ref, {})[worker.identity] = worker
-            self.busy[ref] += len(worker.running)
+            self.busy[ref] += worker.model_busy[model] if worker.loaded else len(worker.running)
             if not worker.draining:
                 self.open_workers[ref] += 1
+            if ref == model:
+                self.widest[model] = max(self.widest.get(model, 0), worker.ctx_of(model))
         self.reindex(worker)
 
     def unindex(self, worker: WorkerRec) -> None:
         """Take a worker, just removed from the table, out of the per-model indexes."""
         worker.version = -1  # its heap entries go stale
         for ref in worker.pools:
+            model = pool_model(ref)
             serving = self.serving.get(ref, {})
             serving.pop(worker.identity, None)
             if not serving:
                 self.serving.pop(ref, None)
                 self.vacancies.pop(ref, None)
-            self.busy[ref] -= len(worker.running)
+            self.busy[ref] -= worker.model_busy[model] if worker.loaded else len(worker.running)
             if not worker.draining:
                 self.open_workers[ref] -= 1
-            if worker.listed:
+            if ref in worker.listed:
                 self.free_workers[ref] -= 1
-        worker.listed = False
+            if ref == model and self.widest.get(model, 0) <= worker.ctx_of(model):
+                rest = [w.ctx_of(model) for w in serving.values()]
+                if rest:
+                    self.widest[model] = max(rest)
+                else:
+                    self.widest.pop(model, None)
+        worker.listed = set()
+
+    def set_models(self, worker: WorkerRec, models: list[str]) -> None:
+        """Change which models a worker in the table is listed for (an unload ordered here:
+        from now on it gets none of that model's requests)."""
+        self.unindex(worker)
+        worker.models = models
+        worker.set_pools()
+        self.index(worker)
 
     def reindex(self, worker: WorkerRec) -> None:
         """After a change in a worker's load or state: a fresh entry in its models' heaps of
         workers with a free slot, which makes the older ones stale."""
         worker.version = next(self.seq)
-        free = worker.free > 0
-        if free != worker.listed:
-            self.free_workers.update({ref: 1 if free else -1 for ref in worker.pools})
-            worker.listed = free
-        if not free:
-            return
-        entry = (len(worker.running) / worker.slots, worker.assigned, worker.version, worker)
         for ref in worker.pools:
+            free = worker.free_in(ref) > 0
+            if free != (ref in worker.listed):
+                self.free_workers[ref] += 1 if free else -1
+                if free:
+                    worker.listed.add(ref)
+                else:
+                    worker.listed.discard(ref)
+            if not free:
+                continue
             heap = self.vacancies.setdefault(ref, [])
-            heapq.heappush(heap, entry)
+            heapq.heappush(heap, (worker.load_in(ref), worker.assigned, worker.version, worker))
             if len(heap) > 4 * len(self.serving[ref]) + 64:  # mostly stale: rebuild
                 heap[:] = [
-                    (len(w.running) / w.slots, w.assigned, w.version, w)
+                    (w.load_in(ref), w.assigned, w.version, w)
                     for w in self.serving[ref].values()
-                    if w.free > 0
+                    if w.free_in(ref) > 0
                 ]
                 heapq.heapify(heap)
 
-    def pick(self, ref: str, tried: set[bytes]) -> WorkerRec | None:
-        """The least loaded worker of ``ref`` with a free slot (ties: the one sent the fewest
-        requests), preferring one this request has not tried."""
+    def pick(self, pending: Pending) -> WorkerRec | None:
+        """The least loaded worker of the request's pool with a free slot (ties: the one sent
+        the fewest requests) and the context and labels it needs, preferring one this request
+        has not tried."""
+        ref, tried = pending.pool, pending.tried
         heap = self.vacancies.get(ref)
         if not heap:
             return None
+        model = pool_model(ref)
         passed_over: list[tuple[float, int, int, WorkerRec]] = []
+        unfit: list[tuple[float, int, int, WorkerRec]] = []
         chosen = None
         while heap:
             worker = heap[0][3]
-            if worker.version != heap[0][2] or worker.free <= 0:
+            if worker.version != heap[0][2] or worker.free_in(ref) <= 0:
                 heapq.heappop(heap)  # stale
+            elif (pending.need_ctx and worker.ctx_of(model) < pending.need_ctx) or (
+                pending.selector and not matches(worker.labels, pending.selector)
+            ):
+                unfit.append(heapq.heappop(heap))
             elif worker.identity in tried:
                 passed_over.append(heapq.heappop(heap))
             else:
                 chosen = worker
                 break
-        for entry in passed_over:
+        for entry in (*passed_over, *unfit):
             heapq.heappush(heap, entry)
         if chosen is None and passed_over:
             chosen = passed_over[0][3]  # every free worker was tried: the best of them again
@@ -1127,10 +1758,17 @@ class OrchestratorDaemon(Daemon):
         if request_id not in worker.running:
             return
         worker.running.discard(request_id)
+        model = worker.model_of.pop(request_id, "")
+        worker.model_busy[model] -= 1
         if self.workers.get(worker.identity) is worker:
-            for ref in worker.pools:
-                self.busy[ref] -= 1
+            for ref in (model, embed_pool(model)) if worker.loaded else worker.pools:
+                if ref in self.serving and worker.identity in self.serving[ref]:
+                    self.busy[ref] -= 1
             self.reindex(worker)
+            if model and not worker.model_busy[model]:
+                now = time.monotonic()
+                worker.last_used[model] = now
+                self.idle_later(worker, model, now)
 
     def window(self) -> wire.Window:
         now = time.monotonic()
@@ -1163,6 +1801,20 @@ class OrchestratorDaemon(Daemon):
             worker_tokens_per_s={k: round(v, 1) for k, v in per_worker.items()},
         )
 
+    @staticmethod
+    def model_state(w: WorkerRec, state: wire.ModelState, now: float) -> wire.ModelState:
+        """A loaded model as ``haifctl ps`` shows it: the worker's facts and this table's use."""
+        busy = w.model_busy[state.ref]
+        idle = 0.0 if busy else now - w.last_used.get(state.ref, now)
+        keep = w.keep_for(state.ref)
+        return msgspec.structs.replace(
+            state,
+            busy=busy,
+            served=w.served_by[state.ref],
+            idle_s=round(idle, 1),
+            keep_alive_left_s=None if keep is None else round(max(0.0, keep - idle), 1),
+        )
+
     def stats(self) -> wire.Stats:
         now = time.monotonic()
         return wire.Stats(
@@ -1183,6 +1835,11 @@ class OrchestratorDaemon(Daemon):
                     last_seen_s=round(now - w.last_seen, 3),
                     pid=w.pid,
                     host=w.host,
+                    loaded=[self.model_state(w, state, now) for state in w.loaded.values()],
+                    loading=sorted(w.incoming),
+                    memory_budget=w.memory_budget,
+                    memory_used=w.memory_used,
+                    labels=w.labels,
                 )
                 for w in self.workers.values()
             ],

@@ -252,6 +252,7 @@ class WorkerDaemon(Daemon):
         self.loading: set[str] = set()  # loads handed to the loader thread
         self.backend = "cpu"
         self.known = False  # the orchestrator's last Ack said it has us in its table
+        self.was_known = False  # some orchestrator had us in its table once
         self.last_ack = 0.0
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
@@ -527,6 +528,7 @@ class WorkerDaemon(Daemon):
                     memory_used=self.used,
                     labels=self.labels,
                     keep_alive_s=self.keep_alive_s,
+                    rejoin=self.was_known and not self.known,
                 )
             )
         )
@@ -619,6 +621,7 @@ class WorkerDaemon(Daemon):
             if isinstance(msg, wire.Ack):
                 now = self.last_ack = time.monotonic()
                 self.known = msg.known
+                self.was_known = self.was_known or msg.known
                 if not msg.known and now - self.registered_at > 0.5:
                     # (heartbeats queued while it was away each get this answer: once is enough)
                     log(self.name, "orchestrator does not know us; registering again")
