@@ -24,6 +24,7 @@ from haifctl.commands import join as join_cmd
 from haifctl.commands import keys as keys_cmd
 from haifctl.commands import logs as logs_cmd
 from haifctl.commands import models as models_cmd
+from haifctl.commands import ps as ps_cmd
 from haifctl.commands import scale as scale_cmd
 from haifctl.commands import top as top_cmd
 from haifctl.commands import usage as usage_cmd
@@ -59,6 +60,7 @@ app.command()(cluster_cmd.status)
 app.command()(scale_cmd.scale)
 app.command()(logs_cmd.logs)
 app.command()(top_cmd.top)
+app.command()(ps_cmd.ps)
 app.command()(bench_cmd.bench)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
