@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from haifctl import wire
 from haifctl.commands._dispatch import open_cli_registry
 from haifctl.commands._shared import (
     JsonFlag,
@@ -367,3 +368,80 @@ def set_status(
     with open_cli_registry(state(ctx).settings()) as registry:
         record = registry.set_status(ref, status)
     stdout().print(f"{record.ref}: {record.status}")
+
+
+def _tell_orchestrator(ctx: typer.Context, order: wire.ManageModel, timeout: float) -> None:
+    """Send a load or unload to the running cluster's orchestrator and print its answer."""
+    import zmq
+
+    from haifctl import security
+    from haifctl.daemon.state import daemon_endpoint, running_state
+    from haifctl.errors import Unavailable
+    from haifctl.rpc import RpcClient
+
+    home = state(ctx).settings().home
+    data = running_state(home)
+    address = daemon_endpoint(data, "orchestrator") if data else ""
+    if not address:
+        raise Unavailable("not_running", "no cluster is running", "start one with: haifctl up")
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    rpc = RpcClient(zctx, address, "orchestrator", security.local(home))
+    try:
+        placed = rpc.ask(order, wire.ModelPlaced, timeout)
+    finally:
+        rpc.close()
+        zctx.term()
+    if state(ctx).json_errors:
+        print_json(msgspec.to_builtins(placed))
+        return
+    stdout().print(f"{placed.ref}: {placed.message} ({', '.join(placed.workers)})", markup=False)
+
+
+@app.command("load")
+def load(
+    ctx: typer.Context,
+    ref: RefArg,
+    worker: Annotated[
+        str | None,
+        typer.Option("--worker", help="The worker to load it on (default: where it fits best)."),
+    ] = None,
+    n_ctx: Annotated[
+        int, typer.Option("--n-ctx", min=0, help="Its context window (0: the worker's own).")
+    ] = 0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the load.")
+    ] = 300.0,
+    json: JsonFlag = False,
+) -> None:
+    """Load a model on a worker of the running cluster now, instead of at its first request.
+
+    Examples:
+
+      haifctl models load llama3.2-1b
+
+      haifctl models load llama3.2-1b --worker gpu-1 --n-ctx 8192
+    """
+    want_json(ctx, json)
+    order = wire.ManageModel(op="load", ref=ref, worker=worker or "", n_ctx=n_ctx)
+    _tell_orchestrator(ctx, order, timeout)
+
+
+@app.command("unload")
+def unload(
+    ctx: typer.Context,
+    ref: RefArg,
+    worker: Annotated[
+        str | None,
+        typer.Option("--worker", help="Only on this worker (default: on every worker)."),
+    ] = None,
+    json: JsonFlag = False,
+) -> None:
+    """Unload a model from the running cluster's workers (requests running on it finish).
+
+    Examples:
+
+      haifctl models unload llama3.2-1b
+    """
+    want_json(ctx, json)
+    order = wire.ManageModel(op="unload", ref=ref, worker=worker or "")
+    _tell_orchestrator(ctx, order, 10.0)

@@ -52,14 +52,14 @@ def rows(workers: list[wire.WorkerState]) -> list[dict[str, Any]]:
     return out
 
 
-def _until(seconds: float | None) -> str:
+def keep_alive_left(seconds: float | None) -> str:
     if seconds is None:
         return "forever"
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _split(row: dict[str, Any]) -> str:
+def processor(row: dict[str, Any]) -> str:
     """Where the layers run: all on the CPU, all on the GPU, or how many of them offloaded."""
     layers, total = row.get("n_gpu_layers", 0), row.get("n_layers", 0)
     if not layers:
@@ -90,10 +90,10 @@ def render(table_rows: list[dict[str, Any]]) -> Table:
             r["worker"],
             r["model"],
             human_bytes(r["size_bytes"]),
-            _split(r),
+            processor(r),
             f"{r['busy']}/{r['slots']}",
             str(r["context"]),
-            _until(r["keep_alive_left_s"]),
+            keep_alive_left(r["keep_alive_left_s"]),
             str(r["served"]),
         )
     return table

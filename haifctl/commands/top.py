@@ -20,11 +20,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from haifctl import security
+from haifctl import security, wire
 from haifctl.client import ClusterClient
 from haifctl.commands._shared import JsonFlag, print_json, state, stdout, want_json
+from haifctl.commands.ps import keep_alive_left, processor
+from haifctl.commands.ps import rows as ps_rows
 from haifctl.daemon.state import daemon_endpoint, pid_alive, running_state
 from haifctl.errors import Unavailable
+from haifctl.placement import human_bytes
 
 
 class Sort(StrEnum):
@@ -118,13 +121,31 @@ def render(snap: dict[str, Any], sort: str, live: bool = True) -> Group:
             str(r["errors"]),
             r["host"],
         )
+    models = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("WORKER", "MODEL", "SIZE", "PROCESSOR", "SLOTS", "KEEP-ALIVE", "SERVED"):
+        models.add_column(column)
+    for row in ps_rows([msgspec.convert(r, wire.WorkerState) for r in snap["workers"]]):
+        if row["state"] == "loading" or "size_bytes" not in row:
+            models.add_row(row["worker"], row["model"], "-", "-", "-", row["state"], "-")
+            continue
+        models.add_row(
+            row["worker"],
+            row["model"],
+            human_bytes(row["size_bytes"]),
+            processor(row),
+            f"{row['busy']}/{row['slots']}",
+            keep_alive_left(row["keep_alive_left_s"]),
+            str(row["served"]),
+        )
     queues = Table(box=None, header_style="bold", pad_edge=False)
     queues.add_column("MODEL")
     queues.add_column("QUEUED")
     for model, depth in sorted(snap["queues"].items()):
         queues.add_row(model, str(depth))
     footer = Text(f"sorted by {sort}" + (" · s: sort · q: quit" if live else ""), style="dim")
-    return Group(head, Text(), daemons, Text(), workers, Text(), queues, Text(), footer)
+    return Group(
+        head, Text(), daemons, Text(), workers, Text(), models, Text(), queues, Text(), footer
+    )
 
 
 @contextlib.contextmanager
