@@ -29,6 +29,7 @@ from haifctl.generation import (
     looks_like_path,
     model_at,
 )
+from haifctl.gguf_info import check_model_path
 from haifctl.registry.remote import RemoteRegistry
 from haifctl.registry.service import Registry, open_registry
 from haifctl.runtime.base import TokenEvent
@@ -155,7 +156,10 @@ def run_cluster(
     if request.model is None and settings.sources.get("model") != "default":
         body["model"] = settings.model
     if body.get("model"):
-        body["model"] = cluster_model_ref(str(body["model"]))
+        ref = str(body["model"])
+        if looks_like_path(ref) and not settings.gateway_url:
+            check_model_path(Path(ref))  # this machine's cluster: a missing file, said as locally
+        body["model"] = cluster_model_ref(ref)
     if request.max_tokens is None:
         body["max_tokens"] = settings.max_tokens
     generation = Generation(str(body.get("model") or settings.model))

@@ -86,6 +86,11 @@ def test_limits_exit_codes_and_errors_are_the_same(haifctl: Run, cluster: None) 
     assert clustered.stderr == local.stderr
     assert clustered.stderr.startswith("error: unknown model 'ghost'")
 
+    clustered, local = both(haifctl, "infer", "Once", "--model", "/no/such/model.gguf")
+    assert clustered.returncode == local.returncode == 2
+    assert clustered.stderr == local.stderr
+    assert clustered.stderr.startswith("error: no such file: /no/such/model.gguf")
+
     clustered, local = both(haifctl, "infer", "Once", "--model", "ghost", "-o", "json")
     assert json.loads(clustered.stdout) == json.loads(local.stdout)
     assert json.loads(local.stdout)["error"]["code"] == "model_not_found"
