@@ -75,6 +75,30 @@ SETTINGS: tuple[Setting, ...] = (
         "orchestrator sends embedding requests only to such workers.",
     ),
     Setting(
+        "keep_alive",
+        ("HAIF_KEEP_ALIVE",),
+        str,
+        "5m",
+        'How long a model a worker loaded on demand stays once idle ("5m", seconds; -1: '
+        "keep), unless a request or the model's registered params say otherwise.",
+    ),
+    Setting(
+        "worker_memory",
+        ("HAIF_WORKER_MEMORY",),
+        str,
+        "",
+        "Memory a worker's models may take, e.g. 8G (empty: what is free when it starts, the "
+        "GPU's under CUDA).",
+    ),
+    Setting(
+        "placement",
+        ("HAIF_PLACEMENT",),
+        str,
+        "spread",
+        "Where the orchestrator loads a model on demand: spread (the least loaded worker) or "
+        "binpack (the fullest one it fits in).",
+    ),
+    Setting(
         "stream_interval_ms",
         ("HAIF_STREAM_INTERVAL_MS",),
         float,
@@ -238,6 +262,9 @@ class Settings:
     threads: int
     slots: int
     embeddings: bool
+    keep_alive: str
+    worker_memory: str
+    placement: str
     stream_interval_ms: float
     max_tokens: int
     gateway_url: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -33,6 +34,13 @@ MetricsOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+class Placement(StrEnum):
+    spread = "spread"
+    binpack = "binpack"
+
+
 HeartbeatTimeoutOpt = Annotated[
     float | None,
     typer.Option("--heartbeat-timeout", help="Seconds of silence before a worker is dropped."),
@@ -74,15 +82,34 @@ def orchestrator(
     queue_size: Annotated[
         int | None, typer.Option("--queue-size", min=0, help="Queued requests per model.")
     ] = None,
+    placement: Annotated[
+        Placement | None,
+        typer.Option(
+            "--placement",
+            help="Where a model is loaded on demand: spread (the least loaded worker) or "
+            "binpack (the fullest it fits in). [env: HAIF_PLACEMENT]",
+        ),
+    ] = None,
     metrics_port: MetricsOpt = None,
     ready_file: ReadyOpt = None,
 ) -> None:
     """Keep the worker table and queues; schedule requests onto workers."""
     from haifctl.daemon.orchestrator import OrchestratorDaemon
+    from haifctl.errors import InvalidInput
+    from haifctl.placement import POLICIES
 
     settings = state(ctx).settings(
-        heartbeat_timeout=heartbeat_timeout, queue_size=queue_size, metrics_port=metrics_port
+        heartbeat_timeout=heartbeat_timeout,
+        queue_size=queue_size,
+        metrics_port=metrics_port,
+        placement=placement.value if placement else None,
     )
+    if settings.placement not in POLICIES:
+        raise InvalidInput(
+            "invalid_placement",
+            f"placement {settings.placement!r} is not one of {', '.join(POLICIES)}",
+            "set --placement or HAIF_PLACEMENT to spread or binpack",
+        )
     daemon = OrchestratorDaemon(
         bind,
         registry,
@@ -90,6 +117,7 @@ def orchestrator(
         heartbeat_timeout_s=settings.heartbeat_timeout,
         queue_size=settings.queue_size,
         ready_file=ready_file,
+        placement=settings.placement,
     )
     _run(daemon, settings)
 
@@ -239,20 +267,16 @@ def worker(
             "--memory",
             help="Memory its models may take, e.g. 8G (default: what is free when it starts; "
             "the GPU's under CUDA). [env: HAIF_WORKER_MEMORY]",
-            envvar="HAIF_WORKER_MEMORY",
-            show_envvar=False,
         ),
     ] = None,
     keep_alive: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--keep-alive",
             help='How long a model it loaded on demand stays once idle ("5m", seconds; -1: '
             "keep) unless a request or the registry says. [env: HAIF_KEEP_ALIVE]",
-            envvar="HAIF_KEEP_ALIVE",
-            show_envvar=False,
         ),
-    ] = "5m",
+    ] = None,
     label: Annotated[
         list[str] | None,
         typer.Option(
@@ -292,6 +316,8 @@ def worker(
         slots=slots,
         threads=threads,
         embeddings=embeddings or None,
+        keep_alive=keep_alive,
+        worker_memory=memory,
     )
     daemon = WorkerDaemon(
         orchestrator,
@@ -302,9 +328,9 @@ def worker(
         orchestrator_timeout_s=max(3.0, 6 * heartbeat),
         stream_interval_s=settings.stream_interval_ms / 1000,
         ready_file=ready_file,
-        memory=parse_size(memory) if memory else 0,
+        memory=parse_size(settings.worker_memory) if settings.worker_memory else 0,
         labels=parse_labels(label or []),
-        keep_alive_s=parse_keep_alive(keep_alive),
+        keep_alive_s=parse_keep_alive(settings.keep_alive),
     )
     if join:
         daemon.keyring = Keyring.from_token(join)
