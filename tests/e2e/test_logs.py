@@ -229,18 +229,18 @@ def test_follow_prints_every_daemon_as_it_writes(home: Path, logs_dir: Path) -> 
 
 
 def test_up_rotates_logs_and_marks_each_run(haifctl: Run, home: Path) -> None:
-    env = {"HAIF_LOG_MAX_BYTES": "4000", "HAIF_LOG_KEEP": "2"}
+    env = {"HAIF_LOG_MAX_BYTES": "1500", "HAIF_LOG_KEEP": "2"}
     up = haifctl("up", "--bridge-bind", "127.0.0.1:0", env=env)
     assert up.returncode == 0, up.stderr
     try:
         logs = home / "logs"
-        end = time.monotonic() + 90
+        end = time.monotonic() + 180
         # each request adds a line to the gateway's log: enough of them rotate it
         while not (logs / "gateway.log.2").exists():
             assert time.monotonic() < end, sorted(p.name for p in logs.iterdir())
             assert haifctl("infer", "Once", "-n", "2").returncode == 0
         assert not (logs / "gateway.log.3").exists()  # two kept
-        assert (logs / "gateway.log").stat().st_size < 4000 + 2000
+        assert (logs / "gateway.log").stat().st_size < 1500 + 3000  # checked every 2 s
         assert oct((logs / "gateway.log.1").stat().st_mode & 0o777) == "0o600"
         shown = haifctl("logs", "gateway", "-n", "5").stdout
         assert "request finished" in shown
