@@ -948,9 +948,12 @@ class OrchestratorDaemon(Daemon):
             for w in self.serving.get(pool, {}).values()
         )
 
-    def candidates(self, ref: str, embed: bool, only: WorkerRec | None) -> Iterator[Candidate]:
+    def candidates(
+        self, ref: str, embed: bool, only: WorkerRec | None, evictable: bool = False
+    ) -> Iterator[Candidate]:
         """Workers that could load ``ref``: open, announcing a memory budget (they load on
-        demand), without it, with embeddings when needed."""
+        demand), without it, with embeddings when needed; with their loaded models when
+        ``evictable`` (only asked for when nothing fits as it is)."""
         for w in [only] if only is not None else self.workers.values():
             if (
                 w.draining
@@ -968,7 +971,7 @@ class OrchestratorDaemon(Daemon):
                     last_used=w.last_used.get(m, 0.0),
                     pinned=bool(self.queues.get(m)),
                 )
-                for m, state in w.loaded.items()
+                for m, state in (w.loaded.items() if evictable else ())
             ]
             yield Candidate(
                 key=w.identity,
@@ -1003,6 +1006,9 @@ class OrchestratorDaemon(Daemon):
         need = estimate_bytes(info.size_bytes)
         started = time.monotonic()
         decision = place(self.candidates(ref, embed, only), need, self.placement, selector)
+        if decision.key is None and decision.seen:  # nothing fits as it is: what to evict
+            candidates = self.candidates(ref, embed, only, evictable=True)
+            decision = place(candidates, need, self.placement, selector)
         cost_us = round((time.monotonic() - started) * 1e6, 1)
         if decision.key is None and not decision.seen and selector:
             wanted = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
