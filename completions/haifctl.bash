@@ -5,12 +5,12 @@ _haifctl() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path:$word" in
-            ":bench"|":completion"|":config"|":down"|":embed"|":infer"|":join-token"|":keys"|":logs"|":models"|":scale"|":status"|":top"|":up"|":usage"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:register"|"models:rm"|"models:set"|"models:show"|"models:status") path="${path:+$path }$word" ;;
+            ":bench"|":completion"|":config"|":down"|":embed"|":infer"|":join-token"|":keys"|":logs"|":models"|":ps"|":scale"|":status"|":top"|":up"|":usage"|":worker"|"config:path"|"config:show"|"keys:create"|"keys:list"|"keys:revoke"|"models:alias"|"models:default"|"models:list"|"models:load"|"models:register"|"models:rm"|"models:set"|"models:show"|"models:status"|"models:unload") path="${path:+$path }$word" ;;
         esac
     done
     case "$path" in
         "")
-            opts='--home --registry-url --version --help -h'; cmds='infer embed up down status scale logs top bench completion usage worker join-token models config keys'
+            opts='--home --registry-url --version --help -h'; cmds='infer embed up down status scale logs top ps bench completion usage worker join-token models config keys'
             case "$prev" in
                 --home) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --registry-url) COMPREPLY=(); return ;;
@@ -96,6 +96,12 @@ _haifctl() {
                 --gateway) COMPREPLY=(); return ;;
             esac
             ;;
+        "ps")
+            opts='--json --gateway --help -h'; cmds=''
+            case "$prev" in
+                --gateway) COMPREPLY=(); return ;;
+            esac
+            ;;
         "bench")
             opts='--concurrency -c --requests -r --prompt-tokens -p --max-tokens -n --against --repeat --model -m --api-key --timeout --json --help -h'; cmds=''
             case "$prev" in
@@ -145,7 +151,7 @@ _haifctl() {
             esac
             ;;
         "models")
-            opts='--help -h'; cmds='register list show rm alias default set status'
+            opts='--help -h'; cmds='register list show rm alias default set status load unload'
             ;;
         "models register")
             opts='--name --version --alias --param --default --json --help -h'; cmds=''
@@ -186,6 +192,22 @@ _haifctl() {
         "models status")
             opts='--help -h'; cmds=''
             dynamic=models
+            ;;
+        "models load")
+            opts='--worker --n-ctx --timeout --json --help -h'; cmds=''
+            dynamic=models
+            case "$prev" in
+                --worker) COMPREPLY=(); return ;;
+                --n-ctx) COMPREPLY=(); return ;;
+                --timeout) COMPREPLY=(); return ;;
+            esac
+            ;;
+        "models unload")
+            opts='--worker --json --help -h'; cmds=''
+            dynamic=models
+            case "$prev" in
+                --worker) COMPREPLY=(); return ;;
+            esac
             ;;
         "config")
             opts='--help -h'; cmds='show path'

@@ -394,7 +394,10 @@ def _tell_orchestrator(ctx: typer.Context, order: wire.ManageModel, timeout: flo
     if state(ctx).json_errors:
         print_json(msgspec.to_builtins(placed))
         return
-    stdout().print(f"{placed.ref}: {placed.message} ({', '.join(placed.workers)})", markup=False)
+    where = "from" if placed.message == "unloaded" else "on"
+    stdout().print(
+        f"{placed.ref}: {placed.message} {where} {', '.join(placed.workers)}", markup=False
+    )
 
 
 @app.command("load")

@@ -1116,7 +1116,7 @@ class OrchestratorDaemon(Daemon):
         if worker is not None:
             worker.incoming.pop(ref, None)
         answer: wire.Msg = error or wire.ModelPlaced(
-            ref=ref, workers=[task.worker_id], message=f"loaded on {task.worker_id}"
+            ref=ref, workers=[task.worker_id], message="loaded"
         )
         for waiter in task.waiters:
             self.safely(waiter, answer)

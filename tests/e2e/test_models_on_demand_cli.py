@@ -64,7 +64,7 @@ def test_load_ps_top_infer_and_unload(haifctl: Run, cluster: None, tmp_path: Pat
     assert "other:1" in text
     unloaded = haifctl("models", "unload", "other")
     assert unloaded.returncode == 0, unloaded.stderr
-    assert "other:1: unloaded (worker-1)" in unloaded.stdout
+    assert "other:1: unloaded from worker-1" in unloaded.stdout
     assert set(ps(haifctl)) == {"stories260K:1"}
     missing = haifctl("models", "unload", "other")
     assert missing.returncode != 0
