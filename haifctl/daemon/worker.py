@@ -540,7 +540,7 @@ class WorkerDaemon(Daemon):
     def alive_checks(self) -> dict[str, bool]:
         """Each model's engine thread runs its generations, the loader thread its loads:
         without them the worker can only be restarted."""
-        checks = {f"engine {ref}": held.loaded.engine.alive for ref, held in self.models.items()}
+        checks = {"engine": all(held.loaded.engine.alive for held in self.models.values())}
         if self._loader_thread is not None:
             checks["loader"] = self._loader_thread.is_alive()
         if self._embed_thread is not None:
