@@ -70,6 +70,7 @@ class ModelState(msgspec.Struct, frozen=True, kw_only=True):
     n_gpu_layers: int = 0  # layers offloaded to the GPU
     n_layers: int = 0
     embeddings: bool = False
+    on_demand: bool = False  # loaded when an orchestrator said (not the one it started with)
     # the orchestrator's view, in Stats
     busy: int = 0
     served: int = 0

@@ -533,6 +533,8 @@ class OrchestratorDaemon(Daemon):
             pending = self.pending[rid]
             rec.model_of.setdefault(rid, pending.model_ref)
         rec.model_busy = Counter(rec.model_of.get(rid, "") for rid in rec.running)
+        # what it loaded on demand (for an orchestrator that restarted, keep-alive applies)
+        rec.on_demand |= {ref for ref, state in rec.loaded.items() if state.on_demand}
         self.workers[identity] = rec
         self.by_worker_id[rec.worker_id] = rec
         self.index(rec)

@@ -327,7 +327,7 @@ class WorkerDaemon(Daemon):
         self.watch(self.results, self.read_results)
         self.endpoints["orchestrator"] = self.orchestrator
 
-    def load(self, info: wire.ModelInfo, n_ctx: int, sha256: str) -> Held:
+    def load(self, info: wire.ModelInfo, n_ctx: int, sha256: str, on_demand: bool = False) -> Held:
         """Load ``info`` (on the loader thread, or at start): check its file against the
         registry's checksum, refuse what the memory budget cannot hold, warm its engine up."""
         path = Path(info.path)
@@ -380,6 +380,7 @@ class WorkerDaemon(Daemon):
             n_gpu_layers=n_layers if offloaded < 0 else min(offloaded, n_layers),
             n_layers=n_layers,
             embeddings=loaded.embeddings,
+            on_demand=on_demand,
         )
         self.metrics.model_load.labels(info.ref).set(time.perf_counter() - started)
         return Held(info, loaded, relay, state)
@@ -408,7 +409,7 @@ class WorkerDaemon(Daemon):
                 started = time.perf_counter()
                 outcome: Held | wire.LoadFailed
                 try:
-                    outcome = self.load(info, task.n_ctx, task.sha256)
+                    outcome = self.load(info, task.n_ctx, task.sha256, on_demand=True)
                 except HaifError as exc:
                     outcome = wire.LoadFailed(
                         ref=task.ref,
