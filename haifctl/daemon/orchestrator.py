@@ -631,7 +631,13 @@ class OrchestratorDaemon(Daemon):
             task = self.loads.get(ref)
             if task is not None and task.worker == worker.identity:
                 # its queue waits as one whose worker went away does: the sweep places it again
-                self.load_ended(ref, None)
+                lost = wire.Error(
+                    kind=Kind.unavailable,
+                    code="worker_lost",
+                    message=f"worker {worker.worker_id} went away while loading {ref}",
+                    retry_after=2.0,
+                )
+                self.load_ended(ref, lost)
                 for pool in (ref, embed_pool(ref)):
                     if self.queues.get(pool) and not self.open_workers[pool]:
                         self.orphaned.setdefault(pool, time.monotonic())
@@ -1106,8 +1112,14 @@ class OrchestratorDaemon(Daemon):
                 now = time.monotonic()
                 worker.last_used.setdefault(ref, now)
                 self.idle_later(worker, ref, now)
-            elif ref not in worker.incoming:
-                self.load_ended(ref, None)  # a new process under that name: it forgot
+            elif ref not in worker.incoming:  # a new process under that name: it forgot
+                forgot = wire.Error(
+                    kind=Kind.unavailable,
+                    code="worker_lost",
+                    message=f"worker {worker.worker_id} restarted while loading {ref}",
+                    retry_after=2.0,
+                )
+                self.load_ended(ref, forgot)
 
     def load_ended(self, ref: str, error: wire.Error | None) -> LoadTask | None:
         """A load is over (``error``: it failed): answer whoever waited for it."""
