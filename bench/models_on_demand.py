@@ -85,10 +85,15 @@ def load_on_demand(loads: int, model: Path) -> None:
         )
         with ClusterClient(gateway, Keyring.ensure(home)) as client:
             ttft_ms(client, "stories260K", None)  # warm the path
+            before = client.stats().counters.get("loads", 0)
             cold = [ttft_ms(client, names[i % len(names)], 0) for i in range(loads)]
+            made = client.stats().counters.get("loads", 0) - before
             warm = [ttft_ms(client, "stories260K", None) for _ in range(loads)]
         size = model.stat().st_size / MIB
-        print(f"load on demand ({model.name}, {size:.1f} MiB, {loads} requests each):")
+        print(
+            f"load on demand ({model.name}, {size:.1f} MiB, {loads} requests each; "
+            f"{made} loads for the {loads} requests to unloaded models):"
+        )
         for label, values in (("model unloaded", cold), ("model loaded", warm)):
             print(
                 f"  {label:<15} TTFT p50 {pct(values, 0.5):8.1f} ms   "

@@ -1185,7 +1185,9 @@ class OrchestratorDaemon(Daemon):
     def idle_later(self, worker: WorkerRec, model: str, now: float) -> None:
         """``model`` went idle on ``worker``: note when its keep-alive runs out."""
         keep = worker.keep_for(model)
-        if keep is not None:
+        if keep is not None and keep <= 0 and not self.queues.get(model):
+            self.unload(worker, model, "keep-alive 0: unloaded after its request")
+        elif keep is not None:
             entry = (now + keep, next(self.seq), worker, model, worker.last_used.get(model, now))
             heapq.heappush(self.idle, entry)
 
