@@ -7,7 +7,7 @@ placement decision costs the orchestrator with many workers.
 Load on demand: `haifctl up --workers 1` in a temporary home, as a user would; the model (the
 shipped one by default) registered under 8 names; requests cycle through them with
 ``keep_alive: 0``, so each one finds its model unloaded and waits for a load.  Their time to
-first token (client side) is set against requests for a model already loaded.
+first token (client side) is set against requests for the same model once it stays loaded.
 
 Placement: an orchestrator in this process (not started: no sockets) with N simulated workers
 registered as real ones register (each with two models loaded and a memory budget), timing
@@ -88,7 +88,8 @@ def load_on_demand(loads: int, model: Path) -> None:
             before = client.stats().counters.get("loads", 0)
             cold = [ttft_ms(client, names[i % len(names)], 0) for i in range(loads)]
             made = client.stats().counters.get("loads", 0) - before
-            warm = [ttft_ms(client, "stories260K", None) for _ in range(loads)]
+            ttft_ms(client, names[0], -1)  # loaded, and kept: the same model, warm
+            warm = [ttft_ms(client, names[0], None) for _ in range(loads)]
         size = model.stat().st_size / MIB
         print(
             f"load on demand ({model.name}, {size:.1f} MiB, {loads} requests each; "
