@@ -1512,8 +1512,11 @@ class OrchestratorDaemon(Daemon):
         if worker is None:
             return False
         model = pending.model_ref
-        if not pending.infer.truncate and worker.ctx_of(model) >= self.widest.get(model, 0):
-            # no worker has a larger context: a prompt that fits runs, max_tokens or not
+        ctx = worker.ctx_of(model)
+        trained = pending.infer.n_ctx_train or 0
+        if not pending.infer.truncate and ctx >= self.widest.get(model, 0) and ctx >= trained:
+            # no worker has a larger context, nor could a load have one: a prompt that fits
+            # runs, max_tokens or not
             pending.infer = msgspec.structs.replace(pending.infer, truncate=True)
         if pending.queue_span is not None:
             pending.queue_span.set_attributes(

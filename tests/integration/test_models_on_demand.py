@@ -290,3 +290,20 @@ def test_labels_pin_a_load_and_ps_shows_it(cluster: Cluster) -> None:
     assert "pinned:1" in text
     assert "gpu-box" in text
     assert "KEEP-ALIVE" in text
+
+
+def test_a_too_long_prompt_loads_the_model_with_a_larger_context(cluster: Cluster) -> None:
+    other = register(cluster, "other")
+    worker(cluster, "small", env={"HAIF_N_CTX": "128"})
+    worker(cluster, "spare", "--model", other)  # has room, and not the model asked for
+    prompt = "Once upon a time there was a little dog. " * 20  # about 200 tokens
+    done = ask(cluster, model="stories260K", prompt=prompt, max_tokens=16)
+    assert isinstance(done, wire.Done), done
+    assert done.worker == "spare"
+    state = loaded(cluster, "spare")["stories260K:1"]
+    assert 128 < state.n_ctx <= 2048  # loaded with the context the request needed
+    assert done.prompt_tokens + 16 <= state.n_ctx
+    events = cluster.procs["orchestrator"].log_events()
+    refits = [e for e in events if e["msg"] == "context too small; routing again"]
+    assert refits
+    assert refits[0]["to"] == "a load with a larger context"
