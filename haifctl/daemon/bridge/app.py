@@ -1,5 +1,5 @@
-"""The bridge's application: the edge middleware, the error handlers, the routers, and the
-gateway link opened and closed with the app."""
+"""The bridge's application: the edge in front of a FastAPI app with the error handlers and the
+routers, and the gateway link opened and closed with the app."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def create_app(
     keyring: security.Keyring | None = None,
     host: str = "127.0.0.1",
     limits: EdgeLimits | None = None,
-) -> FastAPI:
-    """The bridge's app; ``on_ready`` runs once the gateway link is open (the daemon announces
-    itself there).  ``host`` is the address it listens on: off loopback, it serves protected
-    routes only with API keys."""
+) -> Edge:
+    """The bridge's ASGI application: the edge in front of the FastAPI app.  ``on_ready`` runs
+    once the gateway link is open (the daemon announces itself there).  ``host`` is the address
+    it listens on: off loopback, it serves protected routes only with API keys."""
     tracer = tracing.setup("bridge")
     bridge = BridgeState(auth=Auth(keys, host), metrics=metrics, tracer=tracer)
 
@@ -59,10 +59,9 @@ def create_app(
     )
     app.state.bridge = bridge
     install_handlers(app)
-    app.add_middleware(
-        Edge, metrics=metrics, tracer=tracer, auth=bridge.auth, limits=limits or EdgeLimits()
-    )
     for module in (health, models, generate, embeddings, tokens, page):
         app.include_router(module.router)
     page.mount_assets(app)
-    return app
+    # The edge goes in front of FastAPI, not inside its middleware stack: a generating route's
+    # request and every frame of its stream then pass through no layer but the edge.
+    return Edge(app, metrics, tracer, bridge.auth, limits or EdgeLimits())

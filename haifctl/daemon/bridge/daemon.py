@@ -80,6 +80,9 @@ class BridgeDaemon(Daemon):
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=30,
+            # X-Forwarded-For from a local client is no business of the bridge: keys and limits
+            # go by the connection, and one middleware less runs for every message
+            proxy_headers=False,
             lifespan="on",
         )
         try:

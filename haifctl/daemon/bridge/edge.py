@@ -11,10 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from fastapi import FastAPI
 from opentelemetry.trace import StatusCode
 
 from haifctl import tracing, wire
 from haifctl.daemon.base import log
+from haifctl.daemon.bridge.direct import ROUTES, serve
 from haifctl.daemon.bridge.errors import HTTPError, error_response, status_of
 from haifctl.errors import HaifError, Kind, Unavailable
 from haifctl.keys import KeyStore
@@ -135,16 +137,18 @@ def body_too_large() -> HTTPError:
 
 
 class Edge:
-    """Pure ASGI middleware (no per-chunk task hops, unlike ``@app.middleware``).  Before the
-    body is read it checks the API key of a protected route and a declared Content-Length; while
-    the body is read it counts it (chunked bodies declare no length) and answers 413 the moment
-    it passes the limit, or 408 when the client stops sending it.  It also opens the request's
-    span (which lasts until the last byte of a streamed response) and counts the request by
+    """The outermost ASGI layer, in front of the FastAPI app (pure ASGI: no per-chunk task
+    hops).  Before the body is read it checks the API key of a protected route and a declared
+    Content-Length; while the body is read it counts it (chunked bodies declare no length) and
+    answers 413 the moment it passes the limit, or 408 when the client stops sending it.  It
+    serves the generating routes itself (``direct``) and hands the others to the app.  It also
+    opens the request's span (which lasts until the last byte of a streamed response) and
+    counts the request by
     route and status."""
 
     def __init__(
         self,
-        app: Any,
+        app: FastAPI,
         metrics: Metrics | None,
         tracer: tracing.Tracing | None,
         auth: Auth,
@@ -235,7 +239,12 @@ class Edge:
             await send(message)
 
         try:
-            await self.app(scope, receiving, sending)
+            # the generating routes are served here, past no other layer (see ``direct``)
+            direct = ROUTES.get(path) if scope["method"] == "POST" else None
+            if direct is not None:
+                await serve(self.app, direct, scope, receiving, sending)
+            else:
+                await self.app(scope, receiving, sending)
         except Exception:
             if not answered:  # the app failing over a body the edge refused is no error
                 raise

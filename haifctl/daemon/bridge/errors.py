@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from haifctl.errors import HaifError, Kind
+from haifctl.telemetry import Metrics
 
 # The HTTP status of each kind of error.
 STATUS = {
@@ -85,35 +87,41 @@ def error_response(error: HaifError, headers: dict[str, str] | None = None) -> J
     return JSONResponse(error_body(error), status_code=status, headers=headers)
 
 
+def refusal(metrics: Metrics | None, error: HaifError) -> JSONResponse:
+    """The response to a refused request, counted when the bridge itself refused it (the
+    gateway counts its own)."""
+    if metrics is not None and status_of(error) in (400, 401, 413):
+        metrics.rejected.labels("bridge", error.code).inc()
+    return error_response(error)
+
+
+def invalid_body(errors: Sequence[Any]) -> HaifError:
+    """One error for a body that failed validation, naming the field: an unknown field first
+    (the server does not implement it), then a value our validators refused (it says more than
+    the union member it did not match), then the first."""
+    first = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    first = first or next((e for e in errors if e.get("type") == "value_error"), None)
+    first = first or (errors[0] if errors else {})
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _tag(p))
+    if first.get("type") == "extra_forbidden":
+        return unsupported(
+            where, "this server does not implement this field (see the README's table)"
+        )
+    said = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    message = f"{where}: {said}" if where else said
+    return HTTPError("invalid_request", message, param=where or None)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Answer every exception a route or FastAPI itself raises in the OpenAI shape."""
 
     @app.exception_handler(HaifError)
     async def _haif_error(request: Request, exc: HaifError) -> Response:
-        metrics = request.app.state.bridge.metrics
-        if metrics is not None and status_of(exc) in (400, 401, 413):
-            # refusals the bridge itself makes; the gateway counts its own
-            metrics.rejected.labels("bridge", exc.code).inc()
-        return error_response(exc)
+        return refusal(request.app.state.bridge.metrics, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        # An unknown field is the one to name first: the server does not implement it.
-        first = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
-        # A value our validators refused says more than the union member it did not match.
-        first = first or next((e for e in errors if e.get("type") == "value_error"), None)
-        first = first or (errors[0] if errors else {})
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _tag(p))
-        if first.get("type") == "extra_forbidden":
-            error: HaifError = unsupported(
-                where, "this server does not implement this field (see the README's table)"
-            )
-        else:
-            said = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-            message = f"{where}: {said}" if where else said
-            error = HTTPError("invalid_request", message, param=where or None)
-        return await _haif_error(request, error)
+        return await _haif_error(request, invalid_body(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _routing(request: Request, exc: StarletteHTTPException) -> Response:

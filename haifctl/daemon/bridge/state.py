@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from haifctl import tracing
-from haifctl.daemon.bridge.edge import Auth
-from haifctl.daemon.bridge.link import GatewayLink
 from haifctl.errors import HaifError, Kind
-from haifctl.telemetry import Metrics
+
+if TYPE_CHECKING:  # the edge serves routes that read this state: no import cycle at run time
+    from haifctl import tracing
+    from haifctl.daemon.bridge.edge import Auth
+    from haifctl.daemon.bridge.link import GatewayLink
+    from haifctl.telemetry import Metrics
 
 
 @dataclass
