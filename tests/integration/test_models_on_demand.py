@@ -197,11 +197,14 @@ def test_keep_alive_unloads_on_time(cluster: Cluster) -> None:
     # the worker's --keep-alive (1 s): not before, and soon after
     assert isinstance(ask(cluster, model="brief"), wire.Done)
     finished = time.monotonic()
+    wait_for(lambda: status_of(cluster, brief) == "deployed", "brief deployed", 0.8)
     left = loaded(cluster, "w1")[brief].keep_alive_left_s
     assert left is not None
     assert 0 < left <= 1.0
     wait_for(lambda: brief not in loaded(cluster, "w1"), "brief unloaded", 10)
     assert time.monotonic() - finished >= 0.8
+    # the registry's deployment status follows it back
+    wait_for(lambda: status_of(cluster, brief) == "registered", "brief registered", 10)
     # -1 keeps it; a request's "2s" form is read as Ollama's
     assert isinstance(ask(cluster, model="kept", keep_alive=-1), wire.Done)
     assert loaded(cluster, "w1")[kept].keep_alive_left_s is None
