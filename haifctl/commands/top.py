@@ -11,6 +11,7 @@ import time
 import tty
 from collections.abc import Iterator
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -40,6 +41,18 @@ class Sort(StrEnum):
 SORTS = tuple(s.value for s in Sort)
 
 
+def usage(pid: int) -> tuple[float | None, int | None]:
+    """A process's CPU seconds so far (user + system, every thread) and resident memory, from
+    /proc (None where there is none)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None, None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return round((int(stat[11]) + int(stat[12])) / ticks, 2), pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def snapshot(home: Any, gateway_override: str | None = None) -> dict[str, Any]:
     """Everything top shows, from the cluster state file and the gateway's stats RPC."""
     data = running_state(home) if gateway_override is None else None
@@ -50,6 +63,7 @@ def snapshot(home: Any, gateway_override: str | None = None) -> dict[str, Any]:
     if data is not None:
         for d in data.get("daemons", []):
             alive = pid_alive(int(d.get("pid", 0)))
+            cpu_s, rss = usage(int(d.get("pid", 0))) if alive else (None, None)
             daemons.append(
                 {
                     "name": d["name"],
@@ -57,6 +71,8 @@ def snapshot(home: Any, gateway_override: str | None = None) -> dict[str, Any]:
                     "state": d["state"] if alive else "dead",
                     "uptime_s": round(time.time() - float(d["started_at"]), 1),
                     "restarts": d["restarts"],
+                    "cpu_s": cpu_s,
+                    "rss_bytes": rss,
                 }
             )
     with ClusterClient(gateway, security.local(home)) as client:
@@ -94,11 +110,18 @@ def render(snap: dict[str, Any], sort: str, live: bool = True) -> Group:
         f"p95 {_ms(w.get('ttft_p95_ms'))} ms · errors {w.get('errors', 0)}",
     )
     daemons = Table(box=None, header_style="bold", pad_edge=False, expand=False)
-    for column in ("DAEMON", "PID", "STATE", "UPTIME", "RESTARTS"):
+    for column in ("DAEMON", "PID", "STATE", "UPTIME", "RESTARTS", "CPU", "MEMORY"):
         daemons.add_column(column)
     for d in snap["daemons"]:
+        cpu, rss = d.get("cpu_s"), d.get("rss_bytes")
         daemons.add_row(
-            d["name"], str(d["pid"]), d["state"], f"{d['uptime_s']:.0f}s", str(d["restarts"])
+            d["name"],
+            str(d["pid"]),
+            d["state"],
+            f"{d['uptime_s']:.0f}s",
+            str(d["restarts"]),
+            "-" if cpu is None else f"{100 * cpu / max(1.0, d['uptime_s']):.1f}%",
+            "-" if rss is None else human_bytes(rss),
         )
     keys = {
         "name": lambda r: r["worker_id"],
@@ -178,7 +201,8 @@ def top(
         typer.Option("--gateway", help="A gateway to watch instead of the local cluster."),
     ] = None,
 ) -> None:
-    """Watch workers, queues, throughput and latency, refreshed every second.
+    """Watch daemons (CPU, memory), workers, their loaded models, queues, throughput and
+    latency, refreshed every second.
 
     Keys while it runs: s changes the sort, q quits.
 

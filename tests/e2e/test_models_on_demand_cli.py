@@ -59,9 +59,14 @@ def test_load_ps_top_infer_and_unload(haifctl: Run, cluster: None, tmp_path: Pat
     top = json.loads(haifctl("top", "--json").stdout)
     models = {m["ref"] for w in top["workers"] for m in w["loaded"]}
     assert models == {"stories260K:1", "other:1"}
+    orchestrator = next(d for d in top["daemons"] if d["name"] == "orchestrator")
+    assert orchestrator["cpu_s"] > 0
+    assert orchestrator["rss_bytes"] > 10 * 1024 * 1024
     text = haifctl("top", "--once").stdout
     assert "KEEP-ALIVE" in text
     assert "other:1" in text
+    assert "MEMORY" in text
+    assert "MiB" in text
     unloaded = haifctl("models", "unload", "other")
     assert unloaded.returncode == 0, unloaded.stderr
     assert "other:1: unloaded from worker-1" in unloaded.stdout
