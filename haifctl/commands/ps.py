@@ -107,8 +107,10 @@ def ps(
         typer.Option("--gateway", help="A gateway to ask instead of the local cluster's."),
     ] = None,
 ) -> None:
-    """Show the models each worker has loaded: size in memory, CPU/GPU split, slots busy of
-    total, context, keep-alive left and requests served.
+    """Show the models each worker has loaded.
+
+    For each: its size in memory, CPU/GPU split, slots busy of total, context, keep-alive left
+    and requests served.
 
     Examples:
 

@@ -201,8 +201,9 @@ def top(
         typer.Option("--gateway", help="A gateway to watch instead of the local cluster."),
     ] = None,
 ) -> None:
-    """Watch daemons (CPU, memory), workers, their loaded models, queues, throughput and
-    latency, refreshed every second.
+    """Watch daemons, workers, loaded models, queues, throughput and latency, live.
+
+    Each daemon's CPU and memory, each worker's load and models, refreshed every second.
 
     Keys while it runs: s changes the sort, q quits.
 
