@@ -1000,6 +1000,7 @@ class OrchestratorDaemon(Daemon):
         n_ctx: int = 0,
         only: WorkerRec | None = None,
         why: str = "",
+        parent: Span | None = None,
     ) -> wire.Error | None:
         """Have ``info`` loaded where the placement policy puts it (evicting idle models if it
         must); None when a load is on its way (this one, or one already going)."""
@@ -1084,12 +1085,14 @@ class OrchestratorDaemon(Daemon):
         if self.tracing is not None:
             span = self.tracing.tracer.start_span(
                 "placement",
+                context=trace.set_span_in_context(parent) if parent is not None else None,
                 attributes={
                     "haif.model": ref,
                     "haif.worker": worker.worker_id,
                     "haif.placement": self.placement,
                     "haif.reason": decision.reason,
                     "haif.evicted": ",".join(decision.evict),
+                    "haif.decision_us": cost_us,
                 },
             )
             span.end()
@@ -1221,7 +1224,13 @@ class OrchestratorDaemon(Daemon):
         elif (
             info is not None
             and trained >= msg.need
-            and self.start_load(info, pending.selector, n_ctx=msg.need, why="a longer context")
+            and self.start_load(
+                info,
+                pending.selector,
+                n_ctx=msg.need,
+                why="a longer context",
+                parent=pending.span,
+            )
             is None
         ):
             pending.need_ctx = msg.need
@@ -1414,6 +1423,7 @@ class OrchestratorDaemon(Daemon):
             self.rejoined or not self.workers
         )
         waits_for = ""
+        load = False
         if not self.open_workers[pool] and young:
             # Just started (a restart): workers are on their way back; the request waits for
             # them in the queue, as long as a queue whose workers went away does.  When the
@@ -1425,12 +1435,7 @@ class OrchestratorDaemon(Daemon):
         elif not self.open_workers[pool] or (selector and not self.any_matching(pool, selector)):
             # Nobody (with these labels) has it loaded: load it where it fits; the request
             # waits in the queue meanwhile.
-            error = self.start_load(info, selector, embed=embed, why="requested")
-            if error is not None:
-                if embed and self.open_workers[info.ref]:
-                    error = no_embeddings(info.ref)
-                return refuse(error)
-            waits_for = self.loads[info.ref].worker_id if info.ref in self.loads else ""
+            load = True
         infer = wire.Infer(
             request=msg.request,
             client=msg.client,
@@ -1453,6 +1458,19 @@ class OrchestratorDaemon(Daemon):
                 keep_alive=keep,
             )
         )
+        if load:
+            error = self.start_load(
+                info, selector, embed=embed, why="requested", parent=pending.span
+            )
+            if error is not None:
+                if embed and self.open_workers[info.ref]:
+                    error = no_embeddings(info.ref)
+                for span in (pending.queue_span, pending.span):
+                    if span is not None:
+                        span.set_status(StatusCode.ERROR, error.code)
+                        span.end()
+                return refuse(error)
+            waits_for = self.loads[info.ref].worker_id if info.ref in self.loads else ""
         if waits_for:
             self.counters["waited_for_load"] += 1
             if pending.queue_span is not None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from haifctl import wire
 from haifctl.registry.service import builtin_model_path, open_registry
@@ -310,3 +313,62 @@ def test_a_too_long_prompt_loads_the_model_with_a_larger_context(cluster: Cluste
     refits = [e for e in events if e["msg"] == "context too small; routing again"]
     assert refits
     assert refits[0]["to"] == "a load with a larger context"
+
+
+def test_the_placement_decision_is_a_span_of_the_request_that_waited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTLP to a receiver in this test: the orchestrator's `placement` span names the worker,
+    the policy and the reason, inside the request's trace; its queue wait says it waited."""
+    spans: list[Any] = []
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            request = ExportTraceServiceRequest.FromString(body)
+            with lock:
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        spans.extend(scope.spans)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    cluster = Cluster(tmp_path, workers=0)
+    try:
+        worker(cluster, "w1")
+        register(cluster, "other")
+        assert isinstance(ask(cluster, model="other"), wire.Done)
+
+        def exported() -> dict[str, Any] | None:
+            with lock:
+                named = {s.name: s for s in spans}
+            wanted = {"placement", "queue wait", "orchestrator request"}
+            return named if wanted <= set(named) else None
+
+        named = wait_for(exported, "the placement span exported", 30)
+    finally:
+        cluster.stop()
+        server.shutdown()
+        server.server_close()
+
+    def attributes(span: Any) -> dict[str, object]:
+        return {a.key: a.value.string_value or a.value.double_value for a in span.attributes}
+
+    placement, request = named["placement"], named["orchestrator request"]
+    assert placement.trace_id == request.trace_id
+    assert placement.parent_span_id == request.span_id
+    facts = attributes(placement)
+    assert facts["haif.model"] == "other:1"
+    assert facts["haif.worker"] == "w1"
+    assert facts["haif.placement"] == "spread"
+    assert "least loaded" in str(facts["haif.reason"])
+    assert attributes(named["queue wait"])["haif.waits_for_load"] == "other:1"
