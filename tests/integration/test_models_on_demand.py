@@ -372,3 +372,23 @@ def test_the_placement_decision_is_a_span_of_the_request_that_waited(
     assert facts["haif.placement"] == "spread"
     assert "least loaded" in str(facts["haif.reason"])
     assert attributes(named["queue wait"])["haif.waits_for_load"] == "other:1"
+
+
+@pytest.mark.parametrize(("policy", "chosen"), [("spread", "roomy"), ("binpack", "snug")])
+def test_the_placement_policy_chooses_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, chosen: str
+) -> None:
+    monkeypatch.setenv("HAIF_PLACEMENT", policy)  # the orchestrator's setting
+    cluster = Cluster(tmp_path, workers=0)
+    try:
+        worker(cluster, "roomy", "--memory", "64M")
+        worker(cluster, "snug", "--memory", "8M")
+        register(cluster, "other")
+        done = ask(cluster, model="other")
+        assert isinstance(done, wire.Done), done
+        assert done.worker == chosen
+        events = cluster.procs["orchestrator"].log_events()
+        placed = next(e for e in events if e["msg"] == "loading a model")
+        assert str(placed["placement"]).startswith(policy)
+    finally:
+        cluster.stop()
