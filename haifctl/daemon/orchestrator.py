@@ -339,6 +339,7 @@ class OrchestratorDaemon(Daemon):
         # model (NAME:VERSION) -> what the registry said of it, for loads the sweep starts
         self.infos: OrderedDict[str, wire.ModelInfo] = OrderedDict()
         self.rejoined = False  # a worker registered before came back: this is a restart
+        self.load_retry: dict[str, float] = {}  # orphaned pool -> when to try a load again
         # Gauges over the table are computed at scrape time, in the HTTP server's thread.
         for gauge in (self.metrics.workers, self.metrics.slots, self.metrics.queue_depth):
             self.metrics.registry.unregister(gauge)
@@ -557,6 +558,7 @@ class OrchestratorDaemon(Daemon):
         self.send(identity, wire.reply(envelope, wire.Ack(known=True, cancel=sorted(rec.orphans))))
         for ref in rec.pools:
             self.orphaned.pop(ref, None)
+            self.load_retry.pop(ref, None)
         for ref in first:  # the registry hears when a model gains its first worker, not each time
             self.set_status(ref, "deployed")
         for ref in gone:
@@ -651,6 +653,7 @@ class OrchestratorDaemon(Daemon):
         """A model (a pool) with no worker left to take its queue: answer the queue 503 at
         once (400 for embeddings of a model whose workers have none)."""
         self.orphaned.pop(ref, None)
+        self.load_retry.pop(ref, None)
         if self.open_workers[ref] or pool_model(ref) in self.loads:
             return
         model = ref.removesuffix(embed_pool(""))
@@ -1638,11 +1641,14 @@ class OrchestratorDaemon(Daemon):
             if model in self.loads:
                 continue  # its load is on its way
             info = self.infos.get(model)
-            if not young and info is not None:
-                # no worker (back) for it: load it somewhere else
+            if not young and info is not None and self.load_retry.get(ref, 0.0) <= now:
+                # no worker (back) for it: load it somewhere else (a placement looks at every
+                # worker: tried once a second, not every tick)
+                self.load_retry[ref] = now + 1.0
                 refused = self.start_load(info, {}, embed=ref != model, why="no worker")
                 if refused is None:
                     self.orphaned.pop(ref, None)
+                    self.load_retry.pop(ref, None)
                     log(
                         self.name,
                         "queued requests wait for a load",
