@@ -22,6 +22,8 @@ def rows(workers: list[wire.WorkerState]) -> list[dict[str, Any]]:
         common = {
             "worker": w.worker_id,
             "device": w.device,
+            "gpu_name": w.gpu_name,
+            "gpu_memory_mb": w.gpu_memory_mb,
             "labels": w.labels,
             "memory_budget": w.memory_budget,
             "memory_used": w.memory_used,
