@@ -580,6 +580,7 @@ class OrchestratorDaemon(Daemon):
             worker.draining = msg.draining
             self.reindex(worker)
             if msg.draining:
+                self.lose_loads(worker, "began draining")
                 for ref in worker.pools:  # the last worker of a model drains: nobody waits
                     self.answer_orphaned_queue(ref, "its last worker is shutting down")
         if envelope.id or envelope.deadline or envelope.traceparent:
@@ -629,25 +630,31 @@ class OrchestratorDaemon(Daemon):
         for ref in worker.models:
             if ref not in self.serving:
                 self.set_status(ref, "registered")
-        for ref in list(worker.incoming):
-            task = self.loads.get(ref)
-            if task is not None and task.worker == worker.identity:
-                # its queue waits as one whose worker went away does: the sweep places it again
-                lost = wire.Error(
-                    kind=Kind.unavailable,
-                    code="worker_lost",
-                    message=f"worker {worker.worker_id} went away while loading {ref}",
-                    retry_after=2.0,
-                )
-                self.load_ended(ref, lost)
-                for pool in (ref, embed_pool(ref)):
-                    if self.queues.get(pool) and not self.open_workers[pool]:
-                        self.orphaned.setdefault(pool, time.monotonic())
+        self.lose_loads(worker, "went away")
         for ref in worker.pools:
             if not self.open_workers[ref] and self.queues.get(ref):
                 # a crashed worker is usually restarted in seconds: its queue waits that long
                 self.orphaned.setdefault(ref, time.monotonic())
         self.pump()
+
+    def lose_loads(self, worker: WorkerRec, why: str) -> None:
+        """The loads sent to ``worker`` will not finish (it went away, or drains): whoever
+        waits for them hears so, and their queues wait as those whose worker went away do
+        (the sweep places the model again)."""
+        for ref in list(worker.incoming):
+            task = self.loads.get(ref)
+            if task is None or task.worker != worker.identity:
+                continue
+            lost = wire.Error(
+                kind=Kind.unavailable,
+                code="worker_lost",
+                message=f"worker {worker.worker_id} {why} while loading {ref}",
+                retry_after=2.0,
+            )
+            self.load_ended(ref, lost)
+            for pool in (ref, embed_pool(ref)):
+                if self.queues.get(pool) and not self.open_workers[pool]:
+                    self.orphaned.setdefault(pool, time.monotonic())
 
     def answer_orphaned_queue(self, ref: str, why: str) -> None:
         """A model (a pool) with no worker left to take its queue: answer the queue 503 at

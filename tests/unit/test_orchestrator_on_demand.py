@@ -128,3 +128,15 @@ def test_a_context_too_small_goes_to_a_larger_one_or_is_refused(od: Harness) -> 
     assert isinstance(answer, wire.Error)
     assert answer.code == "context_too_small"
     assert "1024" in answer.message
+
+
+def test_a_worker_that_drains_while_loading_has_its_load_placed_again(od: Harness) -> None:
+    a = join(od, "a", [MODEL])
+    request = ask(od, "other")
+    b = join(od, "b", [MODEL])
+    assert [i for i, _ in sent(od, wire.Load)] == [a]
+    od.heartbeat(a, draining=True)  # it will not load anything now
+    od.d.sweep()
+    assert [i for i, _ in sent(od, wire.Load)] == [a, b]
+    join(od, "b", [MODEL, "other:1"])
+    assert od.where(request) == b
