@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from haifctl.commands._dispatch import open_cli_registry
+from haifctl.config import resolve
 from haifctl.errors import InvalidInput
 from haifctl.files import open_log, private_dir
 from haifctl.gguf_info import check_model_path, read_facts
 from haifctl.hashing import sha256_file
 from haifctl.keys import KeyStore
-from haifctl.commands._dispatch import open_cli_registry
-from haifctl.config import resolve
 
 
 def mode(path: Path) -> int:
