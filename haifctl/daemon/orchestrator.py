@@ -340,6 +340,7 @@ class OrchestratorDaemon(Daemon):
         self.infos: OrderedDict[str, wire.ModelInfo] = OrderedDict()
         self.rejoined = False  # a worker registered before came back: this is a restart
         self.load_retry: dict[str, float] = {}  # orphaned pool -> when to try a load again
+        self.sizes: dict[str, int] = {}  # model -> the size in memory a worker last reported
         # Gauges over the table are computed at scrape time, in the HTTP server's thread.
         for gauge in (self.metrics.workers, self.metrics.slots, self.metrics.queue_depth):
             self.metrics.registry.unregister(gauge)
@@ -536,6 +537,9 @@ class OrchestratorDaemon(Daemon):
         rec.model_busy = Counter(rec.model_of.get(rid, "") for rid in rec.running)
         # what it loaded on demand (for an orchestrator that restarted, keep-alive applies)
         rec.on_demand |= {ref for ref, state in rec.loaded.items() if state.on_demand}
+        for ref, state in rec.loaded.items():
+            if state.size_bytes and (ref in self.sizes or len(self.sizes) < MAX_RESOLVED):
+                self.sizes[ref] = state.size_bytes
         self.workers[identity] = rec
         self.by_worker_id[rec.worker_id] = rec
         self.index(rec)
@@ -1022,7 +1026,9 @@ class OrchestratorDaemon(Daemon):
             if failed[0] > time.monotonic():
                 return failed[1]
             del self.load_failures[ref]
-        need = estimate_bytes(info.size_bytes)
+        # what a worker reported the model taking, KV cache included, when one has loaded it;
+        # else its file and some room
+        need = max(estimate_bytes(info.size_bytes), self.sizes.get(ref, 0))
         started = time.monotonic()
         decision = place(self.candidates(ref, embed, only), need, self.placement, selector)
         if decision.key is None and decision.seen:  # nothing fits as it is: what to evict
