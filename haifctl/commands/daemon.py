@@ -187,7 +187,14 @@ def gateway(
 @app.command()
 def bridge(
     ctx: typer.Context,
-    gateway: Annotated[str, typer.Option("--gateway", help="The gateway's address.")],
+    gateway: Annotated[
+        str,
+        typer.Option(
+            "--gateway",
+            help="The gateway's address, or several comma-separated: requests take turns over "
+            "the gateways that are up.",
+        ),
+    ],
     bind: Annotated[
         str | None,
         typer.Option("--bind", help="HOST:PORT to serve HTTP on. [env: HAIF_BRIDGE_BIND]"),

@@ -184,7 +184,7 @@ class Supervisor:
             ),
         ]
         # Gateways after the first listen on the same host, on ports of their own; the bridge
-        # uses the first (it holds one link), clients and other bridges may use any.  With
+        # holds a link to each and spreads its requests over them, clients may use any.  With
         # HAIF_REDIS_URL they share their limits; without, each keeps its own.
         for i in range(gateways):
             bind = gateway_bind if i == 0 else gateway_bind.rsplit(":", 1)[0] + ":0"
@@ -271,8 +271,9 @@ class Supervisor:
                 "--registry",  # where it records usage
                 self.child("registry").endpoint,
             ]
-        elif child.name == "bridge":
-            args += ["--gateway", self.child("gateway").endpoint]
+        elif child.name == "bridge":  # every gateway: requests take turns over them
+            gateways = [c.endpoint for c in self.children if c.name.startswith("gateway")]
+            args += ["--gateway", ",".join(g for g in gateways if g)]
         if child.bind is not None:
             # after the first start, keep the same port so that peers reconnect by themselves
             args += ["--bind", child.endpoint or child.bind]

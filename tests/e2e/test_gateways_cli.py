@@ -72,20 +72,43 @@ def test_up_with_two_gateways_sharing_redis_and_usage(
             timeout=30,
         )
         assert http.status_code == 200, http.text
+        ready = httpx.get(daemons["bridge"]["endpoint"] + "/readyz", timeout=10).json()
+        assert ready["gateways"] == "2/2", ready
+        # the bridge holds a link to each gateway, and its requests take turns over them
+        before = {name: served_by(daemons[name]) for name in ("gateway", "gateway-2")}
+        for _ in range(6):
+            more = httpx.post(
+                daemons["bridge"]["endpoint"] + "/infer",
+                json={"prompt": "Once", "params": {"max_tokens": 2}},
+                timeout=30,
+            )
+            assert more.status_code == 200, more.text
+        for name in ("gateway", "gateway-2"):
+            assert served_by(daemons[name]) - before[name] == 3, name
         # usage, read through the cluster's registry daemon
         end = time.monotonic() + 30
         while True:
             usage = haifctl("usage", "--by", "key", "--json")
             assert usage.returncode == 0, usage.stderr
             totals = {t["name"]: t for t in json.loads(usage.stdout)["totals"]}
-            if sum(t["requests"] for t in totals.values()) >= 3:
+            if sum(t["requests"] for t in totals.values()) >= 9:
                 break
             assert time.monotonic() < end, totals
             time.sleep(0.2)  # polling the probe
-        assert totals["local"]["requests"] == 1  # the bridge's key id on an open loopback bridge
-        assert totals["local"]["completion_tokens"] == 3
-        assert sum(t["requests"] for t in totals.values()) == 3
+        assert totals["local"]["requests"] == 7  # the bridge's key id on an open loopback bridge
+        assert totals["local"]["completion_tokens"] == 3 + 6 * 2
+        assert sum(t["requests"] for t in totals.values()) == 9
     finally:
         down = haifctl("down")
         assert down.returncode == 0, down.stderr
     assert not any(pid_alive(d["pid"]) for d in daemons.values())
+
+
+def served_by(daemon: dict[str, object]) -> float:
+    """Inference requests a gateway has answered, from its /metrics."""
+    text = httpx.get(str(daemon["metrics"]), timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("haif_requests_total{") and '"infer"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total

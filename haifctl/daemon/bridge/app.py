@@ -31,20 +31,24 @@ def create_app(
 ) -> Edge:
     """The bridge's ASGI application: the edge in front of the FastAPI app.  ``on_ready`` runs
     once the gateway link is open (the daemon announces itself there).  ``host`` is the address
-    it listens on: off loopback, it serves protected routes only with API keys."""
+    it listens on: off loopback, it serves protected routes only with API keys.  ``gateway`` may
+    name several gateways, comma-separated: requests take turns over them."""
+    gateways = [address.strip() for address in gateway.split(",") if address.strip()]
     tracer = tracing.setup("bridge")
     bridge = BridgeState(auth=Auth(keys, host), metrics=metrics, tracer=tracer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        link = GatewayLink(gateway, keyring)
-        link.start()
-        bridge.links.append(link)
-        log("bridge", "gateway link open", gateway=gateway, auth=bridge.auth.mode())
+        for address in gateways:
+            link = GatewayLink(address, keyring)
+            link.start()
+            bridge.links.append(link)
+        log("bridge", "gateway links open", gateways=",".join(gateways), auth=bridge.auth.mode())
         if on_ready is not None:
             on_ready()
         yield
-        await link.close()
+        for link in bridge.links:
+            await link.close()
         if tracer is not None:
             tracer.shutdown()
         log("bridge", "stopped")

@@ -23,19 +23,32 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "Not ready"}})
 async def readyz(request: Request) -> Response:
-    """Ready when the gateway answers, at least one worker serves a model and the bridge can let
-    clients in (``auth``: keys, loopback, or locked with no keys off loopback)."""
+    """Ready when a gateway answers (with several, ``gateways`` says how many), at least one
+    worker serves a model and the bridge can let clients in (``auth``: keys, loopback, or
+    locked with no keys off loopback)."""
     bridge = state(request)
     mode = bridge.auth.mode()
     extra: dict[str, Any] = {"auth": mode}
     if mode == "locked":
         extra["detail"] = public_message(bridge.auth.locked())
-    try:
-        pong = await bridge.link.call(wire.Ping(), 1.0)
-        stats = await bridge.link.call(wire.StatsRequest(), 2.0)
-    except HaifError as exc:
-        return JSONResponse({"status": "unavailable", "reason": exc.message, **extra}, 503)
-    workers = len(stats.workers) if isinstance(stats, wire.Stats) else 0
-    ready = isinstance(pong, wire.Pong) and pong.ready and workers > 0 and mode != "locked"
+    reason = ""
+    workers = 0
+    gateways = 0  # answering and ready
+    for link in bridge.links:
+        try:
+            pong = await link.call(wire.Ping(), 1.0)
+            stats = await link.call(wire.StatsRequest(), 2.0)
+        except HaifError as exc:
+            reason = exc.message
+            continue
+        if isinstance(pong, wire.Pong) and pong.ready:
+            gateways += 1
+        if isinstance(stats, wire.Stats):
+            workers = max(workers, len(stats.workers))
+    if not gateways and reason:
+        return JSONResponse({"status": "unavailable", "reason": reason, **extra}, 503)
+    if len(bridge.links) > 1:
+        extra["gateways"] = f"{gateways}/{len(bridge.links)}"
+    ready = gateways > 0 and workers > 0 and mode != "locked"
     body = {"status": "ready" if ready else "unavailable", "workers": workers, **extra}
     return JSONResponse(body, 200 if ready else 503)

@@ -42,11 +42,14 @@ class GatewayLink:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.monitor: zmq.Socket[bytes] | None = None
         self.draining = False  # a drain is scheduled
+        self.up = False  # connected to the gateway (and through the CURVE handshake)
 
     def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
         loop.add_reader(self.sock.fileno(), self.drain)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
         loop.add_reader(self.monitor.fileno(), self.watch)
         # ZeroMQ's descriptors signal only once their socket's events have been read: read them
         # now, or the first message (or disconnection) would never wake the loop
@@ -64,7 +67,11 @@ class GatewayLink:
         assert monitor is not None
         while cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             event = parse_monitor_message(monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED and self.waiting:
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                self.up = True
+                continue
+            self.up = False
+            if self.waiting:
                 lost = Unavailable(
                     "gateway_link_lost",
                     "the connection to the gateway dropped before the answer came",

@@ -22,10 +22,19 @@ class BridgeState:
     metrics: Metrics | None
     tracer: tracing.Tracing | None
     links: list[GatewayLink] = field(default_factory=list)
+    turn: int = 0
 
     @property
     def link(self) -> GatewayLink:
-        return self.links[0]
+        """The link for the next request: the gateways take turns, skipping any whose
+        connection is down (while all are down, the turn goes on and the request waits in its
+        link's queue, or fails as the link's watch decides)."""
+        links = self.links
+        for _ in range(len(links)):
+            self.turn = (self.turn + 1) % len(links)
+            if links[self.turn].up:
+                return links[self.turn]
+        return links[self.turn]
 
 
 def state(request: Request) -> BridgeState:
