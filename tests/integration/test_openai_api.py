@@ -527,3 +527,15 @@ def test_docs_work_offline(cluster: Cluster) -> None:
         assert served.status_code == 200
         assert len(served.content) > 10_000
     assert httpx.get(f"{cluster.bridge}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_keep_alive_and_labels_pass_through_the_openai_routes(client: openai.OpenAI) -> None:
+    placed: Any = {"keep_alive": "30s", "labels": {}}
+    done = client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body=placed)
+    assert done.choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:  # validated by the cluster, not dropped
+        client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=2, extra_body={"keep_alive": "soon"}
+        )
+    assert isinstance(info.value.body, dict)
+    assert "keep_alive" in info.value.body["message"]

@@ -48,6 +48,27 @@ class Sampling(Strict):
     json_schema: dict[str, Any] | None = None
 
 
+KeepAlive = float | Text
+Labels = dict[Text, Text]
+
+
+class Placement(Strict):
+    """Where a request runs, with models loaded on demand: how long its model stays loaded once
+    idle (Ollama's ``keep_alive``: seconds or "5m"; 0 unloads after it, -1 keeps it) and the
+    labels of the workers it may run on."""
+
+    keep_alive: KeepAlive | None = None
+    labels: Labels | None = None
+
+    def placement(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.keep_alive is not None:
+            out["keep_alive"] = self.keep_alive
+        if self.labels is not None:
+            out["labels"] = self.labels
+        return out
+
+
 class FunctionCall(Strict):
     name: Text
     arguments: Text
@@ -95,7 +116,7 @@ class ChatMessage(Strict):
         return out
 
 
-class InferBody(Strict):
+class InferBody(Placement):
     model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
@@ -110,6 +131,7 @@ class InferBody(Strict):
             out.pop("prompt")
         if self.params is not None:
             out.update(self.params.model_dump(exclude_none=True))
+        out.update(self.placement())
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -150,7 +172,7 @@ class NamedTool(Strict):
     function: NamedFunction
 
 
-class OpenAIBase(Strict):
+class OpenAIBase(Placement):
     model: Text | None = None
     max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -191,6 +213,7 @@ class OpenAIBase(Strict):
         }
         if self.logit_bias:
             out["logit_bias"] = logit_bias(self.logit_bias)
+        out.update(self.placement())
         if self.grammar is not None and self.json_schema is not None:
             raise HTTPError(
                 "invalid_request", "give one of grammar and json_schema", param="grammar"
