@@ -45,6 +45,7 @@ from typing import IO
 import zmq
 
 from haifctl import wire
+from haifctl.security import GATEWAY, WORKER, Keyring
 
 HAIFCTL = str(Path(sys.executable).parent / "haifctl")
 HEARTBEAT_S = 0.5  # what workers use
@@ -74,8 +75,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # fake workers (a process of their own) -----------------------------------------------------------
-def fake_workers(address: str, n: int, model: str, slots: int) -> None:
-    """N workers on N DEALER sockets, served from one epoll loop; stops when stdin closes."""
+def fake_workers(address: str, n: int, model: str, slots: int, keys: Keyring) -> None:
+    """N workers on N DEALER sockets (CURVE, with the cluster's worker key, as real workers),
+    served from one epoll loop; stops when stdin closes."""
     raise_fd_limit(4 * n + 256)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, n + 64)
@@ -91,6 +93,7 @@ def fake_workers(address: str, n: int, model: str, slots: int) -> None:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.ROUTING_ID, f"{worker_id}/{uuid.uuid4().hex[:8]}".encode())
+        keys.client(sock, WORKER)
         sock.connect(address)
         socks.append(sock)
         selector.register(sock.fileno(), selectors.EVENT_READ, i)
@@ -173,6 +176,9 @@ def relay(ready_file: Path) -> None:
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.SNDHWM, 100_000)
     router.setsockopt(zmq.RCVHWM, 100_000)
+    # CURVE as the orchestrator's socket has it (the cluster's keys, from HAIF_HOME), so the floor
+    # pays for the encryption too
+    Keyring.ensure(Path(os.environ["HAIF_HOME"])).server(router, "orchestrator")
     port = router.bind_to_random_port("tcp://127.0.0.1")
     tmp = ready_file.with_suffix(".tmp")  # written whole, then renamed: never read half-written
     tmp.write_text(json.dumps({"endpoints": {"rpc": f"tcp://127.0.0.1:{port}"}}))
@@ -247,8 +253,15 @@ class Daemon:
 
 # the client (the gateway's side of the link) ----------------------------------------------------
 class Client:
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        keys: Keyring,
+        role: str = GATEWAY,
+    ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
+        keys.client(self.sock, role)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -375,8 +388,12 @@ def run(
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     fake: subprocess.Popen[bytes] | None = None
     try:
-        client = Client(ctx, orch.endpoints["rpc"])
-        info = client.call(wire.ResolveModel(ref=args.model))
+        keys = Keyring.ensure(Path(env["HAIF_HOME"]))
+        client = Client(ctx, orch.endpoints["rpc"], keys)
+        # what the fake workers serve, resolved as a worker resolves its model (a gateway may not)
+        info = Client(ctx, orch.endpoints["rpc"], keys, WORKER).call(
+            wire.ResolveModel(ref=args.model)
+        )
         assert isinstance(info, wire.ModelInfo), info
         fake = subprocess.Popen(
             [
@@ -384,6 +401,7 @@ def run(
                 __file__,
                 *("--fake-workers", str(n), "--orchestrator", orch.endpoints["rpc"]),
                 *("--model", info.ref, "--slots", str(args.slots)),
+                *("--keys", env["HAIF_HOME"]),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -444,11 +462,13 @@ def main() -> None:
     )
     parser.add_argument("--fake-workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--orchestrator", help=argparse.SUPPRESS)
+    parser.add_argument("--keys", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--relay", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fake_workers is not None:
-        return fake_workers(args.orchestrator, args.fake_workers, args.model, args.slots)
+        keys = Keyring.ensure(args.keys)
+        return fake_workers(args.orchestrator, args.fake_workers, args.model, args.slots, keys)
     if args.relay:
         return relay(args.ready_file)
 
