@@ -13,7 +13,12 @@ from tests.e2e.conftest import Run
 # variables that set it too.
 ENV_OF = {"--" + s.name.replace("_", "-"): s.env for s in SETTINGS}
 # bench's --model and --max-tokens describe its load on any server, not this machine's settings
-NOT_SETTINGS = {(("bench",), "--model"), (("bench",), "--max-tokens")}
+# options that share a setting's name but are not that setting: a load's own context size
+NOT_SETTINGS = {
+    (("bench",), "--model"),
+    (("bench",), "--max-tokens"),
+    (("models", "load"), "--n-ctx"),
+}
 WIDTH = 80
 
 
