@@ -345,17 +345,30 @@ def token_logprobs(model: LlamaCppModel, logits: Any, token: int, top: int) -> A
     return wire.TokenLogprob(*entry(token), top=alternatives)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class _Seq:
     """A job's state while it holds a slot."""
 
-    __slots__ = ("emitter", "fed", "job", "last", "n_past", "reported", "sampler", "slot")
+    __slots__ = ("emitter", "fed", "job", "kv", "last", "n_past", "reported", "sampler", "slot")
 
-    def __init__(self, job: Job, slot: int, sampler: Any, emitter: Emitter) -> None:
+    def __init__(
+        self, job: Job, slot: int, sampler: Any, emitter: Emitter, reused: list[int]
+    ) -> None:
         self.job = job
         self.slot = slot
         self.sampler = sampler
         self.emitter = emitter
-        self.fed = 0  # prompt tokens already in the KV cache
+        self.kv = reused  # the tokens in this slot's KV cache, by position
+        self.fed = len(reused)  # prompt tokens already in the KV cache
         self.n_past = 0
         self.last = -1  # the token to feed next (the one just sampled)
         self.reported = 0  # tokens already handed out in events
@@ -398,6 +411,9 @@ class BatchEngine(Engine):
         self._llama_cpp = llama_cpp
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._free = list(range(slots - 1, -1, -1))
+        # each slot's cached tokens, kept after its sequence ends: a prompt that starts as one of
+        # them (a chat's next turn, a shared system prompt) is fed from where they differ
+        self._cached: list[list[int]] = [[] for _ in range(slots)]
         self._running: list[_Seq] = []
         self.start_thread("llama-engine")  # last: everything it touches exists
 
@@ -431,12 +447,34 @@ class BatchEngine(Engine):
             sampler.add_temp(p.temperature)
             sampler.add_dist(p.seed if p.seed is not None else random.getrandbits(31))
         emitter = Emitter(p, job.budget, self.model.is_eog, self.model.piece)
-        seq = _Seq(job, self._free.pop(), sampler, emitter)
-        self._ctx.kv_cache_seq_rm(seq.slot, -1, -1)
-        return seq
+        slot, reused = self._take_slot(job.prompt)
+        return _Seq(job, slot, sampler, emitter, reused)
 
-    def _release(self, seq: _Seq) -> None:
-        self._ctx.kv_cache_seq_rm(seq.slot, -1, -1)
+    def _take_slot(self, prompt: list[int]) -> tuple[int, list[int]]:
+        """The free slot whose cache shares the longest prefix with ``prompt`` (among none, the
+        one free the longest), and the cached tokens kept: at most all of the prompt but its
+        last token, whose logits the first sample needs."""
+        best, best_n = self._free[0], -1
+        for slot in self._free:
+            n = common_prefix(self._cached[slot], prompt)
+            if n > best_n:
+                best, best_n = slot, n
+        self._free.remove(best)
+        keep = min(best_n, len(prompt) - 1)
+        # a model whose memory cannot drop a tail (a recurrent one) starts from nothing
+        if keep <= 0 or not self._ctx.kv_cache_seq_rm(best, keep, -1):
+            self._ctx.kv_cache_seq_rm(best, -1, -1)
+            keep = 0
+        self._cached[best] = []
+        return best, prompt[:keep]
+
+    def _release(self, seq: _Seq, keep: bool = True) -> None:
+        """Free the slot; its cache stays for the next prompt that starts the same, unless the
+        step that was filling it failed (``keep`` False)."""
+        if keep:
+            self._cached[seq.slot] = seq.kv
+        else:
+            self._ctx.kv_cache_seq_rm(seq.slot, -1, -1)
         self._free.append(seq.slot)
         seq.sampler.close()
 
@@ -494,6 +532,7 @@ class BatchEngine(Engine):
             if seq.last >= 0 and n < N_BATCH:
                 token[n], pos[n], n_seq[n], logits[n] = seq.last, seq.n_past, 1, True
                 seq_id[n][0] = seq.slot
+                seq.kv.append(seq.last)
                 outputs.append((seq, n))
                 n += 1
         for seq in self._running:  # then prompt chunks, as room allows
@@ -502,6 +541,7 @@ class BatchEngine(Engine):
                 last = seq.fed == len(prompt) - 1
                 token[n], pos[n], n_seq[n], logits[n] = prompt[seq.fed], seq.fed, 1, last
                 seq_id[n][0] = seq.slot
+                seq.kv.append(prompt[seq.fed])
                 if last:
                     outputs.append((seq, n))
                 seq.fed += 1
@@ -533,7 +573,7 @@ class BatchEngine(Engine):
     def abort(self) -> list[Job]:
         jobs = [seq.job for seq in self._running]
         for seq in self._running:
-            self._release(seq)
+            self._release(seq, keep=False)
         self._running.clear()
         return jobs
 

@@ -114,3 +114,38 @@ def test_a_worker_with_two_slots_runs_two_requests_at_once(tmp_path: Path) -> No
         assert all(isinstance(f, wire.Done) and f.completion_tokens == 1900 for f in finals)
     finally:
         cluster.stop()
+
+
+def test_a_prompt_that_starts_as_a_cached_one_reuses_it_and_gives_the_same_text(
+    model_path: Path,
+) -> None:
+    """A slot keeps its cache when its sequence ends; a later prompt sharing its start (a
+    chat's next turn) is fed from where they differ, and writes what a cold start writes."""
+    story = "Once upon a time, there was a little girl named Lily. She loved to play outside."
+    turns = [story, story + " One day she found a big red ball.", story, "The dog ran home."]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    def run(prompts: list[str], slots: int) -> list[str]:
+        model = LlamaCppRuntime().load(model_path, LoadOptions(slots=slots, threads=1))
+        try:
+            return [collect(model.generate(p, greedy))[0] for p in prompts]
+        finally:
+            model.close()
+
+    warm = run(turns, slots=2)  # each turn after the first finds a cached prefix
+    cold = [run([p], slots=1)[0] for p in turns]  # each on a fresh model
+    assert warm == cold
+    model = LlamaCppRuntime().load(model_path, LoadOptions(slots=2, threads=1))
+    try:
+        engine = model.engine
+        collect(model.generate(turns[0], greedy))
+        cached = [len(c) for c in engine._cached]  # type: ignore[attr-defined]
+        assert max(cached) == len(model.tokenize(turns[0])) + 23  # prompt + tokens decoded
+        job = model.job(turns[1], greedy)
+        slot, reused = engine._take_slot(job.prompt)  # type: ignore[attr-defined]
+        # the story's tokens (less one or two where the longer text tokenises differently)
+        assert len(reused) >= len(model.tokenize(turns[0])) - 2
+        assert reused == job.prompt[: len(reused)]
+        engine._free.append(slot)  # type: ignore[attr-defined]
+    finally:
+        model.close()
