@@ -184,7 +184,11 @@ class WorkerRec:
 
     def keep_for(self, model: str) -> float | None:
         """How long ``model`` stays once idle: what the last request or the registry asked,
-        else the worker's own setting for a model loaded on demand; one it started with stays."""
+        else the worker's own setting for a model loaded on demand; one it started with stays.
+        A worker that cannot load on demand (no memory budget) keeps its models whatever a
+        request asks: it could not load them again."""
+        if not self.memory_budget:
+            return None
         if model in self.keep:
             return self.keep[model]
         return self.keep_alive_s if model in self.on_demand else None
@@ -970,6 +974,11 @@ class OrchestratorDaemon(Daemon):
             for w in self.serving.get(pool, {}).values()
         )
 
+    def labelled(self, selector: dict[str, str]) -> bool:
+        """Whether any worker of the cluster carries ``selector``'s labels (asked only when a
+        load cannot be placed: a scan of the table)."""
+        return any(matches(w.labels, selector) for w in self.workers.values())
+
     def candidates(
         self, ref: str, embed: bool, only: WorkerRec | None, evictable: bool = False
     ) -> Iterator[Candidate]:
@@ -1035,6 +1044,19 @@ class OrchestratorDaemon(Daemon):
             candidates = self.candidates(ref, embed, only, evictable=True)
             decision = place(candidates, need, self.placement, selector)
         cost_us = round((time.monotonic() - started) * 1e6, 1)
+        if decision.key is None and selector and not self.labelled(selector):
+            # labels no worker of the cluster carries: the request's to change, not capacity
+            wanted = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+            carried = sorted(
+                {f"{k}={v}" for w in self.workers.values() for k, v in w.labels.items()}
+            )
+            return wire.Error(
+                kind=Kind.invalid,
+                code="no_matching_workers",
+                message=f"no worker carries the labels {wanted}",
+                hint=f"workers carry: {', '.join(carried) or 'no labels'} "
+                "(start one with haifctl worker --label KEY=VALUE)",
+            )
         if decision.key is None and not decision.seen and selector:
             wanted = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
             return wire.Error(
@@ -1479,7 +1501,12 @@ class OrchestratorDaemon(Daemon):
                 info, selector, embed=embed, why="requested", parent=pending.span
             )
             if error is not None:
-                if embed and self.open_workers[info.ref]:
+                # no worker of the cluster makes embeddings (a scan, on this error path only):
+                # the request's model cannot give them, whatever loads
+                if embed and (
+                    self.open_workers[info.ref]
+                    or not any(w.embeddings for w in self.workers.values())
+                ):
                     error = no_embeddings(info.ref)
                 for span in (pending.queue_span, pending.span):
                     if span is not None:

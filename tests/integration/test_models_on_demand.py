@@ -266,6 +266,9 @@ def test_labels_pin_a_load_and_ps_shows_it(cluster: Cluster) -> None:
     refused = ask(cluster, model="stories260K", labels={"gpu": "a100"})
     assert isinstance(refused, wire.Error)
     assert "gpu=a100" in refused.message
+    # labels no worker carries are the request's to change (400), and the hint says which exist
+    assert (refused.kind, refused.code) == ("invalid", "no_matching_workers")
+    assert "gpu=h100" in refused.hint
     env = {**cluster.env}
     out = subprocess.run(
         [HAIFCTL, "ps", "--gateway", cluster.gateway, "--json"],

@@ -5,6 +5,7 @@ prompt lists and token ids, echo, the small routes, and fields the server refuse
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -539,3 +540,39 @@ def test_keep_alive_and_labels_pass_through_the_openai_routes(client: openai.Ope
         )
     assert isinstance(info.value.body, dict)
     assert "keep_alive" in info.value.body["message"]
+
+
+def test_mistakes_in_several_sequences_answer_once_and_cleanly(client: openai.OpenAI) -> None:
+    # each prompt's sequence fails the same way: the first failure is the answer, a 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt=["a", "b", "c"], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=USER, n=4, max_tokens=2)
+    # labels no worker carries: the request's to change
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"labels": {"gpu": "none"}}
+        )
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["code"] == "no_matching_workers"
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text
+
+
+def test_after_keep_alive_zero_the_model_loads_again_and_embeddings_are_still_a_400(
+    client: openai.OpenAI,
+) -> None:
+    # keep_alive 0 unloads the model after the request; the next one loads it again on demand
+    gone: Any = {"keep_alive": 0}
+    client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body=gone)
+    end = time.monotonic() + 15
+    while (client.models.retrieve(MODEL).model_extra or {}).get("workers") != 0:
+        assert time.monotonic() < end, "the model was not unloaded"
+        time.sleep(0.05)  # polling the probe
+    # an embedding request meanwhile: none of this cluster's workers makes embeddings, loaded or
+    # not, so it is the request's mistake (400), not an outage
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input="hello")
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["code"] == "embeddings_unsupported"
+    for _ in range(3):
+        assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text

@@ -59,19 +59,28 @@ async def open_streams(
 ) -> list[tuple[wire.Msg, Stream]]:
     """Start every sequence and wait for each one's first message: an error there (an unknown
     model, a full queue) becomes the response's status, and the other sequences are cancelled."""
-    link = state(request).link
+    bridge = state(request)
     tp = getattr(request.state, "traceparent", "")
-    streams = [link.stream(fields, key, tp).__aiter__() for fields in requests]
+    streams = [bridge.link.stream(fields, key, tp).__aiter__() for fields in requests]
+    if len(streams) == 1:
+        try:
+            return [(await anext(streams[0]), streams[0])]
+        except BaseException:
+            await _aclose(streams[0])
+            raise
+    firsts = [asyncio.ensure_future(anext(s)) for s in streams]
     try:
-        if len(streams) == 1:
-            firsts = [await anext(streams[0])]
-        else:
-            firsts = list(await asyncio.gather(*(anext(s) for s in streams)))
+        await asyncio.gather(*firsts)
     except BaseException:
+        # the first failure is the answer; the other sequences stop waiting (each one's wait is
+        # cancelled before its stream is closed: a stream cannot close while it waits)
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
         for stream in streams:
             await _aclose(stream)
         raise
-    return list(zip(firsts, streams, strict=True))
+    return [(first.result(), stream) for first, stream in zip(firsts, streams, strict=True)]
 
 
 async def merged(
