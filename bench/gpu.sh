@@ -33,6 +33,9 @@ DRY=${GPU_DRY_RUN:-0}
 OUT=${OUT:-$ROOT/.gpu/out}
 WORK=${WORK:-/tmp/haif-gpu}
 PY=${PYTHON:-python3}
+if [ "$DRY" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then
+    PY=$ROOT/.venv/bin/python  # the dry run uses this checkout's packages: `make` made them
+fi
 JOBS=${JOBS:-$(nproc)}
 CUDA_ARCH=${CUDA_ARCH:-90}
 PP=128
