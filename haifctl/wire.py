@@ -135,6 +135,8 @@ class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
     created_at: str
     status: str
     workers: int
+    # no worker has it loaded, but one that loads models on demand has the memory for it
+    loadable: bool = False
 
 
 class ModelList(Msg, frozen=True, tag=True, kw_only=True):

@@ -943,8 +943,17 @@ class OrchestratorDaemon(Daemon):
                     )
                 )
             models = []
+            # the most memory one worker that loads on demand has (once per list, not per model)
+            room = max(
+                (w.memory_budget for w in self.workers.values() if not w.draining),
+                default=0,
+            )
             for record in reply.result:
                 ref = f"{record['name']}:{record['version']}"
+                workers = len(self.serving.get(ref, ()))
+                need = max(
+                    estimate_bytes(int(record.get("size_bytes") or 0)), self.sizes.get(ref, 0)
+                )
                 models.append(
                     wire.ModelEntry(
                         ref=ref,
@@ -952,7 +961,8 @@ class OrchestratorDaemon(Daemon):
                         aliases=list(record.get("aliases") or []),
                         created_at=str(record.get("created_at", "")),
                         status=str(record.get("status", "")),
-                        workers=len(self.serving.get(ref, ())),
+                        workers=workers,
+                        loadable=not workers and room >= need and record.get("status") != "retired",
                     )
                 )
             return then(wire.ModelList(models=models))

@@ -204,12 +204,14 @@ def test_picks_a_served_model_and_reports_the_worker_timings(page: Page) -> None
     p = page.page
     options = p.locator("#model option")
     expect(options).to_have_count(2)
-    # idle:1 is listed (first), but no worker serves it: shown, not selectable, and named
+    # idle:1 is listed (first) and no worker serves it, but the worker loads models on demand
+    # and has the memory: selectable, said to load on first use, and not picked over the model
+    # that is loaded
     idle = p.locator('#model option[value="idle:1"]')
-    assert idle.inner_text() == "idle:1 (no worker)"
-    assert idle.is_disabled()
+    assert idle.inner_text() == "idle:1 (loads on first use)"
+    assert not idle.is_disabled()
     assert p.locator("#model").input_value() == "stories260K:1"
-    expect(p.locator("#notice")).to_have_text("Not served by any worker: idle:1.")
+    expect(p.locator("#notice")).to_have_text("")
 
     p.click("#settings summary")
     p.fill("#max-tokens", "40")

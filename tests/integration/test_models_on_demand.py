@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import zmq
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from haifctl import wire
 from haifctl.registry.service import builtin_model_path, open_registry
+from haifctl.security import BRIDGE
 from tests.cluster import HAIFCTL, Cluster, Proc
 
 T = TypeVar("T")
@@ -395,3 +397,35 @@ def test_the_placement_policy_chooses_the_worker(
         assert str(placed["placement"]).startswith(policy)
     finally:
         cluster.stop()
+
+
+def listed(cluster: Cluster) -> dict[str, wire.ModelEntry]:
+    """The gateway's model list (what /v1/models shows), by NAME:VERSION."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = cluster.dealer(ctx, cluster.gateway, BRIDGE)  # as the bridge asks it
+    try:
+        sock.send(wire.encode(wire.ListModels(), wire.new_id()))
+        assert sock.poll(10_000), "the gateway did not answer"
+        answer = wire.decode(sock.recv()).msg
+        assert isinstance(answer, wire.ModelList), answer
+        return {m.ref: m for m in answer.models}
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_the_model_list_says_which_unloaded_models_a_worker_would_load(cluster: Cluster) -> None:
+    worker(cluster, "snug", "--memory", "3M")  # one copy of the model at a time
+    spare = register(cluster, "spare")
+    models = wait_for(lambda: listed(cluster) if table(cluster) else None, "a worker joined")
+    assert models["stories260K:1"].workers == 1
+    assert not models["stories260K:1"].loadable  # it is loaded: nothing to say
+    assert models[spare].workers == 0
+    assert models[spare].loadable  # the worker would load it (evicting the idle one)
+    with open_registry(f"sqlite:///{cluster.workdir / 'home' / 'registry.db'}") as registry:
+        registry.set_status(spare, "retired")
+    assert not listed(cluster)[spare].loadable
+    with open_registry(f"sqlite:///{cluster.workdir / 'home' / 'registry.db'}") as registry:
+        registry.set_status(spare, "registered")
+    assert isinstance(ask(cluster, model="spare"), wire.Done)  # and it does load
+    assert listed(cluster)[spare].workers == 1

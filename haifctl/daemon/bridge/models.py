@@ -32,6 +32,7 @@ def entry(model_id: str, m: wire.ModelEntry) -> dict[str, Any]:
         "owned_by": "haifctl",
         "status": m.status,
         "workers": m.workers,
+        "loadable": m.loadable,  # no worker has it, but one would load it on first use
     }
 
 
