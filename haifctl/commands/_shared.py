@@ -67,6 +67,17 @@ GpuLayersOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", help="CPU threads, 0 for automatic. [env: HAIF_THREADS]")
 ]
+LocalFlag = Annotated[
+    bool, typer.Option("--local", help="Run in-process even when a cluster is up.")
+]
+GatewayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gateway",
+        help="A cluster gateway, tcp://HOST:PORT. [env: GATEWAY_URL]",
+        show_default=False,
+    ),
+]
 HomeOpt = Annotated[
     Path | None,
     typer.Option(

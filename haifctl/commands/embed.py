@@ -14,8 +14,10 @@ from haifctl import security, wire
 from haifctl.client import ClusterClient
 from haifctl.commands._dispatch import cluster_gateway, cluster_model_ref, resolve_model
 from haifctl.commands._shared import (
+    GatewayOpt,
     GpuLayersOpt,
     JsonFlag,
+    LocalFlag,
     ModelOpt,
     NCtxOpt,
     ThreadsOpt,
@@ -97,17 +99,8 @@ def embed(
     n_ctx: NCtxOpt = None,
     n_gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
-    local: Annotated[
-        bool, typer.Option("--local", help="Run in-process even when a cluster is up.")
-    ] = False,
-    gateway: Annotated[
-        str | None,
-        typer.Option(
-            "--gateway",
-            help="A cluster gateway, tcp://HOST:PORT. [env: GATEWAY_URL]",
-            show_default=False,
-        ),
-    ] = None,
+    local: LocalFlag = False,
+    gateway: GatewayOpt = None,
 ) -> None:
     """Print the embedding of each TEXT: one JSON array of numbers per line, L2-normalised.
 

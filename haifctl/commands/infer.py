@@ -14,7 +14,9 @@ import typer
 from haifctl import wire
 from haifctl.commands._dispatch import cluster_gateway, run_cluster, run_local
 from haifctl.commands._shared import (
+    GatewayOpt,
     GpuLayersOpt,
+    LocalFlag,
     ModelOpt,
     NCtxOpt,
     ThreadsOpt,
@@ -179,17 +181,8 @@ def infer(
     n_ctx: NCtxOpt = None,
     n_gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
-    local: Annotated[
-        bool, typer.Option("--local", help="Run in-process even when a cluster is up.")
-    ] = False,
-    gateway: Annotated[
-        str | None,
-        typer.Option(
-            "--gateway",
-            help="A cluster gateway, tcp://HOST:PORT. [env: GATEWAY_URL]",
-            show_default=False,
-        ),
-    ] = None,
+    local: LocalFlag = False,
+    gateway: GatewayOpt = None,
 ) -> None:
     """Stream a completion of PROMPT from a model.
 
