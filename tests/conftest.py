@@ -87,3 +87,28 @@ def require(tool: str, package: str = "") -> str:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return path
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's Redis (.ci/run starts one where none runs)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the machine's Redis, its keys deleted afterwards; a
+    missing Redis skips the test on a laptop and fails it in CI."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        message = f"needs Redis on 127.0.0.1:6379 (.ci/run starts it): {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    prefix = f"haif-test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

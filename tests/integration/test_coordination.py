@@ -10,7 +10,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,25 +25,6 @@ from haifctl.security import BRIDGE
 from tests.cluster import HAIFCTL, Cluster, Proc
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the machine's Redis, deleted afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        message = f"the coordination tests need Redis on 127.0.0.1:6379 (.ci/run starts it): {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    prefix = f"haif-test-{uuid.uuid4().hex[:10]}"
-    yield prefix
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 OPEN: list[zmq.Socket[bytes]] = []  # the test's peers, closed by the ctx fixture
