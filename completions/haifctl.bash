@@ -127,7 +127,7 @@ _haifctl() {
             esac
             ;;
         "worker")
-            opts='--orchestrator --model -m --worker-id --heartbeat --slots --threads --embeddings --memory --keep-alive --label --join --metrics-port --ready-file --help -h'; cmds=''
+            opts='--orchestrator --model -m --worker-id --heartbeat --slots --threads --threads-batch --flash-attn --embeddings --memory --keep-alive --label --join --metrics-port --ready-file --help -h'; cmds=''
             case "$prev" in
                 --orchestrator) COMPREPLY=(); return ;;
                 --model|-m) COMPREPLY=($(compgen -W "$(haifctl completion --names models 2>/dev/null)" -- "$cur")); return ;;
@@ -135,6 +135,8 @@ _haifctl() {
                 --heartbeat) COMPREPLY=(); return ;;
                 --slots) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --threads-batch) COMPREPLY=(); return ;;
+                --flash-attn) COMPREPLY=(); return ;;
                 --memory) COMPREPLY=(); return ;;
                 --keep-alive) COMPREPLY=(); return ;;
                 --label) COMPREPLY=(); return ;;

@@ -59,6 +59,22 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("threads", ("HAIF_THREADS",), int, 0, "CPU threads for generation (0: automatic)."),
     Setting(
+        "threads_batch",
+        ("HAIF_THREADS_BATCH",),
+        int,
+        0,
+        "CPU threads for engine steps that feed prompts (0: as many as for generation; `up` "
+        "gives each worker its share of all the cores).",
+    ),
+    Setting(
+        "flash_attn",
+        ("HAIF_FLASH_ATTN",),
+        str,
+        "auto",
+        "Flash attention: on, off or auto (llama.cpp's choice on a GPU; on a CPU, on for models "
+        "with heads of 32 or more: faster prompts, slower generation below that).",
+    ),
+    Setting(
         "slots",
         ("HAIF_SLOTS",),
         int,
@@ -260,6 +276,8 @@ class Settings:
     n_ctx: int
     n_gpu_layers: int
     threads: int
+    threads_batch: int
+    flash_attn: str
     slots: int
     embeddings: bool
     keep_alive: str

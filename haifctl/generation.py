@@ -54,6 +54,8 @@ def load_model(
         n_ctx=settings.n_ctx,
         n_gpu_layers=settings.n_gpu_layers,
         threads=settings.threads,
+        threads_batch=settings.threads_batch,
+        flash_attn=settings.flash_attn,
         slots=settings.slots if slots is None else slots,
         embeddings=settings.embeddings if embeddings is None else embeddings,
     )

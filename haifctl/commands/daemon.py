@@ -259,6 +259,24 @@ def worker(
             "--threads", min=0, help="CPU threads for llama.cpp (0: automatic). [env: HAIF_THREADS]"
         ),
     ] = None,
+    threads_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--threads-batch",
+            min=0,
+            help="CPU threads for steps that feed prompts (0: as --threads). "
+            "[env: HAIF_THREADS_BATCH]",
+        ),
+    ] = None,
+    flash_attn: Annotated[
+        str | None,
+        typer.Option(
+            "--flash-attn",
+            metavar="auto|on|off",
+            help="Flash attention (auto: llama.cpp's choice on a GPU; on a CPU, on for heads of "
+            "32 or more). [env: HAIF_FLASH_ATTN]",
+        ),
+    ] = None,
     embeddings: Annotated[
         bool,
         typer.Option(
@@ -322,10 +340,22 @@ def worker(
         metrics_port=metrics_port,
         slots=slots,
         threads=threads,
+        threads_batch=threads_batch,
+        flash_attn=flash_attn,
         embeddings=embeddings or None,
         keep_alive=keep_alive,
         worker_memory=memory,
     )
+    from haifctl.errors import InvalidInput
+    from haifctl.runtime.base import FLASH_ATTN_CHOICES
+
+    if settings.flash_attn not in FLASH_ATTN_CHOICES:
+        raise InvalidInput(
+            "invalid_flash_attn",
+            f"flash attention {settings.flash_attn!r} is not one of "
+            f"{', '.join(FLASH_ATTN_CHOICES)}",
+            "set --flash-attn or HAIF_FLASH_ATTN to auto, on or off",
+        )
     daemon = WorkerDaemon(
         orchestrator,
         settings.model,
@@ -375,6 +405,7 @@ def supervise(
         bridge_bind=settings.bridge_bind,
         metrics_base_port=metrics_base,
         worker_threads=settings.threads,
+        worker_threads_batch=settings.threads_batch,
         log_max_bytes=settings.log_max_bytes,
         log_keep=settings.log_keep,
         run=run,

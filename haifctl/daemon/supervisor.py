@@ -128,6 +128,7 @@ class Supervisor:
         bridge_bind: str | None = "127.0.0.1:8080",
         metrics_base_port: int = 0,
         worker_threads: int = 0,
+        worker_threads_batch: int = 0,
         log_max_bytes: int = 10_000_000,
         log_keep: int = 3,
         run: float | None = None,
@@ -147,6 +148,7 @@ class Supervisor:
         self.registry_url = registry_url
         self.models = models
         self.worker_threads = worker_threads  # 0: a share of the cores
+        self.worker_threads_batch = worker_threads_batch
         self.workers_target = workers
         self.scale_requested = False  # SIGUSR1: read HOME/run/scale.json
         self.scale_ack: dict[str, Any] = {}  # the last scale request's outcome, for the CLI
@@ -205,18 +207,29 @@ class Supervisor:
             self.children.append(Child("bridge", [*common, "daemon", "bridge"], bridge_bind))
         for i, child in enumerate(self.children):
             child.slot = i
-        threads = worker_threads or share_of_cores(os.cpu_count() or 1, workers)
+        threads = self.threads_for(workers)
         for i in range(workers):
             self.children.append(self.new_worker(models[i % len(models)], threads))
 
-    def new_worker(self, model: str, threads: int) -> Child:
+    def threads_for(self, workers: int) -> tuple[int, int]:
+        """Each of ``workers`` workers' llama.cpp threads: for generation, and for prompts (0:
+        the same).  More threads for prompts than generation did not pay on 2 cores with the
+        shipped model: a 144-token prompt's first token came in 9.6-13.8 ms on 2 threads against
+        8.3-8.5 on one (bench/attention.py)."""
+        threads = self.worker_threads or share_of_cores(os.cpu_count() or 1, workers)
+        return threads, self.worker_threads_batch
+
+    def new_worker(self, model: str, threads: tuple[int, int]) -> Child:
         """A worker with the lowest free number and the lowest free metrics slot."""
         names = {c.name for c in self.children}
         slots = {c.slot for c in self.children}
         n = next(i for i in range(1, len(names) + 2) if f"worker-{i}" not in names)
         name = f"worker-{n}"
         args = ["--home", str(self.home), "worker", "--model", model, "--worker-id", name]
-        child = Child(name, [*args, "--threads", str(threads)], None, model=model)
+        flags = ["--threads", str(threads[0])]
+        if threads[1]:
+            flags += ["--threads-batch", str(threads[1])]
+        child = Child(name, [*args, *flags], None, model=model)
         child.slot = next(i for i in range(len(slots) + 1) if i not in slots)
         return child
 
@@ -404,7 +417,7 @@ class Supervisor:
         load = [(c.name, c.model, _busy(busy.get(c.name), c.state)) for c in serving]
         add, retire = plan_scale(load, self.models, target)
         # new workers get a share of the cores for the new count; the running ones keep theirs
-        threads = self.worker_threads or share_of_cores(os.cpu_count() or 1, target)
+        threads = self.threads_for(target)
         added = []
         for model in add:
             child = self.new_worker(model, threads)

@@ -41,10 +41,16 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int = -1  # -1: none; else report each token's logprob and this many alternatives
 
 
+FLASH_ATTN_CHOICES = ("auto", "on", "off")
+
+
 class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     n_ctx: int = 4096
     n_gpu_layers: int = -1
     threads: int = 0  # 0: let the runtime decide
+    # threads for steps that feed prompts (compute-bound); 0: the same as ``threads``
+    threads_batch: int = 0
+    flash_attn: str = "auto"  # "on", "off" or "auto" (the runtime decides per model and device)
     slots: int = 1  # sequences decoded at once; 0: as many as memory allows (up to a cap)
     # A second context, made for embeddings (pooled, one input at a time): Model.embed.
     embeddings: bool = False
@@ -71,6 +77,8 @@ class DeviceFacts(msgspec.Struct, frozen=True, kw_only=True):
     gpu_offload: bool
     n_gpu_layers: int
     threads: int
+    threads_batch: int = 0  # for steps that feed prompts; 0: as threads
+    flash_attn: str = "off"  # "on", "off", or "auto" where the device's build decides
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -18,6 +18,7 @@ from typing import Any
 from haifctl.errors import HaifError, InvalidInput
 from haifctl.files import open_regular
 from haifctl.runtime.base import (
+    FLASH_ATTN_CHOICES,
     DeviceFacts,
     LoadOptions,
     ModelInfo,
@@ -28,6 +29,14 @@ from haifctl.runtime.engine import Emitter, Engine, Job, Model, Sink, Step
 
 N_BATCH = 512  # tokens per llama_decode: generating sequences first, then prompt chunks
 PENALTY_LAST_N = 64
+# A step feeding at least this many prompt tokens runs on threads_batch threads, the others on
+# threads (llama.cpp alone would take threads_batch for every step of more than one token,
+# sequences generating side by side included).
+PROMPT_STEP_TOKENS = 32
+# Below this head size, llama.cpp's CPU flash-attention kernel costs more per KV cell than it
+# saves (head size 8, the shipped model: 2.9x slower generation, 3.4x faster prompts); at 64 it
+# is faster at both (bench/attention.py).
+FLASH_ATTN_MIN_HEAD_DIM = 32
 
 
 def gpu_backend() -> tuple[str, bool]:
@@ -44,6 +53,17 @@ def gpu_backend() -> tuple[str, bool]:
 
 def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+def flash_attn(choice: str, head_dim: int, gpu_offload: bool) -> str:
+    """Whether a context uses flash attention: "on" and "off" as asked; "auto" leaves it to
+    llama.cpp on a GPU and, on a CPU, turns it on only for heads of FLASH_ATTN_MIN_HEAD_DIM or
+    more."""
+    if choice != "auto":
+        return choice
+    if gpu_offload:
+        return "auto"
+    return "on" if head_dim >= FLASH_ATTN_MIN_HEAD_DIM else "off"
 
 
 def nvidia_smi(*fields: str) -> list[str]:
@@ -108,6 +128,12 @@ class LlamaCppModel(Model):
     handles: call :meth:`close` (the engine stops and frees its context before the weights)."""
 
     def __init__(self, path: Path, options: LoadOptions, sink: Sink | None = None) -> None:
+        if options.flash_attn not in FLASH_ATTN_CHOICES:
+            raise InvalidInput(
+                "invalid_flash_attn",
+                f"flash attention must be one of {', '.join(FLASH_ATTN_CHOICES)}, "
+                f"not {options.flash_attn!r}",
+            )
         import llama_cpp
         import llama_cpp._logger
 
@@ -147,11 +173,14 @@ class LlamaCppModel(Model):
             eos_token=model.token_get_text(eos) if eos >= 0 else None,
             chat_template=meta.get("tokenizer.chat_template") or None,
         )
+        gpu_offload = offload and options.n_gpu_layers != 0
         self.device = DeviceFacts(
             backend=backend,
-            gpu_offload=offload and options.n_gpu_layers != 0,
+            gpu_offload=gpu_offload,
             n_gpu_layers=options.n_gpu_layers if offload else 0,
             threads=threads,
+            threads_batch=options.threads_batch or threads,
+            flash_attn=flash_attn(options.flash_attn, self.head_dim, gpu_offload),
         )
         self._pieces: dict[int, bytes] = {}
         slots = options.slots
@@ -180,14 +209,33 @@ class LlamaCppModel(Model):
 
         return int(llama_cpp.llama_model_n_layer(self._model.model))
 
+    @property
+    def head_dim(self) -> int:
+        import llama_cpp
+
+        m = self._model.model
+        return int(llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m)))
+
+    @property
+    def keys_f32(self) -> bool:
+        """Keys cached as f32 rather than f16: without flash attention and with small heads,
+        where converting each query to f16 for dot products of a few elements dominates (the
+        shipped model: prompts 1.5x and generation 1.4x faster; at head size 64, slower)."""
+        device = self.device
+        return (
+            not device.gpu_offload
+            and device.flash_attn == "off"
+            and self.head_dim < FLASH_ATTN_MIN_HEAD_DIM
+        )
+
     def kv_bytes_per_token(self) -> int:
-        """KV cache per token of context (f16 keys and values, every layer)."""
+        """KV cache per token of context (every layer; f16 values, f16 or f32 keys)."""
         import llama_cpp
 
         m = self._model.model
         n_head = max(1, llama_cpp.llama_model_n_head(m))
         kv_dim = llama_cpp.llama_model_n_embd(m) * llama_cpp.llama_model_n_head_kv(m) // n_head
-        return int(2 * llama_cpp.llama_model_n_layer(m) * kv_dim * 2)
+        return int(llama_cpp.llama_model_n_layer(m) * kv_dim * ((4 if self.keys_f32 else 2) + 2))
 
     # tokens ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -390,14 +438,19 @@ class BatchEngine(Engine):
         params.n_batch = N_BATCH
         params.n_ubatch = N_BATCH
         params.n_seq_max = slots
-        params.n_threads = model.device.threads
-        params.n_threads_batch = model.device.threads
+        # llama.cpp takes n_threads_batch for every step of more than one token, generating
+        # ones included: step() sets both, by what the step holds
+        self._threads = (model.device.threads, model.device.threads_batch)
+        self._threads_now = model.device.threads
+        params.n_threads = params.n_threads_batch = self._threads_now
         params.kv_unified = False  # one KV stream per sequence, as llama-server does
-        if not model.device.gpu_offload:
-            # On a CPU, llama.cpp's flash attention kernel costs this engine about twice the CPU
-            # per token of the plain one (measured with the shipped model, 1 and 8 sequences);
-            # on a GPU "auto" lets llama.cpp choose.
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = {
+            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        }[model.device.flash_attn]
+        if model.keys_f32:
+            params.type_k = llama_cpp.GGML_TYPE_F32
         try:
             self._ctx: Any = _internals().LlamaContext(
                 model=model._model, params=params, verbose=False
@@ -535,6 +588,7 @@ class BatchEngine(Engine):
                 seq.kv.append(seq.last)
                 outputs.append((seq, n))
                 n += 1
+        generating = n
         for seq in self._running:  # then prompt chunks, as room allows
             prompt = seq.job.prompt
             while seq.fed < len(prompt) and n < N_BATCH:
@@ -547,6 +601,10 @@ class BatchEngine(Engine):
                 seq.fed += 1
                 n += 1
         batch.n_tokens = n
+        threads = self._threads[n - generating >= PROMPT_STEP_TOKENS]
+        if threads != self._threads_now:
+            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+            self._threads_now = threads
         rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if rc != 0:
             raise HaifError("decode_failed", f"llama_decode returned {rc}")
@@ -618,7 +676,7 @@ class Embedder:
         # one input per decode, whole (a non-causal model must see all of it in one ubatch)
         params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
         params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = self.model.device.threads
+        params.n_threads = params.n_threads_batch = self.model.device.threads_batch
         params.embeddings = True
         params.pooling_type = pooling
         if not self.model.device.gpu_offload:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from haifctl import wire
+from haifctl.errors import InvalidInput
 from haifctl.runtime.base import CancelToken, LoadOptions, SamplingParams, TokenEvent
 from haifctl.runtime.llamacpp import LlamaCppModel, LlamaCppRuntime
 from tests.cluster import Cluster
@@ -149,3 +150,50 @@ def test_a_prompt_that_starts_as_a_cached_one_reuses_it_and_gives_the_same_text(
         engine._free.append(slot)  # type: ignore[attr-defined]
     finally:
         model.close()
+
+
+def test_attention_follows_the_head_size_and_flash_attn(model_path: Path) -> None:
+    """The shipped model's heads are 8 wide: on a CPU, "auto" turns flash attention off and
+    caches keys as f32 (6 bytes of KV per element pair instead of 4); "on" is flash attention
+    with f16 keys.  Either way the model writes text."""
+    chosen = {}
+    for choice in ("auto", "on"):
+        model = LlamaCppRuntime().load(model_path, LoadOptions(threads=1, flash_attn=choice))
+        try:
+            assert model.head_dim == 8
+            chosen[choice] = (model.device.flash_attn, model.keys_f32, model.kv_bytes_per_token())
+            params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+            text, last = collect(model.generate("Once upon a time", params))
+            assert last.completion_tokens == 12
+            assert text.strip()
+        finally:
+            model.close()
+    per_layer_pair = chosen["on"][2] // 4
+    assert chosen == {
+        "auto": ("off", True, per_layer_pair * 6),
+        "on": ("on", False, per_layer_pair * 4),
+    }
+
+
+def test_unknown_flash_attn_is_refused_before_loading(model_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="auto, on, off"):
+        LlamaCppRuntime().load(model_path, LoadOptions(flash_attn="fast"))
+
+
+def test_prompt_steps_on_more_threads_give_the_same_tokens(model_path: Path) -> None:
+    """A worker switches llama.cpp between --threads-batch threads for steps that feed a prompt
+    and --threads for the others; the tokens do not depend on it."""
+    prompt = " ".join(["Once upon a time there was a little dog named Spot."] * 6)
+    texts = []
+    for threads_batch in (1, 2):
+        model = LlamaCppRuntime().load(
+            model_path, LoadOptions(threads=1, threads_batch=threads_batch, slots=2)
+        )
+        try:
+            assert model.device.threads_batch == threads_batch
+            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+            texts.append(collect(model.generate(prompt, params))[0])
+        finally:
+            model.close()
+    assert texts[0]
+    assert texts[0] == texts[1]
