@@ -225,9 +225,10 @@ class LlamaCppModel(Model):
 
     @property
     def keys_f32(self) -> bool:
-        """Keys cached as f32 rather than f16: without flash attention and with small heads,
-        where converting each query to f16 for dot products of a few elements dominates (the
-        shipped model: prompts 1.5x and generation 1.4x faster; at head size 64, slower)."""
+        """Keys cached as f32 rather than f16: on a CPU without flash attention and with small
+        heads, whose dot products are too short for llama.cpp's f16 vector loop and convert
+        element by element (the shipped model: prompts 1.5x and generation 1.3-1.4x faster;
+        at head size 64, slower)."""
         device = self.device
         return (
             not device.gpu_offload
