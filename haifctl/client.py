@@ -9,11 +9,53 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from haifctl import wire
 from haifctl.errors import Unavailable
 from haifctl.rpc import RpcClient
 from haifctl.security import ADMIN, Keyring
+
+
+class _Stream:
+    """A DEALER to the gateway and a monitor of its connection: a gateway that dies takes its
+    requests with it, so a stream waiting on it ends when the connection closes, not when its
+    timeout runs out."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, keyring: Keyring):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        keyring.client(self.sock, ADMIN)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sock.connect(address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+
+    def wait(self, timeout_ms: int) -> bool:
+        """True once a message is waiting; False at the timeout.  Raises when the connection
+        to the gateway closed (the request it held is gone with it)."""
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.monitor in ready:
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                raise Unavailable(
+                    "gateway_lost",
+                    "the gateway closed the connection while the request was in flight",
+                    "the request may not have finished; `haifctl status` shows the cluster",
+                )
+        return self.sock in ready
+
+    def forget_past_events(self) -> None:
+        """Drop what the monitor saw while no request was in flight: a gateway restarted
+        between two streams took nothing with it (the socket reconnects by itself)."""
+        while self.monitor.poll(0, zmq.POLLIN):
+            self.monitor.recv_multipart()
+
+    def close(self, linger: int = 0) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=linger)
 
 
 class ClusterClient:
@@ -23,7 +65,7 @@ class ClusterClient:
         self.keyring = keyring
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.rpc = RpcClient(self.ctx, address, "gateway", keyring)
-        self._idle: zmq.Socket[bytes] | None = None  # kept connected between streams
+        self._idle: _Stream | None = None  # kept connected between streams
 
     def close(self) -> None:
         self.rpc.close()
@@ -31,15 +73,12 @@ class ClusterClient:
             self._idle.close(linger=0)
         self.ctx.destroy(linger=0)
 
-    def _stream_socket(self) -> zmq.Socket[bytes]:
+    def _stream(self) -> _Stream:
         if self._idle is not None:
-            sock, self._idle = self._idle, None
-            return sock
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        self.keyring.client(sock, ADMIN)
-        sock.connect(self.address)
-        return sock
+            stream, self._idle = self._idle, None
+            stream.forget_past_events()
+            return stream
+        return _Stream(self.ctx, self.address, self.keyring)
 
     def __enter__(self) -> ClusterClient:
         return self
@@ -94,7 +133,8 @@ class ClusterClient:
         body = request if isinstance(request, dict) else msgspec.to_builtins(request)
         body = {k: v for k, v in body.items() if v is not None}
         request_id = request_id or wire.new_id()
-        sock = self._stream_socket()
+        stream = self._stream()
+        sock = stream.sock
         finished = False
         try:
             deadline = time.time() + timeout
@@ -102,7 +142,7 @@ class ClusterClient:
             sock.send(wire.encode(infer, request_id, deadline, traceparent))
             while True:
                 left = deadline + 1.0 - time.time()
-                if left <= 0 or not sock.poll(int(left * 1000), zmq.POLLIN):
+                if left <= 0 or not stream.wait(int(left * 1000)):
                     raise Unavailable(
                         "gateway_timeout",
                         f"no answer from the gateway at {self.address}",
@@ -130,8 +170,8 @@ class ClusterClient:
             if not finished:
                 sock.send(wire.encode(wire.Cancel(), request_id))
                 # linger briefly so the cancel leaves before the socket closes
-                sock.close(linger=500)
+                stream.close(linger=500)
             elif self._idle is None:
-                self._idle = sock  # reuse the connection for the next stream
+                self._idle = stream  # reuse the connection for the next stream
             else:
-                sock.close(linger=0)
+                stream.close()

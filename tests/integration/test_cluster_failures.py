@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from haifctl import wire
+from haifctl.errors import Unavailable
 from tests.cluster import HAIFCTL, Cluster, Proc
 
 HEARTBEAT_TIMEOUT = 1.0
@@ -204,3 +205,35 @@ def test_sigterm_to_a_worker_finishes_its_stream_first(cluster: Cluster) -> None
     assert cluster.procs[busy].popen.wait(timeout=30) == 0
     # the orchestrator stops sending it work as soon as it says it is draining
     cluster.wait_workers(1, timeout=HEARTBEAT_TIMEOUT + 5)
+
+
+def test_a_stream_whose_gateway_dies_ends_at_once(cluster: Cluster) -> None:
+    """kill -9 of the gateway takes the requests it held with it: a client waiting on one hears
+    so when the connection closes (it used to wait out its whole timeout, here 120 s).  After a
+    gateway is back on its port, the same client's next stream is served."""
+    workers = [cluster.procs[name] for name in ("worker-1", "worker-2")]
+    with cluster.client() as client:
+        warm = list(client.stream({"prompt": "Once", "max_tokens": 2}, timeout=60))
+        assert isinstance(warm[-1], wire.Done)  # the connection is up and kept for reuse
+        request = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
+        messages = client.stream(request, timeout=120)
+        try:
+            first = next(messages)
+            assert isinstance(first, wire.Chunk)
+            for proc in workers:  # no more chunks: the stream stays in flight
+                proc.kill(signal.SIGSTOP)
+            cluster.procs["gateway"].kill(signal.SIGKILL)
+            killed_at = time.monotonic()
+            with pytest.raises(Unavailable) as lost:
+                for _ in messages:
+                    pass
+            waited = time.monotonic() - killed_at
+        finally:
+            for proc in workers:
+                proc.kill(signal.SIGCONT)
+        assert lost.value.code == "gateway_lost"
+        assert waited < 10.0, waited
+        cluster.start("gateway", [*cluster.gateway_args, "--bind", cluster.gateway]).wait_ready()
+        again = list(client.stream({"prompt": "Once", "max_tokens": 4}, timeout=60))
+        assert isinstance(again[-1], wire.Done)
+        assert again[-1].completion_tokens == 4
