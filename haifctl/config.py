@@ -103,8 +103,8 @@ SETTINGS: tuple[Setting, ...] = (
         ("HAIF_WORKER_MEMORY",),
         str,
         "",
-        "Memory a worker's models may take, e.g. 8G (empty: what is free when it starts, the "
-        "GPU's under CUDA).",
+        "Memory a worker's models may take, e.g. 8G, or a share of what is free when it starts, "
+        "e.g. 50% (empty: all of it, the GPU's under CUDA; `up` gives its N workers 1/N each).",
     ),
     Setting(
         "placement",

@@ -35,6 +35,24 @@ def parse_size(text: str) -> int:
     return int(float(number) * _UNITS[unit.lower()])
 
 
+def parse_memory(text: str) -> tuple[int, float]:
+    """A worker's memory budget: bytes (``8G``: ``(bytes, 1.0)``) or a share of what is free
+    when it starts (``50%``: ``(0, 0.5)``)."""
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise InvalidInput(
+                "invalid_size",
+                f"{text!r} is not a share of memory",
+                "a percentage above 0 and at most 100, e.g. 50%",
+            )
+        return 0, percent / 100
+    return parse_size(text), 1.0
+
+
 def parse_keep_alive(value: object) -> float | None:
     """Seconds a model stays loaded once idle, as Ollama takes it: a number of seconds or a
     duration (``"5m"``, ``"30s"``, ``"1h"``); ``0`` unloads at once, any negative value keeps

@@ -290,8 +290,9 @@ def worker(
         str | None,
         typer.Option(
             "--memory",
-            help="Memory its models may take, e.g. 8G (default: what is free when it starts; "
-            "the GPU's under CUDA). [env: HAIF_WORKER_MEMORY]",
+            help="Memory its models may take, e.g. 8G, or a share of what is free when it "
+            "starts, e.g. 50% (default: all of it; the GPU's under CUDA; `up` gives each of its "
+            "workers an equal share). [env: HAIF_WORKER_MEMORY]",
         ),
     ] = None,
     keep_alive: Annotated[
@@ -332,7 +333,7 @@ def worker(
       haifctl worker --orchestrator tcp://127.0.0.1:5552 --model llama3.2-1b --slots 4
     """
     from haifctl.daemon.worker import WorkerDaemon
-    from haifctl.placement import parse_keep_alive, parse_labels, parse_size
+    from haifctl.placement import parse_keep_alive, parse_labels, parse_memory
     from haifctl.security import Keyring
 
     settings = state(ctx).settings(
@@ -356,6 +357,7 @@ def worker(
             f"{', '.join(FLASH_ATTN_CHOICES)}",
             "set --flash-attn or HAIF_FLASH_ATTN to auto, on or off",
         )
+    memory_bytes, memory_share = parse_memory(settings.worker_memory or "100%")
     daemon = WorkerDaemon(
         orchestrator,
         settings.model,
@@ -365,7 +367,8 @@ def worker(
         orchestrator_timeout_s=max(3.0, 6 * heartbeat),
         stream_interval_s=settings.stream_interval_ms / 1000,
         ready_file=ready_file,
-        memory=parse_size(settings.worker_memory) if settings.worker_memory else 0,
+        memory=memory_bytes,
+        memory_share=memory_share,
         labels=parse_labels(label or []),
         keep_alive_s=parse_keep_alive(settings.keep_alive),
     )
@@ -406,6 +409,7 @@ def supervise(
         metrics_base_port=metrics_base,
         worker_threads=settings.threads,
         worker_threads_batch=settings.threads_batch,
+        worker_memory=settings.worker_memory,
         log_max_bytes=settings.log_max_bytes,
         log_keep=settings.log_keep,
         run=run,

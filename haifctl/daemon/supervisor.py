@@ -129,6 +129,7 @@ class Supervisor:
         metrics_base_port: int = 0,
         worker_threads: int = 0,
         worker_threads_batch: int = 0,
+        worker_memory: str = "",
         log_max_bytes: int = 10_000_000,
         log_keep: int = 3,
         run: float | None = None,
@@ -149,6 +150,7 @@ class Supervisor:
         self.models = models
         self.worker_threads = worker_threads  # 0: a share of the cores
         self.worker_threads_batch = worker_threads_batch
+        self.worker_memory = worker_memory  # "": each worker an equal share of what is free
         self.workers_target = workers
         self.scale_requested = False  # SIGUSR1: read HOME/run/scale.json
         self.scale_ack: dict[str, Any] = {}  # the last scale request's outcome, for the CLI
@@ -209,7 +211,7 @@ class Supervisor:
             child.slot = i
         threads = self.threads_for(workers)
         for i in range(workers):
-            self.children.append(self.new_worker(models[i % len(models)], threads))
+            self.children.append(self.new_worker(models[i % len(models)], threads, workers))
 
     def threads_for(self, workers: int) -> tuple[int, int]:
         """Each of ``workers`` workers' llama.cpp threads: for generation, and for prompts (0:
@@ -219,8 +221,11 @@ class Supervisor:
         threads = self.worker_threads or share_of_cores(os.cpu_count() or 1, workers)
         return threads, self.worker_threads_batch
 
-    def new_worker(self, model: str, threads: tuple[int, int]) -> Child:
-        """A worker with the lowest free number and the lowest free metrics slot."""
+    def new_worker(self, model: str, threads: tuple[int, int], workers: int) -> Child:
+        """A worker with the lowest free number and the lowest free metrics slot, one of
+        ``workers`` on this machine: unless the user set a budget, its models may take that
+        share of the memory free when it starts (each counting all of it, two workers
+        loading on demand would promise the same memory twice)."""
         names = {c.name for c in self.children}
         slots = {c.slot for c in self.children}
         n = next(i for i in range(1, len(names) + 2) if f"worker-{i}" not in names)
@@ -229,6 +234,8 @@ class Supervisor:
         flags = ["--threads", str(threads[0])]
         if threads[1]:
             flags += ["--threads-batch", str(threads[1])]
+        if not self.worker_memory:
+            flags += ["--memory", f"{100 / max(1, workers):.6g}%"]
         child = Child(name, [*args, *flags], None, model=model)
         child.slot = next(i for i in range(len(slots) + 1) if i not in slots)
         return child
@@ -420,7 +427,7 @@ class Supervisor:
         threads = self.threads_for(target)
         added = []
         for model in add:
-            child = self.new_worker(model, threads)
+            child = self.new_worker(model, threads, target)
             self.children.append(child)
             self.spawn(child)
             added.append(child.name)

@@ -230,12 +230,14 @@ class WorkerDaemon(Daemon):
         stream_interval_s: float = STREAM_INTERVAL_S,
         ready_file: Path | None = None,
         memory: int = 0,
+        memory_share: float = 1.0,
         labels: dict[str, str] | None = None,
         keep_alive_s: float | None = 300.0,
     ) -> None:
         super().__init__(ready_file)
-        self.memory_cap = memory  # bytes its models may take (0: what is free at start)
+        # bytes its models may take (0: memory_share of what is free when it starts)
         self.memory_budget = memory
+        self.memory_share = memory_share
         self.labels = dict(labels or {})
         self.keep_alive_s = keep_alive_s  # what it asks for an idle model (None: keep)
         self.orchestrator = orchestrator
@@ -296,7 +298,7 @@ class WorkerDaemon(Daemon):
         self.results.bind(self.results_address)
         self.backend = gpu_backend()[0]
         if not self.memory_budget:
-            self.memory_budget = available_memory(self.backend)
+            self.memory_budget = int(available_memory(self.backend) * self.memory_share)
         info = self.resolve()
         started = time.perf_counter()
         held = self.load(info, 0, "")

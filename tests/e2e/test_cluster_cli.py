@@ -41,6 +41,9 @@ def test_cluster_lifecycle(haifctl: Run, home: Path, model_path: Path) -> None:
         assert all(w["device"] == "cpu" for w in info["workers"])
         assert len(slots) == 1
         assert min(slots) > 1
+        # two workers on one machine: each may promise half the free memory, not all of it
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        assert all(0 < w["memory_budget"] <= total // 2 for w in info["workers"])
         table = haifctl("status").stdout
         assert "orchestrator" in table
         assert "worker-2" in table

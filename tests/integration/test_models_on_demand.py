@@ -8,6 +8,7 @@ same file under another name), so each load takes a fraction of a second.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -429,3 +430,12 @@ def test_the_model_list_says_which_unloaded_models_a_worker_would_load(cluster: 
         registry.set_status(spare, "registered")
     assert isinstance(ask(cluster, model="spare"), wire.Done)  # and it does load
     assert listed(cluster)[spare].workers == 1
+
+
+def test_a_memory_share_is_a_part_of_what_is_free(cluster: Cluster) -> None:
+    """`--memory 25%` (what `haifctl up` gives each of four workers on a machine): the budget
+    is a quarter of the memory free when the worker starts, not all of it."""
+    worker(cluster, "quarter", "--memory", "25%")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = table(cluster)["quarter"].memory_budget
+    assert 0 < budget <= total // 4

@@ -11,6 +11,7 @@ from haifctl.placement import (
     estimate_bytes,
     parse_keep_alive,
     parse_labels,
+    parse_memory,
     parse_size,
     place,
 )
@@ -79,6 +80,20 @@ def test_labels_select_workers_and_unknown_budgets_have_room() -> None:
 )
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "budget"),
+    [("8G", (8 << 30, 1.0)), ("50%", (0, 0.5)), ("100%", (0, 1.0)), ("12.5%", (0, 0.125))],
+)
+def test_a_memory_budget_is_a_size_or_a_share(text: str, budget: tuple[int, float]) -> None:
+    assert parse_memory(text) == budget
+
+
+@pytest.mark.parametrize("text", ["0%", "101%", "half%", "-5%"])
+def test_a_share_outside_0_to_100_percent_is_refused(text: str) -> None:
+    with pytest.raises(InvalidInput, match="not a share of memory"):
+        parse_memory(text)
 
 
 @pytest.mark.parametrize(
