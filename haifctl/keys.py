@@ -25,11 +25,11 @@ def _hash(key: str) -> str:
 class KeyStore:
     def __init__(self, home: Path, env: str | None = None) -> None:
         self.path = home / "keys.json"
-        self.env_hashes = [
-            ("env", _hash(k.strip()))
-            for k in (env if env is not None else os.environ.get("HAIF_API_KEYS", "")).split(",")
-            if k.strip()
-        ]
+        listed = env if env is not None else os.environ.get("HAIF_API_KEYS", "")
+        keys = [k.strip() for k in listed.split(",") if k.strip()]
+        # ids by position (env-1, env-2, ...): each key its own limits and usage rows, and
+        # nothing of the key in them
+        self.env_hashes = [(f"env-{i}", _hash(k)) for i, k in enumerate(keys, 1)]
         self._mtime: float | None = None
         self._keys: list[dict[str, Any]] = []
 
