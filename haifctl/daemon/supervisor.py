@@ -304,8 +304,10 @@ class Supervisor:
 
     def child_env(self) -> dict[str, str]:
         """A daemon's environment: ours, plus the settings that must not be on its command
-        line.  The environment wins over the config file and loses only to flags."""
-        return {**os.environ, "HAIF_REGISTRY_URL": self.registry_url}
+        line, and the cluster's first model as every daemon's default (what a request that
+        names none gets).  The environment wins over the config file and loses only to
+        flags."""
+        return {**os.environ, "HAIF_REGISTRY_URL": self.registry_url, "HAIF_MODEL": self.models[0]}
 
     def ready_file(self, child: Child) -> Path:
         return run_dir(self.home) / f"{child.name}.ready"

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from haifctl.daemon.state import pid_alive
@@ -254,3 +255,26 @@ def test_faults_under_the_supervisor(haifctl: Run, home: Path) -> None:
         took = time.monotonic() - started
     assert down.returncode == 0, down.stderr
     assert took < 15, took
+
+
+def test_a_request_naming_no_model_gets_the_one_up_started(haifctl: Run, model_path: Path) -> None:
+    assert haifctl("models", "register", str(model_path), "--name", "other").returncode == 0
+    up = haifctl("up", "--model", "other", "--bridge-bind", "127.0.0.1:0")
+    assert up.returncode == 0, up.stderr + up.stdout
+    try:
+        served = json.loads(haifctl("infer", "Once", "-n", "4", "-o", "json").stdout)
+        assert served["served_by"] == "cluster"
+        assert served["model"] == "other:1"
+        info = status(haifctl)
+        bridge = next(d["endpoint"] for d in info["daemons"] if d["name"] == "bridge")
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"{bridge}/infer",
+                data=json.dumps({"prompt": "Once", "params": {"max_tokens": 4}}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=30,
+        ) as answer:
+            assert json.load(answer)["model"] == "other:1"
+    finally:
+        assert haifctl("down").returncode == 0
