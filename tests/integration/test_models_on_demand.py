@@ -157,8 +157,8 @@ def test_concurrent_requests_share_one_load_and_other_models_keep_flowing(
 
 
 def test_a_memory_cap_evicts_the_idle_model_and_never_a_busy_one(cluster: Cluster) -> None:
-    # room for one copy of the model (about 2.4 MiB with its KV cache), not two
-    worker(cluster, "w1", "--memory", "3M")
+    # room for one copy of the model (about 3.1 MiB with its KV cache of f32 keys), not two
+    worker(cluster, "w1", "--memory", "4M")
     second = register(cluster, "second")
     third = register(cluster, "third")
     done = ask(cluster, model="second")
@@ -416,7 +416,7 @@ def listed(cluster: Cluster) -> dict[str, wire.ModelEntry]:
 
 
 def test_the_model_list_says_which_unloaded_models_a_worker_would_load(cluster: Cluster) -> None:
-    worker(cluster, "snug", "--memory", "3M")  # one copy of the model at a time
+    worker(cluster, "snug", "--memory", "4M")  # one copy of the model at a time
     spare = register(cluster, "spare")
     models = wait_for(lambda: listed(cluster) if table(cluster) else None, "a worker joined")
     assert models["stories260K:1"].workers == 1
