@@ -290,6 +290,11 @@ class Register(Msg, frozen=True, tag=True, kw_only=True):
 
 
 class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
+    """Worker -> orchestrator, every :attr:`Ack.heartbeat_s`: proof of life and counters.  It is
+    answered only when the orchestrator does not know the worker (``Ack(known=False)``: register
+    again) or when ``ack`` asks (a worker that has heard nothing from the orchestrator for a
+    while); a worker that never sends ``ack`` (one from before it) is answered every time."""
+
     worker_id: str
     busy: int
     served: int
@@ -298,6 +303,7 @@ class Heartbeat(Msg, frozen=True, tag=True, kw_only=True):
     draining: bool = False
     memory_budget: int = 0
     memory_used: int = 0
+    ack: bool = True
 
 
 class Load(Msg, frozen=True, tag=True, kw_only=True):
@@ -363,6 +369,9 @@ class Ack(Msg, frozen=True, tag=True, kw_only=True):
     # Answer to a Register: requests the worker reported running that are not its to run any
     # more (failed or moved elsewhere while it was silent): it stops them and sends nothing.
     cancel: list[str] = []
+    # Answer to a Register: seconds between heartbeats, a fraction of the orchestrator's
+    # timeout for a silent worker (0: the worker's own setting; an orchestrator before it).
+    heartbeat_s: float = 0.0
 
 
 class ResolveModel(Msg, frozen=True, tag=True, kw_only=True):

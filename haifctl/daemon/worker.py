@@ -31,6 +31,7 @@ import socket as pysocket
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ from haifctl.schema import (
 from haifctl.security import WORKER
 
 STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
+# Heartbeats go out at instants of the wall clock: each worker in one of this many phases of
+# the interval (by its id), so an orchestrator reads the heartbeats of a phase together, in a
+# few wake-ups, rather than waking once per worker.
+HEARTBEAT_PHASES = 20
 
 # What the engine thread hands the main loop: the first frame says what follows.  LOADER:
 # the loader thread finished a task (its outcome waits in a queue).
@@ -244,9 +249,10 @@ class WorkerDaemon(Daemon):
         self.model_ref = model_ref
         self.settings = settings
         self.worker_id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}"
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s = heartbeat_s  # until the orchestrator says (Ack.heartbeat_s)
         self.tick_s = heartbeat_s
         self.orchestrator_timeout_s = orchestrator_timeout_s
+        self.phase = zlib.crc32(self.worker_id.encode()) % HEARTBEAT_PHASES / HEARTBEAT_PHASES
         self.drain_grace_s = drain_grace_s
         self.stream_interval_s = stream_interval_s
         self.models: dict[str, Held] = {}  # loaded, by reference (the main loop's)
@@ -255,7 +261,7 @@ class WorkerDaemon(Daemon):
         self.backend = "cpu"
         self.known = False  # the orchestrator's last Ack said it has us in its table
         self.was_known = False  # some orchestrator had us in its table once
-        self.last_ack = 0.0
+        self.last_ack = 0.0  # when anything last came from the orchestrator
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
         # the embedding thread: requests in, answers out through the results socket
@@ -550,10 +556,15 @@ class WorkerDaemon(Daemon):
             checks["embeddings"] = self._embed_thread.is_alive()
         return checks
 
+    def silence_limit(self) -> float:
+        """How long the orchestrator may say nothing before it counts as lost: it answers a
+        heartbeat only when asked, which a worker does after half of this."""
+        return max(self.orchestrator_timeout_s, 6 * self.heartbeat_s)
+
     def ready_checks(self) -> dict[str, bool]:
         """Ready when the model is loaded and the orchestrator has us registered and has
-        answered within ``orchestrator_timeout_s``."""
-        registered = self.known and time.monotonic() - self.last_ack <= self.orchestrator_timeout_s
+        been heard from within :meth:`silence_limit`."""
+        registered = self.known and time.monotonic() - self.last_ack <= self.silence_limit()
         return {
             **super().ready_checks(),
             "model_loaded": bool(self.models),
@@ -572,14 +583,18 @@ class WorkerDaemon(Daemon):
 
     def on_tick(self, now: float) -> None:
         self.heartbeat()
-        if (
-            now - self.last_ack > self.orchestrator_timeout_s
-            and now - self.registered_at > self.orchestrator_timeout_s
-        ):
+        limit = self.silence_limit()
+        if now - self.last_ack > limit and now - self.registered_at > limit:
             log(self.name, "orchestrator silent; announcing ourselves again", level="warning")
             self.register()
+        # the next tick at this worker's phase of the interval, on the wall clock
+        wall, interval = time.time(), self.heartbeat_s
+        self.tick_s = max(0.001, interval - (wall - self.phase * interval) % interval)
 
     def heartbeat(self) -> None:
+        """Proof of life and counters; asks for an answer only after half the silence limit
+        without a word from the orchestrator."""
+        ask = not self.known or time.monotonic() - self.last_ack >= self.silence_limit() / 2
         self.dealer.send(
             wire.encode(
                 wire.Heartbeat(
@@ -591,6 +606,7 @@ class WorkerDaemon(Daemon):
                     draining=not self.accepting,
                     memory_budget=self.memory_budget,
                     memory_used=self.used,
+                    ack=ask,
                 )
             )
         )
@@ -621,10 +637,12 @@ class WorkerDaemon(Daemon):
             if envelope is None:
                 continue
             msg = envelope.msg
+            now = self.last_ack = time.monotonic()  # whatever it sends proves it is there
             if isinstance(msg, wire.Ack):
-                now = self.last_ack = time.monotonic()
                 self.known = msg.known
                 self.was_known = self.was_known or msg.known
+                if msg.heartbeat_s > 0:
+                    self.heartbeat_s = msg.heartbeat_s
                 if not msg.known and now - self.registered_at > 0.5:
                     # (heartbeats queued while it was away each get this answer: once is enough)
                     log(self.name, "orchestrator does not know us; registering again")
@@ -632,7 +650,6 @@ class WorkerDaemon(Daemon):
                 for request_id in msg.cancel:
                     self.stop_orphan(request_id)
             elif isinstance(msg, wire.Infer):
-                self.last_ack = time.monotonic()
                 self.safely(self.accept, envelope, msg)
             elif isinstance(msg, wire.Cancel):
                 stream = self.streams.get(envelope.id)

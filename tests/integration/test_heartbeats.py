@@ -1,0 +1,109 @@
+"""A real worker's heartbeats, seen from a hand-made orchestrator (a CURVE ROUTER with the
+cluster's keys): it heartbeats as often as the answer to its Register says, asks for an answer
+only once it has heard nothing for a while, and registers again when told it is unknown."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from haifctl import wire
+from haifctl.registry.service import builtin_model_path
+from haifctl.security import Keyring
+from tests.cluster import Proc
+
+TOLD_S = 0.1  # the interval this orchestrator tells the worker: a fifth of its own 0.5 s
+
+
+class Orchestrator:
+    """The orchestrator's end of one worker's link, answering by hand."""
+
+    def __init__(self, home: Path) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        Keyring.ensure(home).server(self.router, "orchestrator")
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+
+    def next(self, timeout_s: float = 60.0) -> tuple[bytes, wire.Envelope]:
+        assert self.router.poll(int(timeout_s * 1000)), "the worker sent nothing"
+        identity, body = self.router.recv_multipart()
+        return identity, wire.decode(body)
+
+    def next_of(self, kind: type[wire.Msg], timeout_s: float = 60.0) -> tuple[bytes, wire.Msg]:
+        end = time.monotonic() + timeout_s
+        while True:
+            identity, envelope = self.next(max(0.0, end - time.monotonic()))
+            if isinstance(envelope.msg, kind):
+                return identity, envelope.msg
+
+    def answer(self, identity: bytes, msg: wire.Msg) -> None:
+        self.router.send_multipart([identity, wire.encode(msg)])
+
+
+def heartbeat(orchestrator: Orchestrator) -> wire.Heartbeat:
+    _, beat = orchestrator.next_of(wire.Heartbeat, timeout_s=10.0)
+    assert isinstance(beat, wire.Heartbeat)
+    return beat
+
+
+@pytest.fixture
+def link(tmp_path: Path) -> Iterator[tuple[Orchestrator, Proc]]:
+    home = tmp_path / "home"
+    orchestrator = Orchestrator(home)
+    env = {**os.environ, "HAIF_HOME": str(home), "HAIF_THREADS": "1", "HAIF_SLOTS": "1"}
+    args = ["worker", "--orchestrator", orchestrator.address, "--worker-id", "w"]
+    worker = Proc("worker", [*args, "--model", str(builtin_model_path())], tmp_path, env)
+    try:
+        yield orchestrator, worker
+    finally:
+        worker.stop()
+        orchestrator.ctx.destroy(linger=0)
+
+
+def test_a_worker_heartbeats_as_told_and_asks_for_an_answer_only_when_it_hears_nothing(
+    link: tuple[Orchestrator, Proc],
+) -> None:
+    orchestrator, _ = link
+    identity, register = orchestrator.next_of(wire.Register)
+    assert isinstance(register, wire.Register)
+    orchestrator.answer(identity, wire.Ack(known=True, heartbeat_s=TOLD_S))
+    # Heard from just now: its heartbeats ask for nothing (once those sent before our answer
+    # reached it have come), until half its silence limit (3 s: the larger of its own timeout
+    # and 6 told intervals) has passed without a word.
+    while heartbeat(orchestrator).ack:  # sent before our answer reached it
+        pass
+    quiet = 1
+    while not heartbeat(orchestrator).ack:
+        quiet += 1
+        assert quiet < 100, "it never asked for an answer"
+    # 1.5 s of heartbeats: about 15 at the interval it was told, 3 at its own
+    assert quiet >= 6, f"{quiet} heartbeats before it asked: it kept its own interval"
+    # told it is unknown (this orchestrator restarted), it announces itself again
+    orchestrator.answer(identity, wire.Ack(known=False))
+    _, again = orchestrator.next_of(wire.Register, timeout_s=10.0)
+    assert isinstance(again, wire.Register)
+    assert again.worker_id == "w"
+    assert again.rejoin  # it was known here before: the orchestrator waits for the others
+
+
+def test_an_answer_silences_the_asking(link: tuple[Orchestrator, Proc]) -> None:
+    """Any message from the orchestrator counts as hearing from it: a heartbeat answered
+    makes the next ones ask for nothing."""
+    orchestrator, _ = link
+    identity, _ = orchestrator.next_of(wire.Register)
+    orchestrator.answer(identity, wire.Ack(known=True, heartbeat_s=TOLD_S))
+    while heartbeat(orchestrator).ack:  # sent before our answer reached it
+        pass
+    while not heartbeat(orchestrator).ack:  # then quiet until it has heard nothing for a while
+        pass
+    orchestrator.answer(identity, wire.Ack(known=True))
+    # the beats it sent before our answer reached it may still ask; then it stops asking
+    asks = [heartbeat(orchestrator).ack for _ in range(8)]
+    assert asks[-4:] == [False] * 4, asks
