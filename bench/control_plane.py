@@ -5,23 +5,32 @@
 
 A real registry and a real orchestrator (`haifctl daemon ...`, each its own process, on loopback
 ports, in a temporary home), then N fake workers in one other process: each a DEALER of its own
-that registers, heartbeats every 0.5 s as a worker does, and answers every Infer at once with a
-Done.  A client DEALER sends Infer requests as the gateway does.  A fresh orchestrator per N.
+that speaks as a worker does (haifctl/daemon/worker.py): it registers, heartbeats as often as
+the orchestrator's answer says, at its phase of the interval on the wall clock, asks for an
+answer only after half its silence limit without a word, registers again when the orchestrator
+does not know it, and answers every Infer at once with a Done.  A client DEALER sends Infer
+requests as the gateway does.  A fresh orchestrator per N.
 
+    hb s        seconds between heartbeats, as the orchestrator told the workers
     idle %core  the orchestrator's CPU with N workers heartbeating and no requests
-    us/hb       that CPU over the heartbeats handled (N workers send 2N a second); at small N
-                mostly the loop's own ticks
-    p50, p99    send -> Done, in microseconds, open loop at --rate requests/s
+    us/hb       that CPU over the heartbeats handled (N / hb s a second, and the few answers);
+                at small N mostly the loop's own ticks
+    sched us    p50 and p99 of the orchestrator's own scheduling latency in the open loop: from
+                its handler taking an Infer to the dispatch to a worker handed to ZeroMQ, read
+                from its haif_schedule_seconds histogram before and after the run (interpolated
+                within buckets, as Prometheus' histogram_quantile does)
+    p50, p99    send -> Done round trip seen by the client, in microseconds, open loop at
+                --rate requests/s: three Python processes and two hops each way
     req/s       completed per second, closed loop with --in-flight requests outstanding
     us/req      the orchestrator's CPU per request in that run, its idle CPU taken off
     scrape ms   one GET /metrics on the orchestrator
 
-The client, the fake workers and the orchestrator share this machine's cores, so the latencies
-include two extra hops through Python on each side.  For scale, each N is first run against a
+The client, the fake workers and the orchestrator share this machine's cores, so the round trip
+includes two extra hops through Python on each side.  For scale, each N is first run against a
 "relay" (--no-relay to skip): the least any orchestrator must do, in Python with pyzmq, with the
-same sockets and the same message count (ack every heartbeat, pass each Infer to the next worker
-in turn and each Done back) and nothing else; its figures are this machine's floor.  Prints
-figures; asserts nothing.
+same sockets and the same message count (answer a Register with the same heartbeat interval and
+a heartbeat only when it asks, pass each Infer to the next worker in turn and each Done back)
+and nothing else; its figures are this machine's floor.  Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -39,16 +48,22 @@ import time
 import timeit
 import urllib.request
 import uuid
+import zlib
 from pathlib import Path
 from typing import IO
 
+import msgspec
 import zmq
 
 from haifctl import wire
+from haifctl.config import resolve
+from haifctl.daemon.orchestrator import HEARTBEATS_PER_TIMEOUT
+from haifctl.daemon.worker import HEARTBEAT_PHASES
 from haifctl.security import GATEWAY, WORKER, Keyring
 
 HAIFCTL = str(Path(sys.executable).parent / "haifctl")
-HEARTBEAT_S = 0.5  # what workers use
+HEARTBEAT_S = 0.5  # a worker's own interval, until the orchestrator's answer says
+ORCHESTRATOR_TIMEOUT_S = 3.0  # a worker's (haifctl worker: max(3, 6 x --heartbeat))
 REQUEST = {"prompt": "Once upon a time", "max_tokens": 16}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_LIFETIME_S = 900.0  # a fake-worker process left behind stops by itself
@@ -62,9 +77,19 @@ def raise_fd_limit(needed: int) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """CPU time of a process, all threads, from /proc: each thread's schedstat (nanoseconds;
+    /proc/PID/stat counts in ticks of 10 ms, too coarse for 1% of a core over a few seconds)."""
+    try:
+        return (
+            sum(
+                int((task / "schedstat").read_text().split()[0])
+                for task in Path(f"/proc/{pid}/task").iterdir()
+            )
+            / 1e9
+        )
+    except (FileNotFoundError, IndexError, ValueError):  # a thread ended meanwhile; no schedstat
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -84,8 +109,9 @@ def fake_workers(address: str, n: int, model: str, slots: int, keys: Keyring) ->
     selector = selectors.DefaultSelector()
     socks: list[zmq.Socket[bytes]] = []
     registers: list[bytes] = []
-    beats: list[bytes] = []
+    beats: list[tuple[bytes, bytes]] = []  # (without, with) the ask for an answer
     dones: list[wire.Done] = []
+    phases: list[list[int]] = [[] for _ in range(HEARTBEAT_PHASES)]  # workers by phase
     for i in range(n):
         worker_id = f"fake-{i}"
         sock = ctx.socket(zmq.DEALER)
@@ -110,9 +136,14 @@ def fake_workers(address: str, n: int, model: str, slots: int, keys: Keyring) ->
                 )
             )
         )
+        heartbeat = wire.Heartbeat(worker_id=worker_id, busy=0, served=0, errors=0, tokens=0)
         beats.append(
-            wire.encode(wire.Heartbeat(worker_id=worker_id, busy=0, served=0, errors=0, tokens=0))
+            (
+                wire.encode(msgspec.structs.replace(heartbeat, ack=False)),
+                wire.encode(msgspec.structs.replace(heartbeat, ack=True)),
+            )
         )
+        phases[zlib.crc32(worker_id.encode()) % HEARTBEAT_PHASES].append(i)
         dones.append(
             wire.Done(
                 finish_reason="stop",
@@ -124,8 +155,17 @@ def fake_workers(address: str, n: int, model: str, slots: int, keys: Keyring) ->
                 generation_ms=0.0,
             )
         )
-    for sock, body in zip(socks, registers, strict=True):
+    known = [False] * n
+    heard = [0.0] * n  # when each last heard from the orchestrator (monotonic)
+    registered = [0.0] * n
+    interval = [HEARTBEAT_S]  # as the orchestrator's answer to a Register says
+    told: list[bool] = []
+    for i, (sock, body) in enumerate(zip(socks, registers, strict=True)):
         sock.send(body)
+        registered[i] = time.monotonic()
+
+    def silence_limit() -> float:
+        return max(ORCHESTRATOR_TIMEOUT_S, 6 * interval[0])
 
     def serve(i: int) -> None:
         sock = socks[i]
@@ -138,31 +178,49 @@ def fake_workers(address: str, n: int, model: str, slots: int, keys: Keyring) ->
                 break
             envelope = wire.decode(frame)
             msg = envelope.msg
+            now = heard[i] = time.monotonic()
             if isinstance(msg, wire.Infer):
                 sock.send(wire.reply(envelope, dones[i]))
-            elif isinstance(msg, wire.Ack) and not msg.known:
-                sock.send(registers[i])
+            elif isinstance(msg, wire.Ack):
+                known[i] = msg.known
+                if msg.heartbeat_s > 0 and (msg.heartbeat_s != interval[0] or not told):
+                    interval[0] = msg.heartbeat_s
+                    told.append(True)
+                    print(f"heartbeat {msg.heartbeat_s}", flush=True)  # for the bench
+                if not msg.known and now - registered[i] > 0.5:
+                    sock.send(registers[i])
+                    registered[i] = now
+
+    def beat(i: int) -> None:
+        ask = not known[i] or time.monotonic() - heard[i] >= silence_limit() / 2
+        socks[i].send(beats[i][ask])
+        serve(i)
 
     stdin_fd = sys.stdin.fileno()
     selector.register(stdin_fd, selectors.EVENT_READ, -1)
     print("ready", flush=True)
     started = time.monotonic()
-    beats_sent = 0
+    # Each phase's workers heartbeat at its instants of the wall clock, as workers do: phase
+    # instant number k is at k * interval / HEARTBEAT_PHASES seconds of Unix time.
+    width = interval[0] / HEARTBEAT_PHASES
+    step = int(time.time() // width)  # the last phase instant passed
     while time.monotonic() - started < MAX_LIFETIME_S:
-        for key, _ in selector.select(0.01):
+        for key, _ in selector.select(min(0.01, max(0.0, (step + 1) * width - time.time()))):
             if key.data == -1:
                 if not os.read(stdin_fd, 4096):  # the bench closed our stdin: stop
                     ctx.destroy(linger=0)
                     return
                 continue
             serve(key.data)
-        # Heartbeats spread evenly over each period, as N independent workers would send them.
-        due = int((time.monotonic() - started) / HEARTBEAT_S * n) - beats_sent
-        for _ in range(min(due, n)):
-            i = beats_sent % n
-            socks[i].send(beats[i])
-            serve(i)
-            beats_sent += 1
+        if width != interval[0] / HEARTBEAT_PHASES:  # told another interval: start over
+            width = interval[0] / HEARTBEAT_PHASES
+            step = int(time.time() // width)
+        now_step = int(time.time() // width)
+        step = max(step, now_step - HEARTBEAT_PHASES)  # after a stall, one round at most
+        while step < now_step:
+            step += 1
+            for i in phases[step % HEARTBEAT_PHASES]:
+                beat(i)
     ctx.destroy(linger=0)
 
 
@@ -184,6 +242,10 @@ def relay(ready_file: Path) -> None:
     tmp.write_text(json.dumps({"endpoints": {"rpc": f"tcp://127.0.0.1:{port}"}}))
     tmp.replace(ready_file)
     ack = wire.encode(wire.Ack(known=True))
+    # the interval an orchestrator with the default timeout tells its workers
+    welcome = wire.encode(
+        wire.Ack(known=True, heartbeat_s=resolve().heartbeat_timeout / HEARTBEATS_PER_TIMEOUT)
+    )
     workers: list[bytes] = []
     clients: dict[str, bytes] = {}
     turn = 0
@@ -201,7 +263,8 @@ def relay(ready_file: Path) -> None:
             msg = envelope.msg
             to, answer = identity, ack
             if isinstance(msg, wire.Heartbeat):
-                pass
+                if not msg.ack:
+                    continue
             elif isinstance(msg, wire.Infer):
                 clients[envelope.id] = identity
                 to, answer = workers[turn % len(workers)], body
@@ -210,6 +273,7 @@ def relay(ready_file: Path) -> None:
                 to, answer = clients.pop(envelope.id), body
             elif isinstance(msg, wire.Register):
                 workers.append(identity)
+                answer = welcome
             elif isinstance(msg, wire.ResolveModel):
                 answer = wire.reply(
                     envelope, wire.ModelInfo(ref=msg.ref, path="", context_length=0)
@@ -370,6 +434,36 @@ def pace_us() -> float:
     return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
 
 
+def schedule_buckets(url: str) -> dict[float, float]:
+    """The orchestrator's haif_schedule_seconds histogram: upper bound -> cumulative count."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith("haif_schedule_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
+    """The q-quantile of what a cumulative histogram counted between two reads, interpolated
+    linearly within its bucket (Prometheus' histogram_quantile); NaN when it counted nothing."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
 def scrape_ms(url: str) -> float:
     start = time.perf_counter()
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -410,6 +504,9 @@ def run(
         if fake.stdout.readline().strip() != b"ready":
             raise RuntimeError("the fake workers did not start")
         client.wait_workers(n)
+        # b"heartbeat SECONDS": what the first answer to a Register told them
+        told = fake.stdout.readline().split()
+        interval = float(told[1]) if told[:1] == [b"heartbeat"] else HEARTBEAT_S
         client.closed_loop(1.0, args.in_flight)  # warm up
         client.errors.clear()
         pid = orch.popen.pid
@@ -419,7 +516,11 @@ def run(
         time.sleep(args.seconds)
         idle = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
 
+        metrics = orch.endpoints.get("metrics")
+        before = schedule_buckets(metrics) if metrics else {}
         latencies = client.open_loop(args.seconds, args.rate)
+        after = schedule_buckets(metrics) if metrics else {}
+        sched = [histogram_quantile(q, before, after) * 1e6 for q in (0.5, 0.99)]
 
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         completed = client.closed_loop(args.seconds, args.in_flight)
@@ -429,8 +530,10 @@ def run(
         if "metrics" in orch.endpoints:
             scrape = f"{min(scrape_ms(orch.endpoints['metrics']) for _ in range(3)):.1f}"
         errors = ", ".join(f"{k} {v}" for k, v in client.errors.items()) or "-"
+        sched_us = "-" if not after else f"{sched[0]:,.0f} / {sched[1]:,.0f}"
         print(
-            f"{target:<12} {n:>7,} {idle * 100:>10.1f} {idle / (n / HEARTBEAT_S) * 1e6:>7.1f}"
+            f"{target:<12} {n:>7,} {interval:>5g} {idle * 100:>10.1f}"
+            f" {idle / (n / interval) * 1e6:>7.1f} {sched_us:>13}"
             f" {percentile(latencies, 0.5) * 1e6:>8,.0f} {percentile(latencies, 0.99) * 1e6:>8,.0f}"
             f" {completed / args.seconds:>8,.0f} {(busy - idle * elapsed) / completed * 1e6:>7,.1f}"
             f" {scrape:>10}  {errors}",
@@ -482,9 +585,11 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
         f"sum(range(1000)) in {pace_us():.1f} us (about 10 on an idle modern core)"
     )
+    print(f"{'':<12} {'':>7} {'':>5} {'':>10} {'':>7} {'sched us':>13} {'round trip us':>17}")
     print(
-        f"{'':<12} {'workers':>7} {'idle %core':>10} {'us/hb':>7} {'p50 us':>8} {'p99 us':>8}"
-        f" {'req/s':>8} {'us/req':>7} {'scrape ms':>10}  errors"
+        f"{'':<12} {'workers':>7} {'hb s':>5} {'idle %core':>10} {'us/hb':>7}"
+        f" {'p50 / p99':>13} {'p50':>8} {'p99':>8} {'req/s':>8} {'us/req':>7} {'scrape ms':>10}"
+        "  errors"
     )
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
