@@ -52,7 +52,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from haifctl import wire
-from haifctl.daemon.base import LOOP_TICK_MS, NOBLOCK, Daemon, incoming, log
+from haifctl.daemon.base import LOOP_TICK_MS, NOBLOCK, RCVMORE, Daemon, incoming, log
 from haifctl.errors import HaifError, Kind
 from haifctl.placement import (
     POLICIES,
@@ -63,7 +63,7 @@ from haifctl.placement import (
     parse_keep_alive,
     place,
 )
-from haifctl.security import ADMIN, GATEWAY, ORCHESTRATOR, WORKER
+from haifctl.security import ADMIN, GATEWAY, ORCHESTRATOR, WORKER, role_of_frame
 from haifctl.tracing import Span, child_traceparent, parent_context
 
 RETRYABLE = {"worker_busy", "worker_draining", "duplicate_request", "model_not_loaded"}
@@ -389,7 +389,28 @@ class OrchestratorDaemon(Daemon):
 
     # loop ------------------------------------------------------------------------------------
     def read(self) -> None:
-        self.read_router(self.router, self.handle, self.relay)
+        """Every message waiting on the router, as :meth:`Daemon.read_router` reads them, but
+        received until a recv finds none, rather than asking ZMQ_EVENTS before each one (two
+        system calls a message there, one failed recv a wake-up here): most of what an idle
+        cluster sends is heartbeats, and this is most of what each one costs."""
+        recv, more = self.router.recv, self.router.getsockopt
+        while True:
+            try:
+                first = recv(NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            role = role_of_frame(first)
+            frames = [first.bytes]
+            while more(RCVMORE):
+                frames.append(recv(NOBLOCK))
+            if len(frames) == 2:
+                envelope = self.decode(frames[1])
+                if envelope is not None:
+                    self.safely(self.handle, frames[0], envelope, frames[1], role)
+            elif 2 + wire.ROUTE_FRAMES <= len(frames) <= 3 + wire.ROUTE_FRAMES:
+                self.safely(self.relay, frames, role)
+            else:
+                self.count_malformed()
 
     def in_flight(self) -> int:
         return len(self.pending) + len(self.parked)
