@@ -287,6 +287,14 @@ def relay(ready_file: Path) -> None:
 
 
 # daemons -----------------------------------------------------------------------------------------
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:  # 503 (HTTPError) while not ready, or not listening yet
+        return False
+
+
 class Daemon:
     def __init__(self, name: str, argv: list[str], home: Path, env: dict[str, str]) -> None:
         self.ready = home / f"{name}.ready"
@@ -303,6 +311,12 @@ class Daemon:
                 raise RuntimeError(f"{name} did not start: see {home / (name + '.log')}")
             time.sleep(0.01)
         self.endpoints: dict[str, str] = json.loads(self.ready.read_text())["endpoints"]
+        if "metrics" in self.endpoints:  # then its /readyz: the orchestrator's registry link up
+            readyz = self.endpoints["metrics"].removesuffix("/metrics") + "/readyz"
+            while not ready(readyz):
+                if self.popen.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"{name} never ready: see {home / (name + '.log')}")
+                time.sleep(0.01)
 
     def stop(self) -> None:
         self.popen.send_signal(signal.SIGTERM)
