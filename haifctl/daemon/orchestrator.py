@@ -32,6 +32,7 @@ Each worker's slots are counted per model: a model's requests never wait for ano
 from __future__ import annotations
 
 import contextlib
+import gc
 import heapq
 import itertools
 import time
@@ -211,8 +212,11 @@ class WorkerRec:
         return self.keep_alive_s if model in self.on_demand else None
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True, gc=False):
+    """A request that ended, for the stats window.  Atomic values only, never tracked by the
+    garbage collector: as a dataclass, the 200,000 the window keeps made each full collection
+    take 27-37 ms (one every 60,000 requests, a pause behind whatever request was in hand)."""
+
     at: float
     latency: float
     ttft: float | None
@@ -386,6 +390,10 @@ class OrchestratorDaemon(Daemon):
         self.registry_link.connect(self.registry_address)
         self.watch(self.router, self.read)
         self.watch(self.registry_link, self.registry_answers)
+        # What start-up made (modules, classes, functions: most of what the collector tracks)
+        # lives as long as the process: out of the collector's way, a full collection walks only
+        # the worker table and what is in flight (1 ms instead of 10 at 1,000 workers).
+        gc.freeze()
 
     # loop ------------------------------------------------------------------------------------
     def read(self) -> None:
