@@ -60,10 +60,11 @@ from haifctl.security import WORKER
 STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to be sent
 # Heartbeats go out at instants of the wall clock: each worker in one of this many phases of
 # the interval (by its id), so an orchestrator reads the heartbeats of a phase together, in a
-# few wake-ups, rather than waking once per worker.  Not fewer: a phase's burst delays the
-# requests that arrive behind it (20 phases of 50 workers each doubled the bench's round-trip
-# p99 at 1,000 workers; 100 phases of 10 cost 0.2-0.4% of a core more than 20).
-HEARTBEAT_PHASES = 100
+# few wake-ups, rather than waking once per worker.  Fewer phases make bigger bursts, which
+# delay the requests that arrive behind them (at 1,000 workers, 20 phases of 50 tripled the
+# bench's round-trip p99, 100 of 10 left it as it was); more make more wake-ups (100 phases cost
+# 0.4-1.0% of a core more than 50, idle, on 2 shared cores).
+HEARTBEAT_PHASES = 50
 
 # What the engine thread hands the main loop: the first frame says what follows.  LOADER:
 # the loader thread finished a task (its outcome waits in a queue).
