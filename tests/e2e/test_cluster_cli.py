@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -141,12 +142,32 @@ def test_gateway_url_must_be_a_zeromq_address(haifctl: Run) -> None:
     assert "no answer from the gateway" in proc.stderr
 
 
-def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path) -> None:
-    import socket
+def listening_after_two_free_ports() -> socket.socket:
+    """A socket listening on a loopback port whose two lower neighbours are free: `up` with
+    --metrics-base-port PORT-2 gives the registry and the orchestrator those two, and the
+    gateway this one (on a busy machine another process may hold a neighbour)."""
 
-    with socket.socket() as taken:
+    def free(port: int) -> bool:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    for _ in range(50):
+        taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
-        taken.listen()
+        port = taken.getsockname()[1]
+        if free(port - 2) and free(port - 1):
+            taken.listen()
+            return taken
+        taken.close()
+    raise AssertionError("no port with two free neighbours on 127.0.0.1")
+
+
+def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path) -> None:
+    with listening_after_two_free_ports() as taken:
         port = taken.getsockname()[1]
         # the gateway (third daemon) gets /metrics on BASE+2: taken, so it fails once started
         # (a busy RPC or HTTP port is refused before anything starts: see the next test)
@@ -169,8 +190,6 @@ def test_up_reports_the_daemon_that_failed_with_its_log(haifctl: Run, home: Path
 
 
 def test_up_checks_its_addresses_before_starting_anything(haifctl: Run, home: Path) -> None:
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
