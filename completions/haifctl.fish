@@ -107,7 +107,7 @@ complete -c haifctl -n '__fish_seen_subcommand_from usage' -l help -s h -d 'Show
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l orchestrator -x -d 'The orchestrator\'s address, e.g. tcp://HOST:PORT.'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l model -s m -x -a '(haifctl completion --names models 2>/dev/null)' -d 'Model NAME[:VERSION], alias, or .gguf path. [env: HAIF_MODEL, MODEL_ID]'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l worker-id -x -d 'Stable name for this worker.'
-complete -c haifctl -n '__fish_seen_subcommand_from worker' -l heartbeat -x -d 'Seconds between heartbeats.'
+complete -c haifctl -n '__fish_seen_subcommand_from worker' -l heartbeat -x -d 'Seconds between heartbeats until the orchestrator says how often (it answers a worker\'s registration with a share of its timeout for a silent worker).'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l slots -x -d 'Requests run at once (continuous batching); 0: chosen from the model\'s context and the memory available. [env: HAIF_SLOTS]'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l threads -x -d 'CPU threads for llama.cpp (0: automatic). [env: HAIF_THREADS]'
 complete -c haifctl -n '__fish_seen_subcommand_from worker' -l threads-batch -x -d 'CPU threads for steps that feed prompts (0: as --threads). [env: HAIF_THREADS_BATCH]'

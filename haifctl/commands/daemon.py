@@ -242,7 +242,12 @@ def worker(
         str | None, typer.Option("--worker-id", help="Stable name for this worker.")
     ] = None,
     heartbeat: Annotated[
-        float, typer.Option("--heartbeat", help="Seconds between heartbeats.")
+        float,
+        typer.Option(
+            "--heartbeat",
+            help="Seconds between heartbeats until the orchestrator says how often (it answers "
+            "a worker's registration with a share of its timeout for a silent worker).",
+        ),
     ] = 0.5,
     slots: Annotated[
         int | None,
