@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,8 +71,7 @@ class SQLiteBackend:
             conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db = sqlite_utils.Database(conn)
             self.db.execute("PRAGMA foreign_keys = ON")
-            if self.db.journal_mode != "wal":
-                self.db.enable_wal()
+            self._enable_wal(deadline=time.monotonic() + 30)
         except (sqlite3.Error, OSError) as exc:
             raise Unavailable(
                 "registry_unavailable",
@@ -79,6 +79,20 @@ class SQLiteBackend:
                 "check that the directory exists and is writable, or set HAIF_REGISTRY_URL",
             ) from None
         self._depth = 0
+
+    def _enable_wal(self, deadline: float) -> None:
+        """Switch a new file to WAL.  The switch takes an exclusive lock, and SQLite answers
+        a second process or thread switching the same new file with "database is locked" at
+        once rather than waiting out the connection's timeout: try again until the deadline."""
+        while True:
+            try:
+                if self.db.journal_mode != "wal":
+                    self.db.enable_wal()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)  # a back-off between attempts, not a wait for readiness
 
     def query(self, sql: str, params: Params | None = None) -> list[dict[str, Any]]:
         return list(self.db.query(sql, _params(params)))
