@@ -111,6 +111,15 @@ def share_of_cores(cores: int, workers: int) -> int:
     return max(1, min(8, (cores - 1) // max(1, workers)))
 
 
+def prompt_share_of_cores(cores: int, workers: int) -> int:
+    """llama.cpp threads for the steps that feed prompts: every core, divided among the workers.
+    A prompt is compute-bound and, when one arrives alone, the relays wait for its first token
+    rather than compete for a core; on 2 cores with llama.cpp's threads sleeping soon after
+    each step (runtime.llamacpp.OMP_SPIN_COUNT), the cluster's first token at one stream came
+    in 12.8 ms with 2 such threads against 19.2 with 1 (bench/RESULTS.md)."""
+    return max(1, cores // max(1, workers))
+
+
 class Supervisor:
     def __init__(
         self,
@@ -215,11 +224,14 @@ class Supervisor:
 
     def threads_for(self, workers: int) -> tuple[int, int]:
         """Each of ``workers`` workers' llama.cpp threads: for generation, and for prompts (0:
-        the same).  More threads for prompts than generation did not pay on 2 cores with the
-        shipped model: a 144-token prompt's first token came in 9.6-13.8 ms on 2 threads against
-        8.3-8.5 on one (bench/attention.py)."""
-        threads = self.worker_threads or share_of_cores(os.cpu_count() or 1, workers)
-        return threads, self.worker_threads_batch
+        the same).  Unless the user chose: the shares of the cores above; a user who set the
+        threads alone gets that many for prompts too, as llama.cpp would."""
+        cores = os.cpu_count() or 1
+        if self.worker_threads_batch or self.worker_threads:
+            return self.worker_threads or share_of_cores(cores, workers), self.worker_threads_batch
+        threads = share_of_cores(cores, workers)
+        prompts = prompt_share_of_cores(cores, workers)
+        return threads, prompts if prompts > threads else 0
 
     def new_worker(self, model: str, threads: tuple[int, int], workers: int) -> Child:
         """A worker with the lowest free number and the lowest free metrics slot, one of
