@@ -29,6 +29,14 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = HERE.parent / "haifctl" / "data" / "stories260K.gguf"
 STEPS = 200
 F16, F32 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F32
+# flash attention, (key type, value type) cached
+KV_SETTINGS = (
+    (False, (F16, F16)),
+    (False, (F32, F16)),
+    (False, (F32, F32)),
+    (True, (F16, F16)),
+    (True, (F32, F32)),
+)
 
 
 def fill(batch: Any, tokens: list[int], seq: int, start: int = 0, last_logits: bool = True) -> None:
@@ -39,13 +47,15 @@ def fill(batch: Any, tokens: list[int], seq: int, start: int = 0, last_logits: b
     batch.n_tokens = len(tokens)
 
 
-def measure(model: Any, flash: bool, key_type: int, threads: int, seqs: int, words: int) -> str:
+def measure(
+    model: Any, flash: bool, key_type: int, value_type: int, threads: int, seqs: int, words: int
+) -> str:
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = 2048 * seqs, 512, 512
     params.n_seq_max = seqs
     params.n_threads = params.n_threads_batch = threads
     params.kv_unified = False
-    params.type_k = key_type
+    params.type_k, params.type_v = key_type, value_type
     params.flash_attn_type = (
         llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         if flash
@@ -95,13 +105,13 @@ def main(argv: list[str]) -> None:
     m = model.model
     head = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
     print(f"{Path(args.model).name}: head size {head}")
-    print("flash keys threads seqs prompt prompt_ms gen_tok/s")
+    print("flash    k/v threads seqs prompt prompt_ms gen_tok/s")
     for threads in (int(t) for t in args.threads.split(",")):
         for seqs in (1, 8):
-            for flash, key_type in ((False, F16), (False, F32), (True, F16)):
-                row = measure(model, flash, key_type, threads, seqs, args.words)
-                keys = "f32" if key_type == F32 else "f16"
-                print(f"{'on' if flash else 'off':>5} {keys:>4} {threads:>7} {seqs:>4} {row}")
+            for flash, kv in KV_SETTINGS:
+                row = measure(model, flash, *kv, threads, seqs, args.words)
+                name = "/".join("f32" if t == F32 else "f16" for t in kv)
+                print(f"{'on' if flash else 'off':>5} {name:>7} {threads:>7} {seqs:>4} {row}")
     model.close()
 
 

@@ -368,8 +368,7 @@ class WorkerDaemon(Daemon):
         started = time.perf_counter()
         relay = Relay(self)
         loaded = load_model(settings, info, relay.on_step)
-        kv_per_token = getattr(loaded, "kv_bytes_per_token", lambda: 0)()
-        kv_bytes = loaded.info.n_ctx * loaded.slots * kv_per_token
+        kv_bytes = getattr(loaded, "kv_bytes", lambda: 0)()
         size = file_bytes + kv_bytes
         if self.memory_budget and size > free:
             loaded.close()

@@ -79,6 +79,9 @@ class DeviceFacts(msgspec.Struct, frozen=True, kw_only=True):
     threads: int
     threads_batch: int = 0  # for steps that feed prompts; 0: as threads
     flash_attn: str = "off"  # "on", "off", or "auto" where the device's build decides
+    # prompts fed with flash attention in a context of their own, their cache then handed to the
+    # generating context (which has none): runtime.llamacpp.Prefill
+    flash_prefill: bool = False
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):

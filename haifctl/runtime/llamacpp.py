@@ -9,11 +9,15 @@ With one slot it is the sequential engine: the same code path, one sequence at a
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from haifctl.errors import HaifError, InvalidInput
 from haifctl.files import open_regular
@@ -44,6 +48,9 @@ PROMPT_TOKENS_PER_STEP = 128
 # saves (head size 8, the shipped model: 2.9x slower generation, 3.4x faster prompts); at 64 it
 # is faster at both (bench/attention.py).
 FLASH_ATTN_MIN_HEAD_DIM = 32
+# Prompts at least this long go through Prefill (where it is on); shorter ones cost little either
+# way and are fed with the generating sequences.
+PREFILL_MIN_TOKENS = 16
 # llama.cpp's CPU threads are OpenMP's (libgomp).  Between parallel steps its idle threads spin
 # 300,000 times (about 10 ms on this machine) before they sleep: after each step that fed a
 # prompt on threads_batch threads, the extra threads kept their cores that long, and the relays
@@ -53,6 +60,7 @@ FLASH_ATTN_MIN_HEAD_DIM = 32
 # when llama.cpp loads, so it is set on this module's import; the user's own GOMP_SPINCOUNT or
 # OMP_WAIT_POLICY wins.
 OMP_SPIN_COUNT = 10_000
+GGML_F32, GGML_F16 = 0, 1  # ggml's type ids (llama_cpp.GGML_TYPE_*, without importing it here)
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
 
@@ -199,11 +207,20 @@ class LlamaCppModel(Model):
             threads=threads,
             threads_batch=options.threads_batch or threads,
             flash_attn=flash_attn(options.flash_attn, self.head_dim, gpu_offload),
+            flash_prefill=(
+                options.flash_attn == "auto"
+                and not gpu_offload
+                and self.head_dim < FLASH_ATTN_MIN_HEAD_DIM
+                and not llama_cpp.llama_model_is_recurrent(model.model)
+                and not llama_cpp.llama_model_is_hybrid(model.model)
+            ),
         )
         self._pieces: dict[int, bytes] = {}
         slots = options.slots
         if slots <= 0:
-            slots = auto_slots(n_ctx * self.kv_bytes_per_token(), available_memory(backend))
+            per_seq = n_ctx * self.kv_bytes_per_token()
+            prefill = per_seq if self.device.flash_prefill else 0
+            slots = auto_slots(per_seq, available_memory(backend) - prefill)
         self._embedder: Embedder | None = None
         try:
             self.engine: Engine = BatchEngine(self, slots, sink)
@@ -255,6 +272,12 @@ class LlamaCppModel(Model):
         n_head = max(1, llama_cpp.llama_model_n_head(m))
         kv_dim = llama_cpp.llama_model_n_embd(m) * llama_cpp.llama_model_n_head_kv(m) // n_head
         return int(llama_cpp.llama_model_n_layer(m) * kv_dim * ((4 if self.keys_f32 else 2) + 2))
+
+    def kv_bytes(self) -> int:
+        """The KV caches' bytes: every slot's, and the prefill context's (one slot more)."""
+        engine = self.engine
+        slots = self.slots + (isinstance(engine, BatchEngine) and engine.prefill is not None)
+        return self.info.n_ctx * slots * self.kv_bytes_per_token()
 
     # tokens ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -422,10 +445,164 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def transpose_values(state: bytes, n_stream: int) -> bytes:
+    """One sequence's cache as ``llama_state_seq_get_data`` writes it from a flash-attention
+    context of one KV stream, rewritten for a context without flash attention and ``n_stream``
+    streams: the same cells and keys, the values transposed (one row per value dimension rather
+    than per cell, as llama.cpp keeps them when it multiplies them without flash attention).
+    Raises ValueError on any layout it does not know (cell extensions, quantised values, sizes
+    that do not add up); the caller then feeds the prompt itself."""
+    view = memoryview(state)
+    at = 0
+
+    def take(fmt: str) -> tuple[int, ...]:
+        nonlocal at
+        values = struct.unpack_from(fmt, view, at)
+        at += struct.calcsize(fmt)
+        return values
+
+    try:
+        _magic, _seq = take("<Ii")
+        (streams,) = take("<I")
+        (cells,) = take("<I")
+        if streams != 1 or cells == 0:
+            raise ValueError(f"{streams} streams of {cells} cells")
+        out: list[bytes | memoryview] = [view[:8], struct.pack("<II", n_stream, cells)]
+        meta = at
+        for _ in range(cells):  # pos, one sequence id, that id: nothing else is understood
+            _pos, n_seq = take("<iI")
+            if n_seq != 1:
+                raise ValueError(f"a cell of {n_seq} sequences")
+            at += 4
+        out.append(view[meta:at])
+        v_trans, n_layer = take("<II")
+        if v_trans != 0:
+            raise ValueError("values already transposed")
+        out.append(struct.pack("<II", 1, n_layer))
+        keys = at
+        for _ in range(n_layer):
+            _type, row = take("<iQ")
+            at += row * cells
+        out.append(view[keys:at])
+        for _ in range(n_layer):
+            ggml_type, row = take("<iQ")
+            width = {GGML_F32: 4, GGML_F16: 2}.get(ggml_type)
+            if width is None or row % width:
+                raise ValueError(f"values of ggml type {ggml_type}")
+            size = row * cells
+            if at + size > len(view):
+                raise ValueError("truncated")
+            values = np.frombuffer(
+                view[at : at + size], dtype=np.uint32 if width == 4 else np.uint16
+            )
+            at += size
+            out.append(struct.pack("<iII", ggml_type, width, row // width))
+            out.append(values.reshape(cells, row // width).T.tobytes())
+    except struct.error as exc:
+        raise ValueError(f"truncated: {exc}") from None
+    if at != len(view):
+        raise ValueError(f"{len(view) - at} bytes left over")
+    out.append(bytes(4 * (n_stream - 1)))  # the other streams: no cells
+    return b"".join(out)
+
+
+class Prefill:
+    """Prompts fed with flash attention, generation without: on a CPU with small heads (the
+    shipped model's are 8 wide), llama.cpp's flash-attention kernel feeds a prompt 2-3x faster
+    than the plain one (it skips the cells the causal mask hides, where the plain one multiplies
+    a padded 256 or more) but generates 3-4x slower (bench/attention.py).  A context of its own,
+    one sequence, flash attention on, takes one prompt at a time, in chunks of N_BATCH; once
+    fed, the sequence's cache moves to its slot in the engine's context (transpose_values) and
+    it generates there.  The first token is sampled from this context's logits."""
+
+    def __init__(self, engine: BatchEngine) -> None:
+        import llama_cpp
+
+        model = engine.model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = engine.n_ctx_seq
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = model.device.threads_batch
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.type_k = engine.key_type  # the cache moves as it is: the same types
+        params.type_v = engine.value_type
+        self._ctx: Any = _internals().LlamaContext(model=model._model, params=params, verbose=False)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self._llama_cpp = llama_cpp
+        self._n_stream = engine.slots
+        self.seq: _Seq | None = None  # the sequence being fed, if any
+
+    @property
+    def ctx(self) -> Any:
+        return self._ctx.ctx
+
+    def feed(self, seq: _Seq) -> int:
+        """Feed ``seq``'s next chunk of prompt; the batch index of its last token's logits
+        once the whole prompt is in, else -1."""
+        llama_cpp = self._llama_cpp
+        if self.seq is not seq:
+            self._ctx.kv_cache_seq_rm(0, -1, -1)
+            self.seq = seq
+        prompt = seq.job.prompt
+        batch = self._batch
+        chunk = prompt[seq.fed : seq.fed + N_BATCH]
+        end = seq.fed + len(chunk) == len(prompt)
+        for j, token in enumerate(chunk):
+            batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, seq.fed + j, 1
+            batch.seq_id[j][0] = 0
+            batch.logits[j] = end and j == len(chunk) - 1
+        batch.n_tokens = len(chunk)
+        rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if rc != 0:
+            raise HaifError("decode_failed", f"llama_decode returned {rc} feeding a prompt")
+        seq.fed += len(chunk)
+        return len(chunk) - 1 if end else -1
+
+    def hand_over(self, seq: _Seq, target: Any) -> bool:
+        """Move the fed sequence's cache to its slot in ``target`` (the engine's context).
+        False if llama.cpp's state layout is not the one transpose_values knows."""
+        llama_cpp = self._llama_cpp
+        self.seq = None
+        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buffer, size, 0)
+        self._ctx.kv_cache_seq_rm(0, -1, -1)
+        try:
+            state = transpose_values(
+                memoryview(buffer)[:written].cast("B").tobytes(), self._n_stream
+            )
+        except ValueError:
+            return False
+        source = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return bool(llama_cpp.llama_state_seq_set_data(target, source, len(state), seq.slot))
+
+    def drop(self, seq: _Seq) -> None:
+        """``seq`` ended (cancelled, failed) while being fed."""
+        if self.seq is seq:
+            self.seq = None
+            self._ctx.kv_cache_seq_rm(0, -1, -1)
+
+    def close(self) -> None:
+        self._llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
+
+
 class _Seq:
     """A job's state while it holds a slot."""
 
-    __slots__ = ("emitter", "fed", "job", "kv", "last", "n_past", "reported", "sampler", "slot")
+    __slots__ = (
+        "emitter",
+        "fed",
+        "job",
+        "kv",
+        "last",
+        "n_past",
+        "reported",
+        "reused",
+        "sampler",
+        "slot",
+    )
 
     def __init__(
         self, job: Job, slot: int, sampler: Any, emitter: Emitter, reused: list[int]
@@ -436,6 +613,7 @@ class _Seq:
         self.emitter = emitter
         self.kv = reused  # the tokens in this slot's KV cache, by position
         self.fed = len(reused)  # prompt tokens already in the KV cache
+        self.reused = len(reused)  # of which this many were there when it came
         self.n_past = 0
         self.last = -1  # the token to feed next (the one just sampled)
         self.reported = 0  # tokens already handed out in events
@@ -468,13 +646,17 @@ class BatchEngine(Engine):
             "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
             "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
         }[model.device.flash_attn]
-        if model.keys_f32:
-            params.type_k = llama_cpp.GGML_TYPE_F32
+        self.key_type = GGML_F32 if model.keys_f32 else GGML_F16
+        self.value_type = GGML_F16
+        params.type_k, params.type_v = self.key_type, self.value_type
         try:
             self._ctx: Any = _internals().LlamaContext(
                 model=model._model, params=params, verbose=False
             )
+            self.prefill = Prefill(self) if model.device.flash_prefill else None
         except (ValueError, RuntimeError) as exc:
+            if hasattr(self, "_ctx"):
+                self._ctx.close()
             raise HaifError(
                 "model_load_failed",
                 f"cannot create a {slots}-slot context of {self.n_ctx_seq} tokens each: {exc}",
@@ -540,9 +722,25 @@ class BatchEngine(Engine):
         self._cached[best] = []
         return best, prompt[:keep]
 
+    @staticmethod
+    def _to_prefill(seq: _Seq) -> bool:
+        """A sequence whose prompt the prefill context should feed: not started here, and with
+        at least PREFILL_MIN_TOKENS to feed beyond a reused prefix of at most half of it (the
+        prefill context has no cache to reuse: it feeds that prefix again, at about a third of
+        the cost here)."""
+        n = len(seq.job.prompt)
+        return (
+            seq.last < 0
+            and seq.fed == seq.reused
+            and n - seq.fed >= PREFILL_MIN_TOKENS
+            and 2 * seq.reused <= n
+        )
+
     def _release(self, seq: _Seq, keep: bool = True) -> None:
         """Free the slot; its cache stays for the next prompt that starts the same, unless the
         step that was filling it failed (``keep`` False)."""
+        if self.prefill is not None:
+            self.prefill.drop(seq)
         if keep:
             self._cached[seq.slot] = seq.kv
         else:
@@ -608,9 +806,19 @@ class BatchEngine(Engine):
                 outputs.append((seq, n))
                 n += 1
         generating = n
+        prefill = self.prefill
+        fed = None  # the sequence the prefill context feeds in this step
+        if prefill is not None:
+            fed = prefill.seq
+            if fed is None:
+                fed = next((s for s in self._running if self._to_prefill(s)), None)
+                if fed is not None and fed.fed:  # a short prefix reused: fed again, with the rest
+                    self._ctx.kv_cache_seq_rm(fed.slot, -1, -1)
+                    fed.kv.clear()
+                    fed.fed = fed.reused = 0
         for seq in self._running:  # then prompts, in the order they came, as room allows
-            if n - generating >= PROMPT_TOKENS_PER_STEP:
-                break
+            if n - generating >= PROMPT_TOKENS_PER_STEP or fed is not None:
+                break  # (a step that feeds the prefill context holds a prompt already)
             prompt = seq.job.prompt
             while seq.fed < len(prompt) and n < N_BATCH:
                 last = seq.fed == len(prompt) - 1
@@ -622,17 +830,32 @@ class BatchEngine(Engine):
                 seq.fed += 1
                 n += 1
         batch.n_tokens = n
-        threads = self._threads[n - generating >= THREADS_BATCH_MIN_TOKENS]
-        if threads != self._threads_now:
-            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
-            self._threads_now = threads
-        rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
-        if rc != 0:
-            raise HaifError("decode_failed", f"llama_decode returned {rc}")
         ctx = self._ctx.ctx
+        if n:
+            threads = self._threads[n - generating >= THREADS_BATCH_MIN_TOKENS]
+            if threads != self._threads_now:
+                llama_cpp.llama_set_n_threads(ctx, threads, threads)
+                self._threads_now = threads
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise HaifError("decode_failed", f"llama_decode returned {rc}")
+        contexts = [ctx] * len(outputs)
+        if fed is not None:
+            assert prefill is not None
+            index = prefill.feed(fed)
+            if index >= 0:
+                if prefill.hand_over(fed, ctx):
+                    fed.kv.extend(fed.job.prompt)
+                    outputs.append((fed, index))
+                    contexts.append(prefill.ctx)
+                else:  # a llama.cpp whose cache layout is not the one we know: feed it here
+                    self._ctx.kv_cache_seq_rm(fed.slot, -1, -1)
+                    fed.fed = 0
+                    self.prefill = None
+                    prefill.close()
         sample = llama_cpp.llama_sampler_sample
         limit = self.n_ctx_seq - 1
-        for seq, index in outputs:
+        for (seq, index), ctx in zip(outputs, contexts, strict=True):
             seq.n_past = len(seq.job.prompt) if seq.last < 0 else seq.n_past + 1
             sampled = sample(seq.sampler.sampler, ctx, index)
             produced = seq.emitter.produced
@@ -658,6 +881,9 @@ class BatchEngine(Engine):
 
     def free(self) -> None:
         self.abort()
+        if self.prefill is not None:
+            self.prefill.close()
+            self.prefill = None
         self._llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
 
