@@ -14,6 +14,7 @@ import importlib
 import os
 import random
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,19 @@ FLASH_ATTN_MIN_HEAD_DIM = 32
 # Prompts at least this long go through Prefill (where it is on); shorter ones cost little either
 # way and are fed with the generating sequences.
 PREFILL_MIN_TOKENS = 16
+# While the prefill context has a prompt to feed, the generating sequences skip steps for up to
+# this long: prompts that arrive together (a burst of users) are fed back to back, and the
+# sequences already generating lose a few milliseconds, less than a worker holds a running
+# stream's text anyway (HAIF_STREAM_INTERVAL_MS, 20 by default).
+GENERATION_HOLD_S = 0.015
 # llama.cpp's CPU threads are OpenMP's (libgomp).  Between parallel steps its idle threads spin
 # 300,000 times (about 10 ms on this machine) before they sleep: after each step that fed a
 # prompt on threads_batch threads, the extra threads kept their cores that long, and the relays
 # carrying the first token waited for a core (one stream of 133-token prompts, timestamps at
 # each hop: worker to orchestrator 2.9 ms, against 0.4 with 10,000 spins).  10,000 spins, a
-# fraction of a millisecond, still cover the gap from one decode to the next.  libgomp reads this once,
-# when llama.cpp loads, so it is set on this module's import; the user's own GOMP_SPINCOUNT or
-# OMP_WAIT_POLICY wins.
+# fraction of a millisecond, still cover the gap from one decode to the next.  libgomp reads
+# this once, when llama.cpp loads, so it is set on this module's import; the user's own
+# GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
 OMP_SPIN_COUNT = 10_000
 GGML_F32, GGML_F16 = 0, 1  # ggml's type ids (llama_cpp.GGML_TYPE_*, without importing it here)
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
@@ -669,6 +675,7 @@ class BatchEngine(Engine):
         # them (a chat's next turn, a shared system prompt) is fed from where they differ
         self._cached: list[list[int]] = [[] for _ in range(slots)]
         self._running: list[_Seq] = []
+        self._generated_at = 0.0  # time.monotonic() of the last step that ran them
         self.start_thread("llama-engine")  # last: everything it touches exists
 
     def busy(self) -> bool:
@@ -796,16 +803,6 @@ class BatchEngine(Engine):
             batch.seq_id,
             batch.logits,
         )
-        n = 0
-        outputs: list[tuple[_Seq, int]] = []
-        for seq in self._running:  # one token for every sequence that is generating
-            if seq.last >= 0 and n < N_BATCH:
-                token[n], pos[n], n_seq[n], logits[n] = seq.last, seq.n_past, 1, True
-                seq_id[n][0] = seq.slot
-                seq.kv.append(seq.last)
-                outputs.append((seq, n))
-                n += 1
-        generating = n
         prefill = self.prefill
         fed = None  # the sequence the prefill context feeds in this step
         if prefill is not None:
@@ -816,6 +813,19 @@ class BatchEngine(Engine):
                     self._ctx.kv_cache_seq_rm(fed.slot, -1, -1)
                     fed.kv.clear()
                     fed.fed = fed.reused = 0
+        n = 0
+        outputs: list[tuple[_Seq, int]] = []
+        now = time.monotonic()
+        if fed is None or now - self._generated_at >= GENERATION_HOLD_S:
+            for seq in self._running:  # one token for every sequence that is generating
+                if seq.last >= 0 and n < N_BATCH:
+                    token[n], pos[n], n_seq[n], logits[n] = seq.last, seq.n_past, 1, True
+                    seq_id[n][0] = seq.slot
+                    seq.kv.append(seq.last)
+                    outputs.append((seq, n))
+                    n += 1
+            self._generated_at = now
+        generating = n
         for seq in self._running:  # then prompts, in the order they came, as room allows
             if n - generating >= PROMPT_TOKENS_PER_STEP or fed is not None:
                 break  # (a step that feeds the prefill context holds a prompt already)

@@ -157,8 +157,9 @@ def test_concurrent_requests_share_one_load_and_other_models_keep_flowing(
 
 
 def test_a_memory_cap_evicts_the_idle_model_and_never_a_busy_one(cluster: Cluster) -> None:
-    # room for one copy of the model (about 3.1 MiB with its KV cache of f32 keys), not two
-    worker(cluster, "w1", "--memory", "4M")
+    # room for one copy of the model (about 4.9 MiB: its KV cache of f32 keys, and the prefill
+    # context's), not two
+    worker(cluster, "w1", "--memory", "6M")
     second = register(cluster, "second")
     third = register(cluster, "third")
     done = ask(cluster, model="second")
@@ -388,7 +389,7 @@ def test_the_placement_policy_chooses_the_worker(
     cluster = Cluster(tmp_path, workers=0)
     try:
         worker(cluster, "roomy", "--memory", "64M")
-        worker(cluster, "snug", "--memory", "8M")
+        worker(cluster, "snug", "--memory", "12M")
         register(cluster, "other")
         done = ask(cluster, model="other")
         assert isinstance(done, wire.Done), done
@@ -416,7 +417,7 @@ def listed(cluster: Cluster) -> dict[str, wire.ModelEntry]:
 
 
 def test_the_model_list_says_which_unloaded_models_a_worker_would_load(cluster: Cluster) -> None:
-    worker(cluster, "snug", "--memory", "4M")  # one copy of the model at a time
+    worker(cluster, "snug", "--memory", "6M")  # one copy of the model at a time
     spare = register(cluster, "spare")
     models = wait_for(lambda: listed(cluster) if table(cluster) else None, "a worker joined")
     assert models["stories260K:1"].workers == 1
