@@ -537,16 +537,20 @@ class Prefill:
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._llama_cpp = llama_cpp
         self._n_stream = engine.slots
+        self._threads = model.device.threads_batch
         self.seq: _Seq | None = None  # the sequence being fed, if any
 
     @property
     def ctx(self) -> Any:
         return self._ctx.ctx
 
-    def feed(self, seq: _Seq) -> int:
-        """Feed ``seq``'s next chunk of prompt; the batch index of its last token's logits
-        once the whole prompt is in, else -1."""
+    def feed(self, seq: _Seq, threads: int) -> int:
+        """Feed ``seq``'s next chunk of prompt on ``threads`` threads; the batch index of its
+        last token's logits once the whole prompt is in, else -1."""
         llama_cpp = self._llama_cpp
+        if threads != self._threads:
+            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+            self._threads = threads
         if self.seq is not seq:
             self._ctx.kv_cache_seq_rm(0, -1, -1)
             self.seq = seq
@@ -852,7 +856,9 @@ class BatchEngine(Engine):
         contexts = [ctx] * len(outputs)
         if fed is not None:
             assert prefill is not None
-            index = prefill.feed(fed)
+            # threads_batch threads while nothing else runs; once sequences generate, their
+            # text crosses the relays, which a prompt on every core would hold up
+            index = prefill.feed(fed, self._threads[not any(s.last >= 0 for s in self._running)])
             if index >= 0:
                 if prefill.hand_over(fed, ctx):
                     fed.kv.extend(fed.job.prompt)
