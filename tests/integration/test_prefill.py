@@ -124,8 +124,8 @@ def test_a_sequence_cancelled_while_its_prompt_is_fed_leaves_the_prefill_context
     chunks = []
     feed = llamacpp.Prefill.feed
 
-    def feed_then_cancel(self: llamacpp.Prefill, seq: object) -> int:
-        index = feed(self, seq)  # type: ignore[arg-type]
+    def feed_then_cancel(self: llamacpp.Prefill, seq: object, threads: int) -> int:
+        index = feed(self, seq, threads)  # type: ignore[arg-type]
         chunks.append(index)
         cancel.cancel()  # the user hangs up after the first chunk
         return index
