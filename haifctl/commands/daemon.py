@@ -279,7 +279,7 @@ def worker(
             "--flash-attn",
             metavar="auto|on|off",
             help="Flash attention (auto: llama.cpp's choice on a GPU; on a CPU, on for heads of "
-            "32 or more). [env: HAIF_FLASH_ATTN]",
+            "32 or more, and for smaller heads on for prompts only). [env: HAIF_FLASH_ATTN]",
         ),
     ] = None,
     embeddings: Annotated[
