@@ -474,13 +474,14 @@ def transpose_values(state: bytes, n_stream: int) -> bytes:
         if streams != 1 or cells == 0:
             raise ValueError(f"{streams} streams of {cells} cells")
         out: list[bytes | memoryview] = [view[:8], struct.pack("<II", n_stream, cells)]
-        meta = at
-        for _ in range(cells):  # pos, one sequence id, that id: nothing else is understood
-            _pos, n_seq = take("<iI")
-            if n_seq != 1:
-                raise ValueError(f"a cell of {n_seq} sequences")
-            at += 4
-        out.append(view[meta:at])
+        # each cell: its position, one sequence id, that id (nothing else is understood)
+        if at + 12 * cells > len(view):
+            raise ValueError("truncated")
+        meta = np.frombuffer(view[at : at + 12 * cells], dtype="<i4").reshape(cells, 3)
+        if (meta[:, 1] != 1).any():
+            raise ValueError("a cell of several sequences")
+        out.append(view[at : at + 12 * cells])
+        at += 12 * cells
         v_trans, n_layer = take("<II")
         if v_trans != 0:
             raise ValueError("values already transposed")
@@ -631,7 +632,8 @@ class _Seq:
 
 class BatchEngine(Engine):
     """Continuous batching on one llama.cpp context: a sequence id per slot, a KV stream per
-    sequence (attention never scans the other slots' cells), a sampler chain per sequence."""
+    sequence (attention never scans the other slots' cells), a sampler chain per sequence; and,
+    where the model's device facts say so, a :class:`Prefill` context that feeds the prompts."""
 
     def __init__(self, model: LlamaCppModel, slots: int, sink: Sink | None) -> None:
         import llama_cpp
