@@ -49,9 +49,14 @@ PROMPT_TOKENS_PER_STEP = 128
 # saves (head size 8, the shipped model: 2.9x slower generation, 3.4x faster prompts); at 64 it
 # is faster at both (bench/attention.py).
 FLASH_ATTN_MIN_HEAD_DIM = 32
-# Prompts at least this long go through Prefill (where it is on); shorter ones cost little either
-# way and are fed with the generating sequences.
-PREFILL_MIN_TOKENS = 16
+# Prompts at least this long go through Prefill (where it is on); shorter ones are fed with the
+# generating sequences.  One thread, the shipped model, one decode of the first N tokens of a
+# prompt, flash against plain (python bench/prefill.py): 8 tokens 0.40 against 0.73 ms,
+# 24: 1.86/2.25, 48: 4.01/4.29 (another run: 6.02/4.63), 64: 1.96/5.78, 96: 3.69/8.82
+# (llama.cpp's flash kernel changes method between 48 and 64).
+# Below 64 the gain is about what moving the cache costs (0.3 ms for 133 tokens) and a decode of
+# its own, not shared with the generating sequences.
+PREFILL_MIN_TOKENS = 64
 # While the prefill context has a prompt to feed, the generating sequences skip steps for up to
 # this long: prompts that arrive together (a burst of users) are fed back to back, and the
 # sequences already generating lose a few milliseconds, less than a worker holds a running
