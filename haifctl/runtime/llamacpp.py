@@ -544,7 +544,9 @@ class Prefill:
         self._llama_cpp = llama_cpp
         self._n_stream = engine.slots
         self._threads = model.device.threads_batch
-        self.seq: _Seq | None = None  # the sequence being fed, if any
+        # the sequence whose cache this context holds: being fed, or fed and its first token
+        # sampled, to move to its slot at the start of the next step (off that token's way)
+        self.seq: _Seq | None = None
 
     @property
     def ctx(self) -> Any:
@@ -594,7 +596,8 @@ class Prefill:
         return bool(llama_cpp.llama_state_seq_set_data(target, source, len(state), seq.slot))
 
     def drop(self, seq: _Seq) -> None:
-        """``seq`` ended (cancelled, failed) while being fed."""
+        """``seq`` ended (cancelled, failed, or done at its first token) while its cache was
+        here."""
         if self.seq is seq:
             self.seq = None
             self._ctx.kv_cache_seq_rm(0, -1, -1)
@@ -740,6 +743,20 @@ class BatchEngine(Engine):
         self._cached[best] = []
         return best, prompt[:keep]
 
+    def _hand_over(self, prefill: Prefill, seq: _Seq) -> Prefill | None:
+        """Move ``seq``'s cache from the prefill context to its slot.  With a llama.cpp whose
+        layout transpose_values does not know, the slot feeds the prompt again (its first
+        token, already out, is kept) and the engine stops using the prefill context."""
+        if prefill.hand_over(seq, self._ctx.ctx):
+            seq.kv.extend(seq.job.prompt)
+            return prefill
+        self._ctx.kv_cache_seq_rm(seq.slot, -1, -1)
+        seq.kv.clear()
+        seq.fed = 0
+        self.prefill = None
+        prefill.close()
+        return None
+
     @staticmethod
     def _to_prefill(seq: _Seq) -> bool:
         """A sequence whose prompt the prefill context should feed: not started here, and with
@@ -815,6 +832,8 @@ class BatchEngine(Engine):
             batch.logits,
         )
         prefill = self.prefill
+        if prefill is not None and prefill.seq is not None and prefill.seq.last >= 0:
+            prefill = self._hand_over(prefill, prefill.seq)
         fed = None  # the sequence the prefill context feeds in this step
         if prefill is not None:
             fed = prefill.seq
@@ -829,7 +848,7 @@ class BatchEngine(Engine):
         now = time.monotonic()
         if fed is None or now - self._generated_at >= GENERATION_HOLD_S:
             for seq in self._running:  # one token for every sequence that is generating
-                if seq.last >= 0 and n < N_BATCH:
+                if seq.last >= 0 and n < N_BATCH and seq.fed == len(seq.job.prompt):
                     token[n], pos[n], n_seq[n], logits[n] = seq.last, seq.n_past, 1, True
                     seq_id[n][0] = seq.slot
                     seq.kv.append(seq.last)
@@ -842,7 +861,8 @@ class BatchEngine(Engine):
                 break  # (a step that feeds the prefill context holds a prompt already)
             prompt = seq.job.prompt
             while seq.fed < len(prompt) and n < N_BATCH:
-                last = seq.fed == len(prompt) - 1
+                # (a prompt fed again after a failed hand-over has its first token already)
+                last = seq.fed == len(prompt) - 1 and seq.last < 0
                 token[n], pos[n], n_seq[n], logits[n] = prompt[seq.fed], seq.fed, 1, last
                 seq_id[n][0] = seq.slot
                 seq.kv.append(prompt[seq.fed])
@@ -866,16 +886,9 @@ class BatchEngine(Engine):
             # threads_batch threads while nothing else runs; once sequences generate, their
             # text crosses the relays, which a prompt on every core would hold up
             index = prefill.feed(fed, self._threads[not any(s.last >= 0 for s in self._running)])
-            if index >= 0:
-                if prefill.hand_over(fed, ctx):
-                    fed.kv.extend(fed.job.prompt)
-                    outputs.append((fed, index))
-                    contexts.append(prefill.ctx)
-                else:  # a llama.cpp whose cache layout is not the one we know: feed it here
-                    self._ctx.kv_cache_seq_rm(fed.slot, -1, -1)
-                    fed.fed = 0
-                    self.prefill = None
-                    prefill.close()
+            if index >= 0:  # its first token comes from here; the cache moves next step
+                outputs.append((fed, index))
+                contexts.append(prefill.ctx)
         sample = llama_cpp.llama_sampler_sample
         limit = self.n_ctx_seq - 1
         for (seq, index), ctx in zip(outputs, contexts, strict=True):

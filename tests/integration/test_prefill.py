@@ -210,3 +210,23 @@ def test_transpose_values_writes_one_row_per_value_dimension() -> None:
 def test_transpose_values_refuses_what_it_does_not_know(blob: bytes, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         transpose_values(blob, n_stream=4)
+
+
+def test_a_sequence_done_at_its_first_token_never_moves_its_cache(
+    model_path: Path, plain: LlamaCppModel
+) -> None:
+    """The first token comes from the prefill context and the cache moves a step later: a
+    request that ends at that token (max_tokens 1) leaves the prefill context free and its slot
+    empty, and the next request is unaffected."""
+    model = load(model_path, "auto", slots=1)
+    try:
+        engine = model.engine
+        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        prompt = prompt_text(60, 4)
+        assert collect(model.generate(prompt, one)) == collect(plain.generate(prompt, one))
+        assert engine.prefill.seq is None  # type: ignore[attr-defined]
+        assert engine._cached == [[]]  # type: ignore[attr-defined]
+        other = prompt_text(60, 5)
+        assert collect(model.generate(other, GREEDY)) == collect(plain.generate(other, GREEDY))
+    finally:
+        model.close()
