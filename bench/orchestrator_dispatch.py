@@ -22,13 +22,10 @@ import zmq
 
 from haifctl import wire
 from haifctl.daemon.orchestrator import OrchestratorDaemon, Resolution
+from haifctl.loadgen import percentile
 from haifctl.security import GATEWAY, WORKER
 
 MODEL = "stories260K:1"
-
-
-def percentile(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def main() -> None:
@@ -100,11 +97,10 @@ def main() -> None:
 
     print(f"{args.workers:,} workers, {args.requests:,} requests")
     for name, values in (("Infer", dispatch), ("Done", finish)):
-        values.sort()
+        p50, p99, p999 = (percentile(values, q) or 0.0 for q in (50, 99, 99.9))
         print(
-            f"{name:<6} us: p50 {percentile(values, 0.5) * 1e6:.1f}"
-            f"  p99 {percentile(values, 0.99) * 1e6:.1f}"
-            f"  p99.9 {percentile(values, 0.999) * 1e6:.1f}  max {values[-1] * 1e6:,.0f}"
+            f"{name:<6} us: p50 {p50 * 1e6:.1f}  p99 {p99 * 1e6:.1f}"
+            f"  p99.9 {p999 * 1e6:.1f}  max {max(values, default=0) * 1e6:,.0f}"
         )
     for generation, values in pauses.items():
         if values:
