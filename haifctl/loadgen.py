@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +37,15 @@ MAX_PROMPT_WORDS = 1_000_000
 
 
 def prompt_text(words: int, offset: int = 0) -> str:
-    """Deterministic text of ``words`` words, starting ``offset`` words into the cycle.
+    """Deterministic text of ``words`` words, its own for each ``offset``.
 
-    Each request gets its own offset, so a server's prompt cache cannot serve one request's
-    prompt from another's: every request pays for its prompt as a user's would.
+    The words are drawn from WORDS by a generator seeded with ``offset``, so two offsets' texts
+    share a prefix of a word or two at most: a server's prompt cache cannot serve one
+    request's prompt from another's, and every request pays for its prompt as a user's would.
+    (Text that cycled through WORDS from ``offset`` came back every len(WORDS) requests.)
     """
-    n = len(WORDS)
-    return " ".join(WORDS[(offset + i) % n] for i in range(max(1, words)))
+    pick = random.Random(offset).choice
+    return " ".join(pick(WORDS) for _ in range(max(1, words)))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -363,11 +366,12 @@ class LoadGenerator:
                 return target, other
         return head, first
 
-    async def batch(self, target: Target, concurrency: int, requests: int) -> Batch:
-        """``requests`` requests with ``concurrency`` in flight at any time."""
+    async def batch(self, target: Target, concurrency: int, requests: int, first: int = 1) -> Batch:
+        """``requests`` requests with ``concurrency`` in flight at any time; their prompts are
+        those of indices ``first``, ``first + 1`` ..."""
         self.observer.batch_started(target, concurrency, requests)
         results: list[Result] = []
-        indices = iter(range(1, requests + 1))
+        indices = iter(range(first, first + requests))
 
         async def worker() -> None:
             for index in indices:  # shared iterator: each index is taken once
@@ -389,12 +393,14 @@ class LoadGenerator:
     ) -> list[dict[str, Any]]:
         """Every level on every target, interleaved per round; one summary per level."""
         report = []
+        first = 1  # no prompt comes twice to one server (index 0 is the warm-up's)
         for concurrency in levels:
             n = requests_for(concurrency)
             batches: dict[str, list[Batch]] = {t.label: [] for t in self.targets}
             for _ in range(repeat):
-                for target in self.targets:
-                    batches[target.label].append(await self.batch(target, concurrency, n))
+                for target in self.targets:  # the same prompts for each server
+                    batches[target.label].append(await self.batch(target, concurrency, n, first))
+                first += n
             results = []
             for target in self.targets:
                 summary = summarize(*merge(batches[target.label]))

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 import typer
 
 from haifctl.commands.bench import normalize_url, parse_levels
 from haifctl.errors import InvalidInput
-from haifctl.loadgen import Batch, Result, Target, merge, percentile, prompt_text, ratios, summarize
+from haifctl.loadgen import (
+    Batch,
+    LoadGenerator,
+    Result,
+    Target,
+    Workload,
+    merge,
+    percentile,
+    prompt_text,
+    ratios,
+    summarize,
+)
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -95,6 +109,90 @@ def test_prompts_are_deterministic_and_differ_per_request() -> None:
     assert prompt_text(5, 3) != prompt_text(5, 4)
     assert len(prompt_text(40).split()) == 40
     assert prompt_text(0) != ""
+    # no prompt comes back, nor shares more than a few words of prefix with another: a
+    # server's prompt cache gets nothing from a benchmark's earlier requests
+    texts = [prompt_text(128, i) for i in range(200)]
+    assert len(set(texts)) == 200
+    assert longest_shared_prefix(texts) <= 4
+
+
+def longest_shared_prefix(texts: list[str]) -> int:
+    """The most leading words any two of ``texts`` have in common."""
+    words = [t.split() for t in texts]
+    longest = 0
+    for i, a in enumerate(words):
+        for b in words[i + 1 :]:
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            longest = max(longest, n)
+    return longest
+
+
+async def recording_server(prompts: list[str]) -> tuple[asyncio.Server, str]:
+    """A stand-in OpenAI completions server on loopback: it notes each prompt and streams one
+    event of text and one of usage (prompt_tokens: the prompt's words)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = json.loads(await reader.readexactly(length))
+            prompts.append(body["prompt"])
+            usage = {
+                "prompt_tokens": len(body["prompt"].split()),
+                "completion_tokens": body["max_tokens"],
+            }
+            events = (
+                f"data: {json.dumps({'choices': [{'index': 0, 'text': ' x'}]})}\n\n"
+                f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+            ).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(events), events)
+            )
+            await writer.drain()
+            if reader.at_eof():
+                return
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_no_server_sees_a_prompt_twice_and_both_see_the_same() -> None:
+    """Across levels and rounds each request has a prompt of its own (a prompt seen before
+    would be a cache hit for the server, not work), and A and B get the same prompts."""
+
+    async def run() -> tuple[list[str], list[str]]:
+        seen_a: list[str] = []
+        seen_b: list[str] = []
+        server_a, url_a = await recording_server(seen_a)
+        server_b, url_b = await recording_server(seen_b)
+        targets = [Target(url_a, "A"), Target(url_b, "B")]
+        try:
+            async with LoadGenerator(targets, Workload(prompt_tokens=32, max_tokens=4)) as gen:
+                await gen.calibrate()
+                report = await gen.run([1, 3], requests_for=lambda c: 4, repeat=2)
+        finally:
+            for server in (server_a, server_b):
+                server.close()
+                await server.wait_closed()
+        for level in report:
+            assert [r["ok"] for r in level["results"]] == [8, 8]
+        return seen_a, seen_b
+
+    seen_a, seen_b = asyncio.run(run())
+    bench_a, bench_b = seen_a[1:], seen_b[1:]  # after the warm-up
+    assert len(bench_a) == len(bench_b) == 16
+    assert len(set(bench_a)) == 16
+    assert sorted(bench_a) == sorted(bench_b)
+    assert seen_a[0] not in bench_a
+    assert longest_shared_prefix(bench_a) <= 4
 
 
 def test_levels_and_urls() -> None:
