@@ -32,7 +32,6 @@ Each worker's slots are counted per model: a model's requests never wait for ano
 from __future__ import annotations
 
 import contextlib
-import gc
 import heapq
 import itertools
 import time
@@ -391,10 +390,6 @@ class OrchestratorDaemon(Daemon):
         self.registry_link.connect(self.registry_address)
         self.watch(self.router, self.read)
         self.watch(self.registry_link, self.registry_answers)
-        # What start-up made (modules, classes, functions: most of what the collector tracks)
-        # lives as long as the process: out of the collector's way, a full collection walks only
-        # the worker table and what is in flight.
-        gc.freeze()
 
     # loop ------------------------------------------------------------------------------------
     def read(self) -> None:
