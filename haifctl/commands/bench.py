@@ -357,9 +357,10 @@ def bench(
 
     Each level keeps CONCURRENCY streamed /v1/completions requests in flight until --requests
     have finished. Tokens are counted from the server's usage; end of text is ignored, so every
-    request generates --max-tokens. One warm-up request per server comes first. With --against,
-    both servers run each level in turn (A, B, A, B ... with --repeat) and the ratios A/B are
-    printed. Without a URL it measures the local cluster's HTTP bridge (`haifctl up`); it works
+    request generates --max-tokens. Every request has a prompt of its own, never sent to a
+    server twice, so no prompt cache serves one from another. One warm-up request per server
+    comes first. With --against, both servers run each level in turn (A, B, A, B ... with
+    --repeat) on the same prompts and the ratios A/B are printed. Without a URL it measures the local cluster's HTTP bridge (`haifctl up`); it works
     as well against llama-server or any other OpenAI-compatible server.
 
     Examples:
