@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from haifctl import wire
 from haifctl.daemon.bridge.bodies import ChatBody, CompletionBody, InferBody
@@ -35,17 +35,53 @@ router = APIRouter()
 Stream = AsyncIterator[wire.Msg]
 
 
-class ClosingStream(StreamingResponse):
-    """Closes its body iterator however the response ends, so that a client that disconnects
-    mid-stream cancels the generation on the worker right away (not when GC gets to it)."""
+class EventStream(Response):
+    """A streamed answer (SSE, or JSON lines for ``/infer``), sent from the request's own task.
+
+    Starlette's StreamingResponse sends from a task group of two new tasks, one streaming and
+    one listening for the client to leave: 40-70 us of the bridge's CPU a request and a turn of
+    the event loop between the first text's arrival and its write.  Here the request's task
+    streams and one watcher task listens; when the client leaves mid-stream the watcher
+    cancels the streaming, and however the response ends its events are closed, so that the
+    generation on the worker is cancelled at once (not when GC gets to it)."""
+
+    def __init__(self, events: AsyncGenerator[bytes], media_type: str) -> None:
+        self.events = events
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        streaming = True
+        left = False  # the client hung up while its text was streaming
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if streaming:
+                left = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await super().__call__(scope, receive, send)
+            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            await send(start)
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            streaming = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            task.uncancel()  # our own cancellation: the response is over, nothing failed
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            streaming = False
+            watcher.cancel()
+            await self.events.aclose()
 
 
 async def _aclose(stream: Stream) -> None:
@@ -179,7 +215,7 @@ async def respond(
         finally:
             await messages.aclose()
 
-    return ClosingStream(events(), media_type=renderer.media_type)
+    return EventStream(events(), renderer.media_type)
 
 
 def choices_of(base: dict[str, Any], n: int) -> list[dict[str, Any]]:
