@@ -360,8 +360,9 @@ def bench(
     request generates --max-tokens. Every request has a prompt of its own, never sent to a
     server twice, so no prompt cache serves one from another. One warm-up request per server
     comes first. With --against, both servers run each level in turn (A, B, A, B ... with
-    --repeat) on the same prompts and the ratios A/B are printed. Without a URL it measures the local cluster's HTTP bridge (`haifctl up`); it works
-    as well against llama-server or any other OpenAI-compatible server.
+    --repeat) on the same prompts and the ratios A/B are printed. Without a URL it measures the
+    local cluster's HTTP bridge (`haifctl up`); it works as well against llama-server or any
+    other OpenAI-compatible server.
 
     Examples:
 
