@@ -61,6 +61,16 @@ def incoming(sock: zmq.Socket[bytes]) -> Iterator[list[bytes]]:
         yield frames
 
 
+def settle_heap() -> None:
+    """Once a daemon is ready: what start-up made (modules, classes, schemas, a worker's model
+    objects) lives as long as the process, so it goes out of the collector's way, and a full
+    collection walks only what is in flight instead of stopping the loop for tens of
+    milliseconds every few thousand requests.  (Only in a daemon's own process: frozen objects
+    that later become cyclic garbage are never collected.)"""
+    gc.collect()
+    gc.freeze()
+
+
 def log(daemon: str, message: str, level: str = "info", **fields: Any) -> None:
     """One JSON object per line on stdout: what log shippers (Promtail, Loki) expect; a readable
     line instead when stdout is a terminal."""
@@ -158,12 +168,6 @@ class Daemon:
     def announce_ready(self) -> None:
         """Tell whoever started us (the supervisor, a test) where we listen."""
         self.started = True
-        # What start-up made (modules, classes, schemas, a worker's model objects) lives as long
-        # as the process: out of the collector's way, a full collection walks only what is in
-        # flight instead of stopping the loop for tens of milliseconds every few thousand
-        # requests.
-        gc.collect()
-        gc.freeze()
         info = {"daemon": self.name, "pid": os.getpid(), "endpoints": self.endpoints}
         log(self.name, "ready", pid=info["pid"], endpoints=self.endpoints)
         if self.ready_file is not None:
@@ -180,6 +184,7 @@ class Daemon:
             self.serve_metrics()
             self.start()
             self.announce_ready()
+            settle_heap()
             self.serve()
         finally:
             self.stop()

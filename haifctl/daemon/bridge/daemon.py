@@ -8,7 +8,7 @@ import signal
 import socket as pysocket
 from pathlib import Path
 
-from haifctl.daemon.base import Daemon
+from haifctl.daemon.base import Daemon, settle_heap
 from haifctl.daemon.bridge.app import create_app
 from haifctl.daemon.bridge.edge import EdgeLimits, edge_protocol
 from haifctl.keys import KeyStore
@@ -49,6 +49,11 @@ class BridgeDaemon(Daemon):
             limits = EdgeLimits.from_settings(resolve({"home": keys.path.parent}))
         self.limits = limits
 
+    def ready(self) -> None:
+        """The app has started (its lifespan's start-up ran): tell the supervisor."""
+        self.announce_ready()
+        settle_heap()
+
     def run(self) -> None:
         import uvicorn
 
@@ -63,7 +68,7 @@ class BridgeDaemon(Daemon):
         app = create_app(
             self.gateway,
             self.keys,
-            on_ready=self.announce_ready,
+            on_ready=self.ready,
             metrics=self.metrics,
             keyring=self.keyring,
             host=self.host,
