@@ -235,6 +235,9 @@ class LocalGeneration(Generation):
             # there is no closing event to wait for, and the counts come from what was seen.
             for _ in self:
                 pass
+            # The engine may have made every token before the interrupt (they waited in the
+            # stream while the caller wrote text out): the caller still stopped short of them.
+            self.finish_reason = "cancelled"
         self.stop(self._prompt_tokens)
 
     def close(self) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from haifctl.errors import InvalidInput
+from haifctl.generation import LocalGeneration, model_at
 from haifctl.runtime.base import CancelToken, LoadOptions, SamplingParams, TokenEvent
 from haifctl.runtime.llamacpp import LlamaCppModel, LlamaCppRuntime
+from haifctl.schema import validate_request
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,27 @@ def test_cancel_stops_generation_early(model: LlamaCppModel) -> None:
     # The engine thread runs a little ahead of its reader, so it stops a few tokens after the
     # fifth, and far before the 1000 asked for.
     assert 5 <= last.completion_tokens < 500
+
+
+def test_an_interrupted_generation_ends_cancelled_though_the_engine_finished(
+    model: LlamaCppModel, model_path: Path
+) -> None:
+    """Ctrl-C while `haifctl infer` still writes text out: the engine may have made every token
+    already (they wait in the stream), but the caller stopped short of them, so it ends as
+    cancelled (and the CLI says "stopped" and exits 130)."""
+    request = validate_request({"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True})
+    generation = LocalGeneration(model_at(str(model_path)), model, request, 8)
+    events = iter(generation)
+    assert next(events).n_tokens == 1
+    deadline = time.monotonic() + 30
+    while model.engine.busy():  # the engine made all 8 tokens: they wait in the stream
+        assert time.monotonic() < deadline, "the engine never finished"
+        time.sleep(0.001)
+    generation.cancel()
+    done = generation.completion()
+    assert done.finish_reason == "cancelled"
+    assert done.usage.completion_tokens == 8  # what the engine made is still counted
+    events.close()
 
 
 def test_closing_the_stream_frees_the_model(model: LlamaCppModel) -> None:
