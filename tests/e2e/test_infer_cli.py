@@ -176,6 +176,9 @@ def test_ctrl_c_stops_generation_cleanly(home: Path) -> None:
         stdout=write_fd,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a runner started in the background by a shell without job
+        # control ignores SIGINT, and an ignored signal stays ignored across exec
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as reader:
