@@ -183,8 +183,8 @@ class Daemon:
             # Probes answer while start() runs (a worker loading its model): alive, not ready.
             self.serve_metrics()
             self.start()
+            settle_heap()  # before saying ready: a collection then is a stall nobody waits on
             self.announce_ready()
-            settle_heap()
             self.serve()
         finally:
             self.stop()

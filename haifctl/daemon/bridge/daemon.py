@@ -51,8 +51,8 @@ class BridgeDaemon(Daemon):
 
     def ready(self) -> None:
         """The app has started (its lifespan's start-up ran): tell the supervisor."""
-        self.announce_ready()
         settle_heap()
+        self.announce_ready()
 
     def run(self) -> None:
         import uvicorn
