@@ -68,8 +68,10 @@ class EventStream(Response):
 
         watcher = asyncio.ensure_future(watch())
         try:
-            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            await send(start)
+            headers = self.raw_headers
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": headers}
+            )
             async for chunk in self.events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             streaming = False
