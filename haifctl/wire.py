@@ -367,7 +367,8 @@ class Ack(Msg, frozen=True, tag=True, kw_only=True):
 
     known: bool = True
     # Answer to a Register: requests the worker reported running that are not its to run any
-    # more (failed or moved elsewhere while it was silent): it stops them and sends nothing.
+    # more (failed or moved elsewhere while it was silent): it stops them (one that ended
+    # already, its Done having crossed the Register, it answers with an Error "ended").
     cancel: list[str] = []
     # Answer to a Register: seconds between heartbeats, a fraction of the orchestrator's
     # timeout for a silent worker (0: the worker's own setting; an orchestrator before it).

@@ -452,7 +452,7 @@ class OrchestratorDaemon(Daemon):
         if role != WORKER:
             self.refuse_role(role, "stream")
             return None
-        worker = self.workers.get(frames[0])
+        worker = self.worker_at(frames[0])
         if worker is None:
             self.counters["stray_worker_messages"] += 1
             return None
@@ -493,6 +493,14 @@ class OrchestratorDaemon(Daemon):
     def send(self, identity: bytes, body: bytes) -> None:
         self.send_to(self.router, identity, body)
 
+    def worker_at(self, identity: bytes) -> WorkerRec | None:
+        """The worker behind a connection: its own, or one of its engines' links (named
+        ``identity NUL n``), on which a worker's engines send their streams and ends."""
+        worker = self.workers.get(identity)
+        if worker is None and b"\x00" in identity:
+            worker = self.workers.get(identity.rpartition(b"\x00")[0])
+        return worker
+
     def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes, role: str) -> None:
         msg = envelope.msg
         if type(msg) is wire.Heartbeat and role == WORKER:  # most of what an idle cluster sends
@@ -508,7 +516,7 @@ class OrchestratorDaemon(Daemon):
             if envelope.id and not isinstance(msg, (*wire.FINAL, wire.Cancel)):
                 self.send(identity, wire.reply(envelope, refusal))
             return
-        worker = self.workers.get(identity)
+        worker = self.worker_at(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
         if isinstance(msg, (*wire.FINAL, wire.ContextTooSmall)) and worker is not None:

@@ -7,8 +7,11 @@ the same identity, reporting what it still runs), and drains on SIGTERM.  The en
 every running sequence together and, once per step, hands all their events to :meth:`on_step`,
 which turns them into one stream frame per destination (coalesced for at most
 ``stream_interval_s``; a first token and a stream's end go out at once) and the final Done or
-Error of each finished request.  Frames reach the main loop over an inproc socket, so the engine
-never waits for the network and heartbeats never wait for the engine.
+Error of each finished request.  The engine thread sends them itself, on a link of its own to
+the orchestrator (a DEALER named after the worker: ``worker id NUL n``), without waiting (a
+frame that finds no room is dropped and counted); the main loop hears over an inproc socket
+only that a request ended.  So a token never waits for the main loop, and heartbeats never
+wait for the engine.
 
 Requests that generate nothing (their ``op``) hold a slot too, briefly: tokenize and detokenize
 are answered on the main loop (a tokeniser call); embeddings, when the worker loaded the model
@@ -66,9 +69,12 @@ STREAM_INTERVAL_S = 0.02  # text of a running stream waits at most this long to 
 # 0.4-1.0% of a core more than 50, idle, on 2 shared cores).
 HEARTBEAT_PHASES = 50
 
-# What the engine thread hands the main loop: the first frame says what follows.  LOADER:
-# the loader thread finished a task (its outcome waits in a queue).
-RELAY, FINAL, LOADER = b"R", b"F", b"L"
+# What the main loop hears on its inproc socket, by the first frame: FINAL and a request id (an
+# engine's request ended; the engine sent its Done itself) or FINAL, id and the answer to
+# forward (the embedding thread's); LOADER: the loader thread finished a task (its outcome
+# waits in a queue).
+FINAL, LOADER = b"F", b"L"
+LINK_LINGER_MS = 1000  # how long a closing engine link may take to send what it holds
 
 
 class Stream:
@@ -133,20 +139,46 @@ class Outbox:
 
 class Relay:
     """One model's engine thread's side of the worker: it turns each engine step into stream
-    frames for the main loop.  Its state is touched by that engine thread only (each engine
-    has its own socket: ZeroMQ sockets are not shared between threads)."""
+    frames and sends them to the orchestrator on its own link, and tells the main loop which
+    requests ended.  Its state is touched by that engine thread only (each engine has its own
+    sockets: ZeroMQ sockets are not shared between threads)."""
 
-    def __init__(self, worker: WorkerDaemon) -> None:
+    def __init__(self, worker: WorkerDaemon, link_id: bytes) -> None:
         self.worker = worker
-        self._out: zmq.Socket[bytes] | None = None
+        self.link_id = link_id  # the link's name at the orchestrator
+        self._link: zmq.Socket[bytes] | None = None  # to the orchestrator
+        self._ends: zmq.Socket[bytes] | None = None  # to the main loop
         self._outboxes: dict[tuple[bytes, ...], Outbox] = {}
         self._dirty: list[Outbox] = []
 
     def close(self) -> None:
-        """After the engine thread has stopped."""
-        if self._out is not None:
-            self._out.close(linger=0)
-            self._out = None
+        """After the engine thread has stopped.  What the link still holds (the last Done of
+        a drained request) gets a moment to leave."""
+        if self._link is not None:
+            self._link.close(linger=LINK_LINGER_MS)
+            self._link = None
+        if self._ends is not None:
+            self._ends.close(linger=0)
+            self._ends = None
+
+    def open(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        """The link to the orchestrator (under the worker's keys and role) and the socket to
+        the main loop, made on the engine thread the first time a request produces events."""
+        worker = self.worker
+        link = self._link = worker.dial(zmq.DEALER, worker.orchestrator, WORKER)
+        link.setsockopt(zmq.ROUTING_ID, self.link_id)
+        link.connect(worker.orchestrator)
+        ends = self._ends = socket(worker.ctx, zmq.PUSH)
+        ends.connect(worker.results_address)
+        return link, ends
+
+    def send(self, link: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        """Never wait: with the orchestrator gone long enough for the link to fill, the frame
+        is dropped (its requests have failed at the gateway meanwhile)."""
+        try:
+            link.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.worker.counters["undeliverable"] += 1
 
     def on_step(self, step: Step) -> None:
         """One engine step's events: coalesce text per destination, send what is due, then the
@@ -183,22 +215,24 @@ class Relay:
                 box = self._outboxes.get(stream.route)
                 if box is not None:
                     urgent.append(box)
-        out = self._out
-        if out is None:
-            out = self._out = socket(self.worker.ctx, zmq.PUSH)
-            out.connect(self.worker.results_address)
+        link, ends = (self._link, self._ends) if self._link is not None else self.open()
+        assert ends is not None
         if self._dirty:
             keep = []
             for box in self._dirty:
                 if box.streams and (now >= box.due or box in urgent):
-                    self.flush(out, box, started)
+                    self.flush(link, box, started)
                 elif box.streams:
                     keep.append(box)
             self._dirty = keep
         for stream, event in finished:
-            self.worker.finish(out, stream, event)
+            body = self.worker.finish(stream, event)
+            # The main loop hears first: it never counts a slot busy that the orchestrator,
+            # having read the Done, already fills again.
+            ends.send_multipart([FINAL, stream.envelope.id.encode()])
+            self.send(link, [body])
 
-    def flush(self, out: zmq.Socket[bytes], box: Outbox, started: set[str]) -> None:
+    def flush(self, link: zmq.Socket[bytes], box: Outbox, started: set[str]) -> None:
         """One stream frame with every pending part bound for ``box``'s client.  The ids of
         streams whose first text it carries ride in the same ZeroMQ message, after the body
         (delivered whole or not at all): the orchestrator counts a request as started only
@@ -215,11 +249,11 @@ class Relay:
             stream.n_pending = 0
         box.streams.clear()
         del self._outboxes[box.route]  # made again on demand: clients come and go
-        frames = [RELAY, *box.route, wire.encode(wire.Chunks(parts=parts))]
+        frames = [*box.route, wire.encode(wire.Chunks(parts=parts))]
         first = [part.id for part in parts if part.id in started]
         if first:
             frames.append(wire.encode(wire.Started(ids=first)))
-        out.send_multipart(frames)
+        self.send(link, frames)
 
 
 class WorkerDaemon(Daemon):
@@ -267,6 +301,7 @@ class WorkerDaemon(Daemon):
         self.last_ack = 0.0  # when anything last came from the orchestrator
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
+        self.links = 0  # engine links opened so far (each model's engine has one)
         # the embedding thread: requests in, answers out through the results socket
         self._embed_inbox: queue.SimpleQueue[tuple[wire.Envelope, EmbedRequest, Held] | None] = (
             queue.SimpleQueue()
@@ -366,7 +401,8 @@ class WorkerDaemon(Daemon):
         if n_ctx > 0:
             settings = dataclasses.replace(settings, n_ctx=n_ctx)
         started = time.perf_counter()
-        relay = Relay(self)
+        self.links += 1  # (loads run one at a time: on the loader thread, or at start)
+        relay = Relay(self, self.worker_id.encode() + b"\x00" + str(self.links).encode())
         loaded = load_model(settings, info, relay.on_step)
         kv_bytes = getattr(loaded, "kv_bytes", lambda: 0)()
         size = file_bytes + kv_bytes
@@ -614,18 +650,18 @@ class WorkerDaemon(Daemon):
         )
 
     def read_results(self) -> None:
-        """Forward what the engine produced; forget requests that have finished."""
+        """Forget requests that have finished (forwarding an embedding thread's answer: an
+        engine sent its own); take in what the loader thread did."""
         for frames in incoming(self.results):
             kind = frames[0]
-            if kind == FINAL:
+            if kind == FINAL and len(frames) >= 2:
                 stream = self.streams.pop(frames[1].decode(), None)
                 if stream is not None:
                     self.ended(stream.held)
-                self.dealer.send(frames[2])
+                if len(frames) == 3:
+                    self.dealer.send(frames[2])
             elif kind == LOADER:
                 self.loaded_outcomes()
-            else:  # RELAY
-                self.dealer.send_multipart(frames[1:])
 
     def ended(self, held: Held) -> None:
         """A request on ``held`` ended: an unloaded model goes once its last one has."""
@@ -634,6 +670,9 @@ class WorkerDaemon(Daemon):
             self._tasks.put(held)
 
     def read_orchestrator(self) -> None:
+        # Ends first: an engine tells this loop that a request ended before it tells the
+        # orchestrator, which may already have sent the next request for the freed slot.
+        self.read_results()
         for frames in incoming(self.dealer):
             envelope = self.decode(frames[-1])
             if envelope is None:
@@ -673,7 +712,13 @@ class WorkerDaemon(Daemon):
         another worker): stop it; the orchestrator drops its text and frees the slot when its
         end arrives."""
         stream = self.streams.get(request_id)
-        if stream is not None and stream.job is not None:
+        if stream is None:
+            # It ended already: its Done, sent on the engine's link, crossed our registration
+            # (which still named it) on the way.  Say again that it ended, so the orchestrator
+            # frees its slot.
+            ended = wire.Error(kind=Kind.unavailable, code="ended", message="the request ended")
+            self.dealer.send(wire.encode(ended, request_id))
+        elif stream.job is not None:
             stream.job.cancel.cancel()
             self.counters["orphans_stopped"] += 1
             log(self.name, "stopped a request the orchestrator gave up on", request_id=request_id)
@@ -845,7 +890,8 @@ class WorkerDaemon(Daemon):
         )
 
     # the engine threads (each through its model's Relay) ------------------------------------
-    def finish(self, out: zmq.Socket[bytes], stream: Stream, event: TokenEvent) -> None:
+    def finish(self, stream: Stream, event: TokenEvent) -> bytes:
+        """The Done or Error that ends ``stream`` (counted, recorded and traced)."""
         envelope = stream.envelope
         gen = stream.gen
         msg: wire.Msg
@@ -873,7 +919,7 @@ class WorkerDaemon(Daemon):
                 time_to_first_token_ms=gen.ttft_ms,
                 generation_ms=gen.generation_ms,
             )
-        out.send_multipart([FINAL, envelope.id.encode(), wire.reply(envelope, msg)])
+        return wire.reply(envelope, msg)
 
     def record(self, event: TokenEvent, gen: Generation, model: str) -> None:
         m = self.metrics

@@ -1,6 +1,7 @@
-"""A real worker's heartbeats, seen from a hand-made orchestrator (a CURVE ROUTER with the
-cluster's keys): it heartbeats as often as the answer to its Register says, asks for an answer
-only once it has heard nothing for a while, and registers again when told it is unknown."""
+"""A real worker seen from a hand-made orchestrator (a CURVE ROUTER with the cluster's keys): it
+heartbeats as often as the answer to its Register says, asks for an answer only once it has
+heard nothing for a while, and registers again when told it is unknown; its engine streams on
+a link of its own."""
 
 from __future__ import annotations
 
@@ -32,9 +33,14 @@ class Orchestrator:
         self.address = f"tcp://127.0.0.1:{port}"
 
     def next(self, timeout_s: float = 60.0) -> tuple[bytes, wire.Envelope]:
+        while True:
+            frames = self.frames(timeout_s)
+            if len(frames) == 2:
+                return frames[0], wire.decode(frames[1])
+
+    def frames(self, timeout_s: float = 60.0) -> list[bytes]:
         assert self.router.poll(int(timeout_s * 1000)), "the worker sent nothing"
-        identity, body = self.router.recv_multipart()
-        return identity, wire.decode(body)
+        return self.router.recv_multipart()
 
     def next_of(self, kind: type[wire.Msg], timeout_s: float = 60.0) -> tuple[bytes, wire.Msg]:
         end = time.monotonic() + timeout_s
@@ -107,3 +113,61 @@ def test_an_answer_silences_the_asking(link: tuple[Orchestrator, Proc]) -> None:
     # the beats it sent before our answer reached it may still ask; then it stops asking
     asks = [heartbeat(orchestrator).ack for _ in range(8)]
     assert asks[-4:] == [False] * 4, asks
+
+
+def test_the_engine_streams_on_its_own_link_and_ends_after_its_text(
+    link: tuple[Orchestrator, Proc],
+) -> None:
+    """Stream frames and the Done come from the engine's link (named after the worker), in
+    order, with the first text alone and marked Started; the main link only registers,
+    heartbeats and answers."""
+    orchestrator, _ = link
+    identity, _ = orchestrator.next_of(wire.Register)
+    assert identity == b"w"
+    orchestrator.answer(identity, wire.Ack(known=True))
+    route = [b"client-1", b"gateway-1"]  # as an orchestrator sends it: client first
+    request = {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True}
+    infer = wire.Infer(request=request, route=route)
+    orchestrator.router.send_multipart([identity, wire.encode(infer, "r1")])
+    texts: list[wire.Part] = []
+    while True:
+        frames = orchestrator.frames(timeout_s=30.0)
+        if len(frames) == 2 and isinstance(wire.decode(frames[1]).msg, wire.Heartbeat):
+            assert frames[0] == identity
+            continue
+        assert frames[0].startswith(b"w\x00"), frames[0]  # the engine's link, not the main one
+        if len(frames) == 2:
+            done = wire.decode(frames[1])
+            break
+        assert frames[1:3] == [b"gateway-1", b"client-1"]  # routed back the way it came
+        chunks = wire.decode(frames[3]).msg
+        assert isinstance(chunks, wire.Chunks)
+        if not texts:
+            assert len(frames) == 5, "the first text carries the Started note"
+            assert wire.decode(frames[4]).msg == wire.Started(ids=["r1"])
+            assert chunks.parts[0].n_tokens == 1  # the first token goes out alone
+        else:
+            assert len(frames) == 4
+        texts.extend(chunks.parts)
+    assert done.id == "r1"
+    assert isinstance(done.msg, wire.Done)
+    assert done.msg.completion_tokens == 40
+    assert sum(part.n_tokens for part in texts) == 40  # nothing came after the Done
+
+
+def test_a_registration_naming_a_request_that_ended_is_answered_with_its_end(
+    link: tuple[Orchestrator, Proc],
+) -> None:
+    """A request's Done travels on the engine's link and may cross a registration that still
+    names it; told to stop a request it no longer runs, the worker says it ended, on its main
+    link, so the orchestrator frees the slot."""
+    orchestrator, _ = link
+    identity, _ = orchestrator.next_of(wire.Register)
+    orchestrator.answer(identity, wire.Ack(known=True, cancel=["long-gone"]))
+    while True:
+        who, envelope = orchestrator.next(timeout_s=10.0)
+        if isinstance(envelope.msg, wire.Error):
+            break
+    assert who == identity
+    assert envelope.id == "long-gone"
+    assert envelope.msg.code == "ended"
