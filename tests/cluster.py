@@ -181,11 +181,18 @@ class Cluster:
         return ClusterClient(self.gateway, self.keyring)
 
     def dealer(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, role: str = ADMIN
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        role: str = ADMIN,
+        identity: bytes = b"",
     ) -> zmq.Socket[bytes]:
-        """A hand-made peer holding the cluster's key for ``role``, connected to ``address``."""
+        """A hand-made peer holding the cluster's key for ``role``, connected to ``address``
+        (under ``identity``, when given)."""
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if identity:
+            sock.setsockopt(zmq.ROUTING_ID, identity)
         self.keyring.client(sock, role)
         sock.connect(address)
         return sock

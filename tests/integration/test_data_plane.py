@@ -75,7 +75,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
     bare = Cluster(tmp_path, workers=0)
     ctx = zmq.Context()
     try:
-        worker = bare.dealer(ctx, bare.orchestrator, WORKER)
+        worker = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"hand-made")
         worker.send(
             wire.encode(
                 wire.Register(
@@ -110,6 +110,23 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
         worker.send(wire.encode(done, "r1"))
         assert client.poll(5000)
         assert isinstance(wire.decode(client.recv()).msg, wire.Done)
+
+        # An engine's link, named after its worker (identity NUL n), streams and ends for it;
+        # one named after no worker is a stray.
+        engine = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"hand-made\x001")
+        stray = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"nobody\x001")
+        infer = dispatched(client, worker, "r3")
+        with bare.client() as admin:
+            strays = admin.stats().counters.get("stray_worker_messages", 0)
+        stray.send_multipart([*reversed(infer.route), b"not from this worker"])
+        engine.send_multipart([*reversed(infer.route), b"engine text"])
+        assert client.poll(5000)
+        assert client.recv() == b"engine text"  # only the engine's frame came through
+        engine.send(wire.encode(done, "r3"))
+        assert client.poll(5000)
+        assert isinstance(wire.decode(client.recv()).msg, wire.Done)
+        with bare.client() as admin:
+            assert admin.stats().counters.get("stray_worker_messages", 0) == strays + 1
 
         # A Started note rides in the frame that carries a request's first text: once it has
         # gone through, losing the worker fails the request (worker_lost), never retries it.
