@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import signal
+import socket as pysocket
 import sys
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from haifctl.security import Keyring
 from haifctl.telemetry import Metrics
 
 LOOP_TICK_MS = 50
+DRAIN_POLL_MS = 100  # a draining loop looks at least this often whether it is done
 # A loop that has not turned for this long is stuck (its poll wakes at least every tick):
 # /healthz then fails, and an orchestrator such as Kubernetes restarts the process.
 STALL_S = 30.0
@@ -149,7 +151,8 @@ class Daemon:
         # Export the counter from the start, at 0: rate() then shows "none" rather than no data.
         self.metrics.malformed.labels(self.name)
         self._poller = zmq.Poller()
-        self._readers: dict[zmq.Socket[bytes], Callable[[], None]] = {}
+        self._readers: dict[zmq.Socket[bytes] | int, Callable[[], None]] = {}
+        self._wakeup: tuple[pysocket.socket, pysocket.socket] | None = None
         # The cluster's keys; None only for daemons driven in-process by unit tests, which
         # never open a network socket.
         self.keyring: Keyring | None = None
@@ -157,8 +160,26 @@ class Daemon:
 
     # lifecycle -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
+        """The handlers set flags; the signal also wakes the loop, through a socket pair it
+        polls.  Without that the loop would notice only at its next message or tick: a
+        worker told to heartbeat every few seconds, generating (its frames go out from the
+        engine thread), would begin draining, and tell the orchestrator, that much later."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        wake, woken = self._wakeup = pysocket.socketpair()
+        wake.setblocking(False)
+        woken.setblocking(False)
+        signal.set_wakeup_fd(woken.fileno(), warn_on_full_buffer=False)
+        self._readers[wake.fileno()] = self._woken
+        self._poller.register(wake.fileno(), zmq.POLLIN)
+
+    def _woken(self) -> None:
+        assert self._wakeup is not None
+        try:
+            while self._wakeup[0].recv(64):
+                pass
+        except BlockingIOError:
+            pass
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.should_exit:
@@ -338,6 +359,8 @@ class Daemon:
             # Messages first, then the tick: after a stall (SIGSTOP, a starved CPU) the peers'
             # heartbeats waiting in our sockets are read before anyone is judged silent.
             timeout = max(0, int((next_tick - now) * 1000) + 1)
+            if self.draining_until is not None:  # what drains may end by time alone
+                timeout = min(timeout, DRAIN_POLL_MS)
             for sock, _ in self._poller.poll(timeout):
                 self.safely(self._readers[sock])
             now = time.monotonic()
@@ -356,6 +379,11 @@ class Daemon:
         """Draining has begun (tell peers now rather than at the next tick)."""
 
     def stop(self) -> None:
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for end in self._wakeup:
+                end.close()
+            self._wakeup = None
         self.metrics.close()
         if self.authenticator is not None:
             self.authenticator.stop()

@@ -786,6 +786,9 @@ class OrchestratorDaemon(Daemon):
             self.counters["retries"] += 1
             self.metrics.retries.inc()
             self.requeue(pending)
+            if worker.draining:  # sent it before we knew; if it was the last one, nobody waits
+                for ref in worker.pools:
+                    self.answer_orphaned_queue(ref, "its last worker is shutting down")
         elif isinstance(msg, wire.Done):
             worker.served_by[pending.model_ref] += 1
             queue_ms = round((time.monotonic() - pending.enqueued_at) * 1000 - msg.generation_ms, 3)

@@ -75,6 +75,8 @@ HEARTBEAT_PHASES = 50
 # waits in a queue).
 FINAL, LOADER = b"F", b"L"
 LINK_LINGER_MS = 1000  # how long a closing engine link may take to send what it holds
+DRAIN_ID = "drain"  # the heartbeat that says we drain asks for an answer under this id
+DRAIN_ACK_S = 1.0  # how long a draining worker with nothing left waits for that answer
 
 
 class Stream:
@@ -302,6 +304,7 @@ class WorkerDaemon(Daemon):
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
         self.links = 0  # engine links opened so far (each model's engine has one)
+        self.drain_ack_by = 0.0  # draining: wait until then for the orchestrator's answer
         # the embedding thread: requests in, answers out through the results socket
         self._embed_inbox: queue.SimpleQueue[tuple[wire.Envelope, EmbedRequest, Held] | None] = (
             queue.SimpleQueue()
@@ -582,7 +585,8 @@ class WorkerDaemon(Daemon):
 
     # loop (main thread) ----------------------------------------------------------------------
     def in_flight(self) -> int:
-        return len(self.streams)
+        """Requests running, plus one while a drain waits for the orchestrator's answer."""
+        return len(self.streams) + (time.monotonic() < self.drain_ack_by)
 
     def alive_checks(self) -> dict[str, bool]:
         """Each model's engine thread runs its generations, the loader thread its loads:
@@ -617,7 +621,13 @@ class WorkerDaemon(Daemon):
         }
 
     def on_drain(self) -> None:
-        self.heartbeat()  # tell the orchestrator now: it stops sending us work
+        """Tell the orchestrator now, and ask it to answer: it may have sent us a request
+        before it heard (a slot came free just then), and that request arrives before the
+        answer (one connection keeps the order), so we refuse it (``worker_draining``, tried
+        elsewhere) rather than exit with it unread.  A silent orchestrator is waited for
+        DRAIN_ACK_S at most."""
+        self.drain_ack_by = time.monotonic() + DRAIN_ACK_S
+        self.heartbeat(DRAIN_ID)
 
     def on_tick(self, now: float) -> None:
         self.heartbeat()
@@ -629,9 +639,10 @@ class WorkerDaemon(Daemon):
         wall, interval = time.time(), self.heartbeat_s
         self.tick_s = max(0.001, interval - (wall - self.phase * interval) % interval)
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, request_id: str = "") -> None:
         """Proof of life and counters; asks for an answer only after half the silence limit
-        without a word from the orchestrator."""
+        without a word from the orchestrator, or when it names a ``request_id`` (the answer
+        then carries it)."""
         ask = not self.known or time.monotonic() - self.last_ack >= self.silence_limit() / 2
         self.dealer.send(
             wire.encode(
@@ -644,8 +655,9 @@ class WorkerDaemon(Daemon):
                     draining=not self.accepting,
                     memory_budget=self.memory_budget,
                     memory_used=self.used,
-                    ack=ask,
-                )
+                    ack=ask or bool(request_id),
+                ),
+                request_id,
             )
         )
 
@@ -680,6 +692,8 @@ class WorkerDaemon(Daemon):
             msg = envelope.msg
             now = self.last_ack = time.monotonic()  # whatever it sends proves it is there
             if isinstance(msg, wire.Ack):
+                if envelope.id == DRAIN_ID:
+                    self.drain_ack_by = 0.0  # it knows we drain: nothing more comes
                 self.known = msg.known
                 self.was_known = self.was_known or msg.known
                 if msg.heartbeat_s > 0:

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import zmq
 
 from haifctl import wire
+from haifctl.security import WORKER
 from tests.cluster import Cluster
+from tests.integration.test_data_plane import dispatched
 
 HEARTBEAT_TIMEOUT = 1.0
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
@@ -253,3 +256,47 @@ def test_draining_the_only_worker_answers_its_queue_at_once(tmp_path: Path) -> N
             assert o.answered_at - drained_at < 5.0
     finally:
         c.stop()
+
+
+def test_a_request_the_last_worker_refuses_as_it_drains_is_answered_at_once(
+    tmp_path: Path,
+) -> None:
+    """The orchestrator sent a request to its only worker just before that worker said it
+    drains (a slot came free as SIGTERM arrived); the worker refuses it (worker_draining, to
+    be tried elsewhere), and with no other worker the client hears at once, not at its
+    deadline."""
+    bare = Cluster(tmp_path, workers=0)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        worker = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"last")
+        register = wire.Register(
+            worker_id="last",
+            models=["stories260K:1"],
+            slots=1,
+            device="cpu",
+            n_ctx=2048,
+            pid=1,
+            host="test",
+        )
+        worker.send(wire.encode(register))
+        assert worker.poll(5000)
+        assert isinstance(wire.decode(worker.recv()).msg, wire.Ack)
+        client = bare.dealer(ctx, bare.gateway)
+        dispatched(client, worker, "late")
+        beat = wire.Heartbeat(
+            worker_id="last", busy=1, served=0, errors=0, tokens=0, draining=True, ack=False
+        )
+        worker.send(wire.encode(beat))
+        draining = wire.Error(kind="unavailable", code="worker_draining", message="shutting down")
+        sent_at = time.monotonic()
+        worker.send(wire.encode(draining, "late"))
+        assert client.poll(5000), "the refused request was left waiting"
+        answer = wire.decode(client.recv())
+        assert answer.id == "late"
+        assert isinstance(answer.msg, wire.Error)
+        assert answer.msg.code == "unavailable"
+        assert answer.msg.retry_after
+        assert time.monotonic() - sent_at < 5.0
+    finally:
+        ctx.destroy(linger=0)
+        bare.stop()

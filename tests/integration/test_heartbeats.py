@@ -1,11 +1,12 @@
 """A real worker seen from a hand-made orchestrator (a CURVE ROUTER with the cluster's keys): it
 heartbeats as often as the answer to its Register says, asks for an answer only once it has
 heard nothing for a while, and registers again when told it is unknown; its engine streams on
-a link of its own."""
+a link of its own; a draining worker waits for the orchestrator to hear it."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,3 +172,50 @@ def test_a_registration_naming_a_request_that_ended_is_answered_with_its_end(
     assert who == identity
     assert envelope.id == "long-gone"
     assert envelope.msg.code == "ended"
+
+
+def sleepy(orchestrator: Orchestrator) -> bytes:
+    """Tell the worker to heartbeat every 600 s; return once it has (its loop then sleeps
+    until the next one, unless woken)."""
+    identity, _ = orchestrator.next_of(wire.Register)
+    orchestrator.answer(identity, wire.Ack(known=True, heartbeat_s=600.0))
+    while True:  # heartbeats sent before our answer reached it ask for one
+        _, envelope = orchestrator.next(timeout_s=10.0)
+        if isinstance(envelope.msg, wire.Heartbeat) and not envelope.msg.ack:
+            return identity
+
+
+def test_sigterm_is_told_at_once_and_a_request_sent_meanwhile_is_refused(
+    link: tuple[Orchestrator, Proc],
+) -> None:
+    """On SIGTERM a worker with nothing running says at once that it drains, and asks for
+    an answer before it exits: a request the orchestrator sent before it heard arrives
+    before that answer and is refused for another worker, rather than lost with the
+    worker."""
+    orchestrator, worker = link
+    identity = sleepy(orchestrator)
+    worker.kill(signal.SIGTERM)
+    _, envelope = orchestrator.next(timeout_s=10.0)  # long before its next heartbeat
+    beat = envelope.msg
+    assert isinstance(beat, wire.Heartbeat)
+    assert beat.draining
+    assert beat.ack
+    request = {"prompt": "Once upon a time", "max_tokens": 8}
+    infer = wire.Infer(request=request, route=[b"client-1", b"gateway-1"])
+    orchestrator.router.send_multipart([identity, wire.encode(infer, "late")])
+    orchestrator.router.send_multipart([identity, wire.encode(wire.Ack(known=True), envelope.id)])
+    _, refusal = orchestrator.next_of(wire.Error, timeout_s=10.0)
+    assert isinstance(refusal, wire.Error)
+    assert refusal.code == "worker_draining"  # retryable: the orchestrator tries elsewhere
+    assert worker.popen.wait(timeout=30) == 0
+
+
+def test_a_draining_worker_does_not_wait_for_a_silent_orchestrator(
+    link: tuple[Orchestrator, Proc],
+) -> None:
+    """It asks, hears nothing, and exits after a second (its loop looks while it drains)
+    rather than at its next heartbeat, 600 s away."""
+    orchestrator, worker = link
+    sleepy(orchestrator)
+    worker.kill(signal.SIGTERM)
+    assert worker.popen.wait(timeout=15) == 0
