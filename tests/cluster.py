@@ -12,9 +12,10 @@ from pathlib import Path
 
 import zmq
 
+from haifctl import wire
 from haifctl.client import ClusterClient
 from haifctl.errors import Unavailable
-from haifctl.security import ADMIN, Keyring
+from haifctl.security import ADMIN, WORKER, Keyring
 
 HAIFCTL = str(Path(sys.executable).parent / "haifctl")
 
@@ -196,6 +197,37 @@ class Cluster:
         self.keyring.client(sock, role)
         sock.connect(address)
         return sock
+
+    def hand_made_worker(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], worker_id: str
+    ) -> zmq.Socket[bytes]:
+        """A worker played by the test: a DEALER under ``worker_id``, registered with the
+        orchestrator (one slot of the shipped model) and acknowledged."""
+        worker = self.dealer(ctx, self.orchestrator, WORKER, identity=worker_id.encode())
+        register = wire.Register(
+            worker_id=worker_id,
+            models=["stories260K:1"],
+            slots=1,
+            device="cpu",
+            n_ctx=2048,
+            pid=1,
+            host="test",
+        )
+        worker.send(wire.encode(register))
+        assert worker.poll(5000), "the orchestrator did not answer the registration"
+        assert isinstance(wire.decode(worker.recv()).msg, wire.Ack)
+        return worker
+
+    def dispatched(
+        self, client: zmq.Socket[bytes], worker: zmq.Socket[bytes], request_id: str
+    ) -> wire.Infer:
+        """Send a request through the gateway; return it as a hand-made worker receives it."""
+        client.send(wire.encode(wire.Infer(request={"prompt": "x"}), request_id))
+        while worker.poll(10_000):
+            envelope = wire.decode(worker.recv())
+            if isinstance(envelope.msg, wire.Infer) and envelope.id == request_id:
+                return envelope.msg
+        raise AssertionError(f"{request_id} never reached the worker")
 
     def wait_workers(self, n: int, timeout: float = 60.0, ids: set[str] | None = None) -> None:
         """Probe the orchestrator's worker table until it shows what we expect."""

@@ -75,24 +75,9 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
     bare = Cluster(tmp_path, workers=0)
     ctx = zmq.Context()
     try:
-        worker = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"hand-made")
-        worker.send(
-            wire.encode(
-                wire.Register(
-                    worker_id="hand-made",
-                    models=["stories260K:1"],
-                    slots=1,
-                    device="cpu",
-                    n_ctx=2048,
-                    pid=1,
-                    host="test",
-                )
-            )
-        )
-        assert worker.poll(5000)
-        assert isinstance(wire.decode(worker.recv()).msg, wire.Ack)
+        worker = bare.hand_made_worker(ctx, "hand-made")
         client = bare.dealer(ctx, bare.gateway)
-        infer = dispatched(client, worker, "r1")
+        infer = bare.dispatched(client, worker, "r1")
         assert len(infer.route) == wire.ROUTE_FRAMES
         opaque = b"\xc1 not msgpack: the relays must not look inside"
         worker.send_multipart([*reversed(infer.route), opaque])
@@ -115,7 +100,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
         # one named after no worker is a stray.
         engine = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"hand-made\x001")
         stray = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"nobody\x001")
-        infer = dispatched(client, worker, "r3")
+        infer = bare.dispatched(client, worker, "r3")
         with bare.client() as admin:
             strays = admin.stats().counters.get("stray_worker_messages", 0)
         stray.send_multipart([*reversed(infer.route), b"not from this worker"])
@@ -130,7 +115,7 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
 
         # A Started note rides in the frame that carries a request's first text: once it has
         # gone through, losing the worker fails the request (worker_lost), never retries it.
-        infer = dispatched(client, worker, "r2")
+        infer = bare.dispatched(client, worker, "r2")
         started = wire.encode(wire.Started(ids=["r2"]))
         worker.send_multipart([*reversed(infer.route), b"first text", started])
         assert client.poll(5000)
@@ -143,13 +128,3 @@ def test_relays_forward_stream_frames_without_decoding_them(tmp_path: Path) -> N
     finally:
         ctx.destroy(linger=0)
         bare.stop()
-
-
-def dispatched(client: zmq.Socket[bytes], worker: zmq.Socket[bytes], request_id: str) -> wire.Infer:
-    """Send a request through the gateway; return it as the (hand-made) worker receives it."""
-    client.send(wire.encode(wire.Infer(request={"prompt": "x"}), request_id))
-    while worker.poll(10_000):
-        envelope = wire.decode(worker.recv())
-        if isinstance(envelope.msg, wire.Infer) and envelope.id == request_id:
-            return envelope.msg
-    raise AssertionError(f"{request_id} never reached the worker")

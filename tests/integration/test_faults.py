@@ -20,9 +20,7 @@ import pytest
 import zmq
 
 from haifctl import wire
-from haifctl.security import WORKER
 from tests.cluster import Cluster
-from tests.integration.test_data_plane import dispatched
 
 HEARTBEAT_TIMEOUT = 1.0
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
@@ -268,21 +266,9 @@ def test_a_request_the_last_worker_refuses_as_it_drains_is_answered_at_once(
     bare = Cluster(tmp_path, workers=0)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        worker = bare.dealer(ctx, bare.orchestrator, WORKER, identity=b"last")
-        register = wire.Register(
-            worker_id="last",
-            models=["stories260K:1"],
-            slots=1,
-            device="cpu",
-            n_ctx=2048,
-            pid=1,
-            host="test",
-        )
-        worker.send(wire.encode(register))
-        assert worker.poll(5000)
-        assert isinstance(wire.decode(worker.recv()).msg, wire.Ack)
+        worker = bare.hand_made_worker(ctx, "last")
         client = bare.dealer(ctx, bare.gateway)
-        dispatched(client, worker, "late")
+        bare.dispatched(client, worker, "late")
         beat = wire.Heartbeat(
             worker_id="last", busy=1, served=0, errors=0, tokens=0, draining=True, ack=False
         )
