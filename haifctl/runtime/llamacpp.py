@@ -9,6 +9,7 @@ With one slot it is the sequential engine: the same code path, one sequence at a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import os
@@ -74,6 +75,20 @@ OMP_SPIN_COUNT = 10_000
 GGML_F32, GGML_F16 = 0, 1  # ggml's type ids (llama_cpp.GGML_TYPE_*, without importing it here)
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
+
+
+def cpus_to_pin(threads: int) -> list[int]:
+    """The CPUs an engine's threads are pinned to, one each: all those this process may run
+    on, when its threads are as many (a worker that has the machine, or the cores it was
+    given, to itself; ``haifctl infer --local``).  Unpinned, llama.cpp's threads sleep after
+    a few milliseconds idle, and the kernel wakes them on the CPU of the thread that wakes
+    them, where they take turns at every barrier: a prompt after 100 ms idle took 2x as long
+    (bench/RESULTS.md).  Fewer threads than CPUs (several workers sharing them, or a thread
+    count chosen), or one thread: nothing is pinned."""
+    if threads < 2 or not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        return []
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus if len(cpus) == threads else []
 
 
 def gpu_backend() -> tuple[str, bool]:
@@ -700,7 +715,31 @@ class BatchEngine(Engine):
         self._cached: list[list[int]] = [[] for _ in range(slots)]
         self._running: list[_Seq] = []
         self._generated_at = 0.0  # time.monotonic() of the last step that ran them
+        # CPUs to pin this engine's threads to, one each (empty: none are pinned)
+        self._cpus = cpus_to_pin(max(self._threads))
+        self._team = 1  # threads of ours pinned so far: this one, then llama.cpp's
         self.start_thread("llama-engine")  # last: everything it touches exists
+
+    def _tasks(self, threads: int) -> set[str] | None:
+        """The process's threads before a decode on ``threads`` threads that may start more of
+        llama.cpp's (None when there is nothing to pin)."""
+        if threads <= self._team or not self._cpus:
+            return None
+        return set(os.listdir("/proc/self/task"))
+
+    def _pin_new(self, before: set[str], threads: int) -> None:
+        """Pin the threads llama.cpp started in the decode just run, one CPU each, and this
+        one first (threads it starts inherit its CPU, and are moved right after)."""
+        import threading
+
+        if self._team == 1:
+            os.sched_setaffinity(threading.get_native_id(), {self._cpus[0]})
+        new = sorted(set(os.listdir("/proc/self/task")) - before, key=int)
+        for tid in new[: len(self._cpus) - self._team]:
+            with contextlib.suppress(OSError):  # (gone already)
+                os.sched_setaffinity(int(tid), {self._cpus[self._team]})
+            self._team += 1
+        self._team = max(self._team, min(threads, len(self._cpus)))
 
     def busy(self) -> bool:
         return bool(self._running)
@@ -887,7 +926,10 @@ class BatchEngine(Engine):
             if threads != self._threads_now:
                 llama_cpp.llama_set_n_threads(ctx, threads, threads)
                 self._threads_now = threads
+            before = self._tasks(threads)
             rc = llama_cpp.llama_decode(ctx, batch)
+            if before is not None:
+                self._pin_new(before, threads)
             if rc != 0:
                 raise HaifError("decode_failed", f"llama_decode returned {rc}")
         contexts = [ctx] * len(outputs)
@@ -895,7 +937,11 @@ class BatchEngine(Engine):
             assert prefill is not None
             # threads_batch threads while nothing else runs; once sequences generate, their
             # text crosses the relays, which a prompt on every core would hold up
-            index = prefill.feed(fed, self._threads[not any(s.last >= 0 for s in self._running)])
+            threads = self._threads[not any(s.last >= 0 for s in self._running)]
+            before = self._tasks(threads)
+            index = prefill.feed(fed, threads)
+            if before is not None:
+                self._pin_new(before, threads)
             if index >= 0:  # its first token comes from here; the cache moves next step
                 outputs.append((fed, index))
                 contexts.append(prefill.ctx)

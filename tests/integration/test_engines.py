@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +138,49 @@ def test_closing_the_model_fails_waiting_consumers_instead_of_hanging(
             pass
     closer.join(timeout=30)
     assert info.value.code == "model_closed"
+
+
+PINNED = """
+import os, sys
+from pathlib import Path
+from haifctl.runtime.base import LoadOptions, SamplingParams
+from haifctl.runtime.llamacpp import LlamaCppRuntime
+
+os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
+threads = int(sys.argv[3])
+model = LlamaCppRuntime().load(Path(sys.argv[1]), LoadOptions(threads=threads, n_ctx=512), None)
+prompt = " ".join(["Once upon a time there was a little girl."] * 12)  # a prompt on every thread
+for _ in model.generate(prompt, SamplingParams(max_tokens=4, seed=1)):
+    pass
+for tid in sorted(os.listdir("/proc/self/task"), key=int):
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+    print(allowed.split()[-1])
+model.close()
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and two CPUs",
+)
+def test_an_engine_with_a_thread_for_each_cpu_pins_them(model_path: Path) -> None:
+    """llama.cpp's threads, unpinned, are woken after idleness on the waking thread's CPU;
+    an engine with as many threads as it has CPUs pins each to one (the engine's own to the
+    first), and one with fewer pins nothing."""
+    a, b = sorted(os.sched_getaffinity(0))[:2]
+
+    def cpus_of_threads(threads: int) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", PINNED, str(model_path), f"{a},{b}", str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout.split()
+        return out
+
+    pinned = cpus_of_threads(2)
+    assert sorted(c for c in pinned if c in (str(a), str(b))) == [str(a), str(b)], pinned
+    assert all(c in (str(a), str(b), f"{a},{b}", f"{a}-{b}") for c in pinned), pinned
+    assert all("," in c or "-" in c for c in cpus_of_threads(1))  # one thread: none pinned
