@@ -148,30 +148,30 @@ class Relay:
     def __init__(self, worker: WorkerDaemon, link_id: bytes) -> None:
         self.worker = worker
         self.link_id = link_id  # the link's name at the orchestrator
-        self._link: zmq.Socket[bytes] | None = None  # to the orchestrator
-        self._ends: zmq.Socket[bytes] | None = None  # to the main loop
+        # (to the orchestrator, to the main loop): opened by the first step with a frame to send
+        self._sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None = None
         self._outboxes: dict[tuple[bytes, ...], Outbox] = {}
         self._dirty: list[Outbox] = []
 
     def close(self) -> None:
         """After the engine thread has stopped.  What the link still holds (the last Done of
         a drained request) gets a moment to leave."""
-        if self._link is not None:
-            self._link.close(linger=LINK_LINGER_MS)
-            self._link = None
-        if self._ends is not None:
-            self._ends.close(linger=0)
-            self._ends = None
+        if self._sockets is not None:
+            link, ends = self._sockets
+            link.close(linger=LINK_LINGER_MS)
+            ends.close(linger=0)
+            self._sockets = None
 
     def open(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
         """The link to the orchestrator (under the worker's keys and role) and the socket to
         the main loop, made on the engine thread the first time a request produces events."""
         worker = self.worker
-        link = self._link = worker.dial(zmq.DEALER, worker.orchestrator, WORKER)
+        link = worker.dial(zmq.DEALER, worker.orchestrator, WORKER)
         link.setsockopt(zmq.ROUTING_ID, self.link_id)
         link.connect(worker.orchestrator)
-        ends = self._ends = socket(worker.ctx, zmq.PUSH)
+        ends = socket(worker.ctx, zmq.PUSH)
         ends.connect(worker.results_address)
+        self._sockets = link, ends
         return link, ends
 
     def send(self, link: zmq.Socket[bytes], frames: list[bytes]) -> None:
@@ -217,8 +217,9 @@ class Relay:
                 box = self._outboxes.get(stream.route)
                 if box is not None:
                     urgent.append(box)
-        link, ends = (self._link, self._ends) if self._link is not None else self.open()
-        assert ends is not None
+        if not self._dirty and not finished:
+            return  # (a warm-up's steps: nothing for the network)
+        link, ends = self._sockets or self.open()
         if self._dirty:
             keep = []
             for box in self._dirty:
