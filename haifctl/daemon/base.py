@@ -30,6 +30,9 @@ DRAIN_POLL_MS = 100  # a draining loop looks at least this often whether it is d
 # A loop that has not turned for this long is stuck (its poll wakes at least every tick):
 # /healthz then fails, and an orchestrator such as Kubernetes restarts the process.
 STALL_S = 30.0
+# A loop that did not turn for this much longer than it meant to was paused (SIGSTOP, a starved
+# CPU, a long collection): its peers' silence meanwhile says nothing about them.
+PAUSE_S = 0.5
 HWM = 100_000
 # pyzmq's flags are enums whose arithmetic runs in Python: a few microseconds a message in
 # recv_multipart and send_multipart.  The loops pass plain ints and receive frame by frame.
@@ -142,6 +145,9 @@ class Daemon:
         self.started = False
         self.started_at = time.time()
         self.loop_at: float | None = None  # when the loop last turned (monotonic); None before
+        # when the loop last woke from a pause (monotonic): a peer's silence counts from here
+        # at the earliest (:meth:`heard_since`)
+        self.resumed_at = 0.0
         self.counters: Counter[str] = Counter()
         self.ready_file = ready_file
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -346,6 +352,7 @@ class Daemon:
     def serve(self) -> None:
         """The loop: wait for messages or the next tick, handle them, tick; drain on exit."""
         next_tick = 0.0
+        ticked_at = time.monotonic()
         while True:
             now = self.loop_at = time.monotonic()
             if self.should_exit and self.draining_until is None:
@@ -361,12 +368,28 @@ class Daemon:
             timeout = max(0, int((next_tick - now) * 1000) + 1)
             if self.draining_until is not None:  # what drains may end by time alone
                 timeout = min(timeout, DRAIN_POLL_MS)
-            for sock, _ in self._poller.poll(timeout):
-                self.safely(self._readers[sock])
+            # Each stretch (the last tick, the poll, the readers) is timed: one far longer than
+            # it should be was a pause (see PAUSE_S).
+            polled_at = time.monotonic()
+            ready = self._poller.poll(timeout)
             now = time.monotonic()
-            if now >= next_tick:
-                self.safely(self.on_tick, now)
-                next_tick = now + self.tick_s
+            if now - polled_at > timeout / 1000 + PAUSE_S or polled_at - ticked_at > PAUSE_S:
+                self.resumed_at = now
+            for sock, _ in ready:
+                self.safely(self._readers[sock])
+            read_at = time.monotonic()
+            if read_at - now > PAUSE_S:
+                self.resumed_at = read_at
+            if read_at >= next_tick:
+                self.safely(self.on_tick, read_at)
+                next_tick = read_at + self.tick_s
+            ticked_at = time.monotonic()
+
+    def heard_since(self, last_heard: float) -> float:
+        """When a peer last heard from at ``last_heard`` counts as last heard: not before the
+        loop woke from a pause, since whatever it sent meanwhile may still be on its way in
+        (after SIGCONT, the sockets' I/O thread and this loop start at once)."""
+        return max(last_heard, self.resumed_at)
 
     def in_flight(self) -> int:
         """Work that a graceful shutdown waits for."""

@@ -214,7 +214,7 @@ class GatewayDaemon(Daemon):
             self.next_ping = now + min(PING_EVERY_S, self.orchestrator_timeout_s / 4)
         if self.usage is not None:
             self.usage.tick(now)
-        silent = now - self.last_orchestrator_pong
+        silent = now - self.heard_since(self.last_orchestrator_pong)
         if self.lost_since is None and silent > self.orchestrator_timeout_s:
             self.orchestrator_lost(f"silent for {silent:.1f}s")
         self.sweep()

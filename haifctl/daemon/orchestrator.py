@@ -1797,10 +1797,11 @@ class OrchestratorDaemon(Daemon):
             _, _, worker = heapq.heappop(self.liveness)
             if self.workers.get(worker.identity) is not worker:
                 continue  # dropped, or registered again (with an entry of its own)
-            if now - worker.last_seen > self.heartbeat_timeout_s:
+            seen = self.heard_since(worker.last_seen)
+            if now - seen > self.heartbeat_timeout_s:
                 self.drop_worker(worker, f"silent for {now - worker.last_seen:.1f}s")
-            else:  # heard from since: one entry per worker, moved on to its new deadline
-                deadline = worker.last_seen + self.heartbeat_timeout_s
+            else:  # heard from since (or we were paused): moved on to its new deadline
+                deadline = seen + self.heartbeat_timeout_s
                 heapq.heappush(self.liveness, (deadline, next(self.seq), worker))
         wall = time.time()
         while self.expiries and self.expiries[0][0] < wall:

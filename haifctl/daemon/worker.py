@@ -633,7 +633,7 @@ class WorkerDaemon(Daemon):
     def on_tick(self, now: float) -> None:
         self.heartbeat()
         limit = self.silence_limit()
-        if now - self.last_ack > limit and now - self.registered_at > limit:
+        if now - self.heard_since(self.last_ack) > limit and now - self.registered_at > limit:
             log(self.name, "orchestrator silent; announcing ourselves again", level="warning")
             self.register()
         # the next tick at this worker's phase of the interval, on the wall clock

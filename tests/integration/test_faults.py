@@ -177,6 +177,32 @@ def test_orchestrator_stopped_and_resumed(cluster: Cluster) -> None:
     # nothing ran twice: the workers generated once per request at most
     assert sum(w.served + w.errors for w in stats.workers) <= 6 + 2
     assert stats.counters.get("duplicates_ignored", 0) + stats.counters.get("dispatched", 0) >= 6
+    # the workers were there all along: what they sent while it was stopped is read, not judged
+    assert stats.counters.get("workers_dropped", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("daemon", "verdict"), [("orchestrator", "worker dropped"), ("gateway", "orchestrator lost")]
+)
+def test_a_paused_daemon_does_not_blame_its_peers(
+    cluster: Cluster, daemon: str, verdict: str
+) -> None:
+    """SIGSTOP the orchestrator (or the gateway) for three heartbeat timeouts, then SIGCONT:
+    its peers went on sending (heartbeats, pongs) and it was the one not listening, so on waking
+    it drops no worker (declares no orchestrator lost), and the next request is served."""
+    proc = cluster.procs[daemon]
+    proc.kill(signal.SIGSTOP)
+    try:
+        time.sleep(3 * HEARTBEAT_TIMEOUT)  # the fault itself: how long it stays stopped
+    finally:
+        proc.kill(signal.SIGCONT)
+    with cluster.client() as client:  # answered after the woken loop's first turn and tick
+        msgs = list(client.stream({"prompt": "Once", "max_tokens": 8, "seed": 1}))
+        stats = client.stats()
+    assert isinstance(msgs[-1], wire.Done), msgs[-1]
+    assert verdict not in [e.get("msg") for e in proc.log_events()]
+    assert stats.counters.get("workers_dropped", 0) == 0
+    assert {w.worker_id for w in stats.workers} == {"worker-1", "worker-2"}
 
 
 def test_registry_down_leaves_running_and_known_models_alone(cluster: Cluster) -> None:
