@@ -13,7 +13,7 @@ import signal
 import socket as pysocket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -33,6 +33,7 @@ STALL_S = 30.0
 # A loop that did not turn for this much longer than it meant to was paused (SIGSTOP, a starved
 # CPU, a long collection): its peers' silence meanwhile says nothing about them.
 PAUSE_S = 0.5
+PAUSES_KEPT = 64
 HWM = 100_000
 # pyzmq's flags are enums whose arithmetic runs in Python: a few microseconds a message in
 # recv_multipart and send_multipart.  The loops pass plain ints and receive frame by frame.
@@ -145,9 +146,9 @@ class Daemon:
         self.started = False
         self.started_at = time.time()
         self.loop_at: float | None = None  # when the loop last turned (monotonic); None before
-        # when the loop last woke from a pause (monotonic): a peer's silence counts from here
-        # at the earliest (:meth:`heard_since`)
-        self.resumed_at = 0.0
+        # the loop's latest pauses, (when it woke, seconds it lost): not counted in a peer's
+        # silence (:meth:`heard_since`)
+        self.pauses: deque[tuple[float, float]] = deque(maxlen=PAUSES_KEPT)
         self.counters: Counter[str] = Counter()
         self.ready_file = ready_file
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -352,7 +353,7 @@ class Daemon:
     def serve(self) -> None:
         """The loop: wait for messages or the next tick, handle them, tick; drain on exit."""
         next_tick = 0.0
-        ticked_at = time.monotonic()
+        read_at = time.monotonic()  # when the last turn's messages were read
         while True:
             now = self.loop_at = time.monotonic()
             if self.should_exit and self.draining_until is None:
@@ -373,23 +374,32 @@ class Daemon:
             polled_at = time.monotonic()
             ready = self._poller.poll(timeout)
             now = time.monotonic()
-            if now - polled_at > timeout / 1000 + PAUSE_S or polled_at - ticked_at > PAUSE_S:
-                self.resumed_at = now
+            # the last tick, and the poll past its timeout; then the readers, before this tick
+            lost = polled_at - read_at + max(0.0, now - polled_at - timeout / 1000)
+            if lost > PAUSE_S:
+                self.paused(now, lost)
             for sock, _ in ready:
                 self.safely(self._readers[sock])
             read_at = time.monotonic()
             if read_at - now > PAUSE_S:
-                self.resumed_at = read_at
+                self.paused(read_at, read_at - now)
             if read_at >= next_tick:
                 self.safely(self.on_tick, read_at)
                 next_tick = read_at + self.tick_s
-            ticked_at = time.monotonic()
+
+    def paused(self, now: float, lost: float) -> None:
+        """The loop, awake again at ``now``, was not listening for ``lost`` seconds."""
+        self.pauses.append((now, lost))
+        self.counters["loop_pauses"] += 1
+        log(self.name, "the loop was paused", level="warning", seconds=round(lost, 3))
 
     def heard_since(self, last_heard: float) -> float:
-        """When a peer last heard from at ``last_heard`` counts as last heard: not before the
-        loop woke from a pause, since whatever it sent meanwhile may still be on its way in
-        (after SIGCONT, the sockets' I/O thread and this loop start at once)."""
-        return max(last_heard, self.resumed_at)
+        """When a peer last heard from at ``last_heard`` counts as last heard, for judging its
+        silence: later by the loop's pauses since then, since what the peer sent meanwhile may
+        still be on its way in (after SIGCONT, the sockets' I/O thread and this loop start at
+        once).  Silence is counted only while we listened: a loop that keeps pausing still
+        finds a peer that is gone, later."""
+        return last_heard + sum(lost for woke, lost in self.pauses if woke > last_heard)
 
     def in_flight(self) -> int:
         """Work that a graceful shutdown waits for."""

@@ -129,3 +129,30 @@ def test_an_idle_loop_sweeps_less_often(h: Harness) -> None:
     h.done(a, request_id)
     h.d.on_tick(h.clock.now)
     assert h.d.tick_s == IDLE_TICK_S
+
+
+def test_silence_during_the_orchestrators_own_pause_is_not_counted(h: Harness) -> None:
+    """Paused for three timeouts (SIGSTOP, a starved CPU), the loop has not heard its workers'
+    heartbeats yet: no worker is dropped for that time.  Silence while it listens still counts,
+    so a worker that is gone is dropped one timeout later, pauses or not."""
+    a, b = h.register("a"), h.register("b")
+    timeout = h.d.heartbeat_timeout_s
+    h.clock.now += 3 * timeout
+    h.d.paused(h.clock.now, 3 * timeout)
+    h.d.sweep()
+    assert set(h.d.workers) == {a, b}
+    beat(h, b, ack=False)  # what b sent during the pause, read now; a is gone
+    h.clock.now += 0.6 * timeout
+    h.d.paused(h.clock.now, 0.5 * timeout)  # another, shorter pause
+    h.d.sweep()
+    assert set(h.d.workers) == {a, b}
+    h.clock.now += 0.6 * timeout  # a: 1.2 timeouts since the first pause, 0.7 of them heard
+    beat(h, b, ack=False)
+    h.d.sweep()
+    assert set(h.d.workers) == {a, b}
+    h.clock.now += 0.4 * timeout  # a: 1.1 timeouts of silence while listening
+    beat(h, b, ack=False)
+    h.d.sweep()
+    assert set(h.d.workers) == {b}
+    assert h.d.counters["workers_dropped"] == 1
+    assert h.d.counters["loop_pauses"] == 2
