@@ -442,6 +442,21 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True):
     deadline: float
     traceparent: str
     msg: Message
+    # Which dispatch of the request this is about (orchestrator -> worker, and the worker's
+    # answers): a request sent again to the same worker is told apart from its earlier run,
+    # whose end may arrive late.  0 everywhere else, and then left off the wire.
+    run: int = 0
+
+
+class _Unrun(msgspec.Struct, frozen=True, array_like=True):
+    """An envelope without a run, as every message but a dispatch and its answers is sent
+    (and as peers from before the field decode it)."""
+
+    v: int
+    id: str
+    deadline: float
+    traceparent: str
+    msg: Message
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -473,13 +488,18 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def encode(msg: Msg, request_id: str = "", deadline: float = 0.0, traceparent: str = "") -> bytes:
-    return _encoder.encode(Envelope(PROTOCOL_VERSION, request_id, deadline, traceparent, msg))  # type: ignore[arg-type]
+def encode(
+    msg: Msg, request_id: str = "", deadline: float = 0.0, traceparent: str = "", run: int = 0
+) -> bytes:
+    if run:
+        envelope = Envelope(PROTOCOL_VERSION, request_id, deadline, traceparent, msg, run)  # type: ignore[arg-type]
+        return _encoder.encode(envelope)
+    return _encoder.encode(_Unrun(PROTOCOL_VERSION, request_id, deadline, traceparent, msg))  # type: ignore[arg-type]
 
 
 def reply(to: Envelope, msg: Msg) -> bytes:
-    """Encode ``msg`` as an answer to ``to``: same request id, deadline and trace."""
-    return encode(msg, to.id, to.deadline, to.traceparent)
+    """Encode ``msg`` as an answer to ``to``: same request id, deadline, trace and run."""
+    return encode(msg, to.id, to.deadline, to.traceparent, to.run)
 
 
 def decode(frame: bytes) -> Envelope:

@@ -308,7 +308,8 @@ class GatewayDaemon(Daemon):
 
     def read_orchestrator(self) -> None:
         """[body] is a message to decode; [client, body] a stream frame, forwarded as bytes."""
-        for frames in incoming(self.dealer):
+        link = self.dealer
+        for frames in incoming(link):
             # anything from the orchestrator proves it alive (its Pong also names its instance)
             self.last_orchestrator_pong = time.monotonic()
             if len(frames) == 1:
@@ -322,6 +323,8 @@ class GatewayDaemon(Daemon):
                     self.safely(self.mark_started, frames[2])
             else:
                 self.count_malformed()
+            if self.dealer is not link:
+                return  # a restarted orchestrator's Pong made a new link: the old one is closed
 
     def mark_started(self, note: bytes) -> None:
         envelope = self.decode(note)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import os
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -262,6 +263,7 @@ class Pending:
     span: Span | None = None
     queue_span: Span | None = None
     attempts: int = 0
+    run: int = 0  # the latest dispatch's number, which the worker's answers carry
     tried: set[bytes] = field(default_factory=set)
     need_ctx: int = 0  # a worker must hold this much context (0: any)
     selector: dict[str, str] = field(default_factory=dict)  # labels its worker must carry
@@ -356,6 +358,9 @@ class OrchestratorDaemon(Daemon):
         self.liveness: list[tuple[float, int, WorkerRec]] = []  # (heartbeat deadline, seq, worker)
         self.expiries: list[tuple[float, int, str]] = []  # (wall-clock deadline, seq, queued id)
         self.seq = itertools.count(1)
+        # Dispatch numbers, from a random start: a restarted orchestrator's never match the
+        # ones its predecessor gave the runs that its workers may still finish.
+        self.runs = itertools.count(int.from_bytes(os.urandom(6), "big") | 1)
         self.queue_wait: dict[str, Histogram] = {}
         # models on demand
         self.loads: dict[str, LoadTask] = {}  # model -> its load in progress
@@ -776,6 +781,12 @@ class OrchestratorDaemon(Daemon):
             self.release(worker, envelope.id)  # an orphan's end frees its slot
             self.pump()
             return
+        if envelope.run and envelope.run != pending.run:
+            # The end of an earlier run of this request on this worker (sent before a restart
+            # of ours, or before it was sent here again), overtaken by the new dispatch: the
+            # new run holds the slot and will end on its own.
+            self.counters["stale_run_ends"] += 1
+            return
         msg = envelope.msg
         self.release(worker, envelope.id)
         if isinstance(msg, wire.ContextTooSmall):
@@ -785,6 +796,15 @@ class OrchestratorDaemon(Daemon):
             pending.tried.add(worker.identity)
             self.counters["retries"] += 1
             self.metrics.retries.inc()
+            log(
+                self.name,
+                "a worker refused a request; it is tried again",
+                level="debug",
+                request_id=envelope.id,
+                worker=worker.worker_id,
+                code=msg.code,
+                attempts=pending.attempts,
+            )
             self.requeue(pending)
             if worker.draining:  # sent it before we knew; if it was the last one, nobody waits
                 for ref in worker.pools:
@@ -1691,6 +1711,7 @@ class OrchestratorDaemon(Daemon):
         queue_wait.observe(time.monotonic() - pending.enqueued_at)
         pending.worker = worker.identity
         pending.attempts += 1
+        pending.run = next(self.runs)
         worker.assigned += 1
         worker.running.add(pending.envelope.id)
         worker.model_of[pending.envelope.id] = model
@@ -1704,7 +1725,8 @@ class OrchestratorDaemon(Daemon):
         self.reindex(worker)
         env = pending.envelope
         self.send(
-            worker.identity, wire.encode(pending.infer, env.id, env.deadline, pending.traceparent)
+            worker.identity,
+            wire.encode(pending.infer, env.id, env.deadline, pending.traceparent, pending.run),
         )
         self.counters["dispatched"] += 1
         return True

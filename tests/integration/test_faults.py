@@ -138,7 +138,7 @@ def test_orchestrator_killed_mid_load(cluster: Cluster) -> None:
     served = [o for o in outcomes if isinstance(o.final, wire.Done)]
     for o in lost:
         assert isinstance(o.final, wire.Error)
-        assert o.final.code == "orchestrator_lost"
+        assert o.final.code == "orchestrator_lost", o.final
         assert o.final.retry_after
         assert o.streamed  # only a stream that had started is failed
         # detected within the heartbeat timeout (plus the gateway's tick and a loaded machine)

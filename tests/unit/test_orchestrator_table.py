@@ -52,10 +52,15 @@ class Harness:
         return told
 
     def deliver(
-        self, identity: bytes, msg: wire.Msg, request_id: str = "", deadline: float = 0.0
+        self,
+        identity: bytes,
+        msg: wire.Msg,
+        request_id: str = "",
+        deadline: float = 0.0,
+        run: int = 0,
     ) -> None:
         """As the ROUTER hands it over, with the role the sender's key gives it."""
-        body = wire.encode(msg, request_id, deadline)
+        body = wire.encode(msg, request_id, deadline, run=run)
         role = GATEWAY_ROLE if identity == GATEWAY else WORKER
         self.d.handle(identity, wire.decode(body), body, role)
 
@@ -85,7 +90,7 @@ class Harness:
         self.deliver(GATEWAY, wire.Infer(request={"prompt": "x", "model": model}), request_id)
         return request_id
 
-    def done(self, identity: bytes, request_id: str) -> None:
+    def done(self, identity: bytes, request_id: str, run: int = 0) -> None:
         done = wire.Done(
             finish_reason="stop",
             prompt_tokens=1,
@@ -95,7 +100,7 @@ class Harness:
             time_to_first_token_ms=None,
             generation_ms=0.0,
         )
-        self.deliver(identity, done, request_id)
+        self.deliver(identity, done, request_id, run=run)
 
     def refuse(self, identity: bytes, request_id: str) -> None:
         self.deliver(identity, wire.Error(code="worker_busy", message="full"), request_id)
@@ -171,6 +176,44 @@ def test_a_retry_goes_to_a_worker_it_has_not_tried(h: Harness) -> None:
     # every worker tried: it may go back to the first rather than wait
     h.refuse(second, request_id)
     assert h.where(request_id) == first
+
+
+def runs(h: Harness, request_id: str) -> list[int]:
+    """The run number of each dispatch of ``request_id``, in order."""
+    return [e.run for _, e in h.sent if e.id == request_id and isinstance(e.msg, wire.Infer)]
+
+
+def test_the_late_end_of_an_earlier_run_does_not_end_the_new_one(h: Harness) -> None:
+    """A request sent to the same worker again (refused, or sent again after an orchestrator
+    restart) is a new run: the end of an earlier run, overtaken on its way by the new
+    dispatch, neither ends the request nor frees the slot; the new run's own end does."""
+    a = h.register("a", slots=1)
+    request_id = h.infer()
+    h.deliver(
+        a, wire.Error(code="worker_busy", message="full"), request_id, run=runs(h, request_id)[0]
+    )
+    first, second = runs(h, request_id)
+    assert h.where(request_id) == a  # the only worker: tried again
+    assert first
+    assert second not in (0, first)
+    waiting = h.infer()
+    h.done(a, request_id, run=first)  # the earlier run's end, late
+    assert h.answer(request_id) is None
+    assert h.where(waiting) is None  # the slot is still the new run's
+    assert h.d.counters["stale_run_ends"] == 1
+    h.done(a, request_id, run=second)
+    assert isinstance(h.answer(request_id), wire.Done)
+    assert h.where(waiting) == a
+
+
+def test_a_restarted_orchestrator_numbers_its_runs_afresh(h: Harness) -> None:
+    """Run numbers start at random: a new orchestrator's first runs are not its
+    predecessor's, so a run that predecessor started cannot pass for one of its own."""
+    other = OrchestratorDaemon("tcp://127.0.0.1:0", "tcp://127.0.0.1:1", MODEL)
+    try:
+        assert abs(next(h.d.runs) - next(other.runs)) > 1_000_000
+    finally:
+        other.ctx.destroy(linger=0)
 
 
 def test_draining_workers_get_nothing(h: Harness) -> None:
