@@ -373,6 +373,10 @@ class Ack(Msg, frozen=True, tag=True, kw_only=True):
     # Answer to a Register: seconds between heartbeats, a fraction of the orchestrator's
     # timeout for a silent worker (0: the worker's own setting; an orchestrator before it).
     heartbeat_s: float = 0.0
+    # Answer to a Register: the orchestrator's instance.  A worker names its engines' links
+    # after it, so that what a link queued for an orchestrator that has since restarted is
+    # told apart, and dropped, by its successor.
+    instance: str = ""
 
 
 class ResolveModel(Msg, frozen=True, tag=True, kw_only=True):

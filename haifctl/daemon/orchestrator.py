@@ -337,6 +337,7 @@ class OrchestratorDaemon(Daemon):
         self.pending: dict[str, Pending] = {}
         self.queues: dict[str, deque[str]] = {}
         self.instance = uuid.uuid4().hex[:12]
+        self.instance_name = self.instance.encode()
         self.resolved: OrderedDict[str, Resolution] = OrderedDict()
         self.lookups: dict[str, Lookup] = {}  # registry call id -> call, oldest first
         self.resolving: dict[str, str] = {}  # model ref -> id of its resolve call in flight
@@ -500,10 +501,18 @@ class OrchestratorDaemon(Daemon):
 
     def worker_at(self, identity: bytes) -> WorkerRec | None:
         """The worker behind a connection: its own, or one of its engines' links (named
-        ``identity NUL n``), on which a worker's engines send their streams and ends."""
+        ``identity NUL n NUL instance``), on which a worker's engines send their streams and
+        ends.  None for a link named after another instance of the orchestrator: what it
+        carries was queued for a predecessor of ours (while this one started), for requests
+        we never sent there, and may have sent again."""
         worker = self.workers.get(identity)
         if worker is None and b"\x00" in identity:
-            worker = self.workers.get(identity.rpartition(b"\x00")[0])
+            name, _, link = identity.partition(b"\x00")
+            _, named, instance = link.partition(b"\x00")
+            if named and instance != self.instance_name:
+                self.counters["stale_link_messages"] += 1
+                return None
+            worker = self.workers.get(name)
         return worker
 
     def handle(self, identity: bytes, envelope: wire.Envelope, body: bytes, role: str) -> None:
@@ -632,7 +641,12 @@ class OrchestratorDaemon(Daemon):
             orphans=len(rec.orphans),
             embeddings=msg.embeddings,
         )
-        ack = wire.Ack(known=True, cancel=sorted(rec.orphans), heartbeat_s=self.heartbeat_s)
+        ack = wire.Ack(
+            known=True,
+            cancel=sorted(rec.orphans),
+            heartbeat_s=self.heartbeat_s,
+            instance=self.instance,
+        )
         self.send(identity, wire.reply(envelope, ack))
         for ref in rec.pools:
             self.orphaned.pop(ref, None)

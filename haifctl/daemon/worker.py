@@ -150,6 +150,7 @@ class Relay:
         self.link_id = link_id  # the link's name at the orchestrator
         # (to the orchestrator, to the main loop): opened by the first step with a frame to send
         self._sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None = None
+        self._linked_to = ""  # the orchestrator instance the link is named after
         self._outboxes: dict[tuple[bytes, ...], Outbox] = {}
         self._dirty: list[Outbox] = []
 
@@ -164,14 +165,25 @@ class Relay:
 
     def open(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
         """The link to the orchestrator (under the worker's keys and role) and the socket to
-        the main loop, made on the engine thread the first time a request produces events."""
+        the main loop, made on the engine thread the first time a request produces events;
+        the link made again when the worker has registered with another orchestrator
+        instance.  The link is named after the instance the worker registered with: what the
+        old link still holds (frames sent while the orchestrator restarted, which ZeroMQ
+        would deliver to the new one, for requests the new one never sent here and may have
+        sent here again) is dropped, here at the close and there by its name."""
         worker = self.worker
+        instance = worker.orchestrator_instance
+        if self._sockets is not None:
+            old, ends = self._sockets
+            old.close(linger=0)
+        else:
+            ends = socket(worker.ctx, zmq.PUSH)
+            ends.connect(worker.results_address)
         link = worker.dial(zmq.DEALER, worker.orchestrator, WORKER)
-        link.setsockopt(zmq.ROUTING_ID, self.link_id)
+        link.setsockopt(zmq.ROUTING_ID, self.link_id + b"\x00" + instance.encode())
         link.connect(worker.orchestrator)
-        ends = socket(worker.ctx, zmq.PUSH)
-        ends.connect(worker.results_address)
         self._sockets = link, ends
+        self._linked_to = instance
         return link, ends
 
     def send(self, link: zmq.Socket[bytes], frames: list[bytes]) -> None:
@@ -219,7 +231,10 @@ class Relay:
                     urgent.append(box)
         if not self._dirty and not finished:
             return  # (a warm-up's steps: nothing for the network)
-        link, ends = self._sockets or self.open()
+        sockets = self._sockets
+        if sockets is None or self._linked_to != self.worker.orchestrator_instance:
+            sockets = self.open()
+        link, ends = sockets
         if self._dirty:
             keep = []
             for box in self._dirty:
@@ -305,6 +320,9 @@ class WorkerDaemon(Daemon):
         self.streams: dict[str, Stream] = {}  # main loop's view: submitted, not yet finished
         self.results_address = f"inproc://results-{uuid.uuid4().hex}"
         self.links = 0  # engine links opened so far (each model's engine has one)
+        # the orchestrator instance we registered with last (its Ack says): each engine's
+        # link is named after it, and made again when it changes
+        self.orchestrator_instance = ""
         self.drain_ack_by = 0.0  # draining: wait until then for the orchestrator's answer
         # the embedding thread: requests in, answers out through the results socket
         self._embed_inbox: queue.SimpleQueue[tuple[wire.Envelope, EmbedRequest, Held] | None] = (
@@ -697,6 +715,8 @@ class WorkerDaemon(Daemon):
                     self.drain_ack_by = 0.0  # it knows we drain: nothing more comes
                 self.known = msg.known
                 self.was_known = self.was_known or msg.known
+                if msg.instance:  # the answer to our Register: engines link to this one
+                    self.orchestrator_instance = msg.instance
                 if msg.heartbeat_s > 0:
                     self.heartbeat_s = msg.heartbeat_s
                 if not msg.known and now - self.registered_at > 0.5:

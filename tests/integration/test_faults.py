@@ -126,8 +126,10 @@ def restart_orchestrator(cluster: Cluster) -> None:
 def test_orchestrator_killed_mid_load(cluster: Cluster) -> None:
     """kill -9 the orchestrator with two streams running and four queued: the running ones end
     with an explicit orchestrator_lost error within the heartbeat timeout; the queued ones are
-    sent again to its successor and served in full."""
-    load = Load(cluster, 6, LONG)
+    sent again to its successor and served in full, each with the one text its seed gives:
+    never the text of a run the dead orchestrator started as well."""
+    seeded = {**LONG, "seed": 7}
+    load = Load(cluster, 6, seeded)
     wait_until(lambda: busy_workers(cluster) == 2)
     killed_at = time.monotonic()
     cluster.procs["orchestrator"].kill(signal.SIGKILL)
@@ -145,10 +147,12 @@ def test_orchestrator_killed_mid_load(cluster: Cluster) -> None:
         assert o.answered_at - killed_at < HEARTBEAT_TIMEOUT + 3.0
     assert len(lost) <= 2
     assert len(served) >= 4
+    with cluster.client() as client:  # the seed's text, alone on a quiet cluster
+        text = "".join(m.text for m in client.stream(seeded) if isinstance(m, wire.Chunk))
     for o in served:
         assert isinstance(o.final, wire.Done)
         assert o.final.completion_tokens == 400  # whole, from one run: never a spliced retry
-        assert o.text
+        assert o.text == text
 
 
 def test_orchestrator_stopped_and_resumed(cluster: Cluster) -> None:

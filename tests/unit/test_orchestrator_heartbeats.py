@@ -156,3 +156,33 @@ def test_silence_during_the_orchestrators_own_pause_is_not_counted(h: Harness) -
     assert set(h.d.workers) == {b}
     assert h.d.counters["workers_dropped"] == 1
     assert h.d.counters["loop_pauses"] == 2
+
+
+def test_a_link_named_after_another_orchestrator_instance_is_not_heard(h: Harness) -> None:
+    """A worker names its engines' links after the orchestrator instance it registered with
+    (the Register's answer says which).  What a link named after another instance carries
+    was queued for a predecessor, which this orchestrator replaced while the link
+    reconnected: its text is not relayed and its Done ends nothing.  A link named after
+    this instance, or one from before the names carried it, is heard."""
+    a = h.register("a", slots=2)
+    (ack,) = acks(h, a)
+    assert ack.instance == h.d.instance
+    request_id = h.infer()
+    infer = next(e.msg for i, e in h.sent if i == a and e.id == request_id)
+    assert isinstance(infer, wire.Infer)
+    relayed: list[list[bytes]] = []
+    router = SimpleNamespace(send_multipart=lambda frames, flags: relayed.append(frames))
+    h.d.router = router  # type: ignore[assignment]
+    stale = a + b"\x001\x00" + b"0123456789ab"
+    ours = a + b"\x001\x00" + h.d.instance.encode()
+    unnamed = a + b"\x001"
+    h.d.relay([stale, *reversed(infer.route), b"text"], WORKER)
+    h.done(stale, request_id)
+    assert relayed == []
+    assert h.answer(request_id) is None
+    assert h.d.counters["stale_link_messages"] == 2
+    h.d.relay([ours, *reversed(infer.route), b"text"], WORKER)
+    h.d.relay([unnamed, *reversed(infer.route), b"text"], WORKER)
+    assert len(relayed) == 2
+    h.done(ours, request_id)
+    assert isinstance(h.answer(request_id), wire.Done)
