@@ -28,6 +28,18 @@ def beat(h: Harness, identity: bytes, ack: bool) -> None:
     )
 
 
+def relaying(h: Harness, worker: bytes) -> tuple[str, wire.Infer, list[list[bytes]]]:
+    """A request sent to ``worker`` (its id and what the worker got), and the list of frames
+    the orchestrator relays to gateways from then on."""
+    request_id = h.infer()
+    infer = next(e.msg for i, e in h.sent if i == worker and e.id == request_id)
+    assert isinstance(infer, wire.Infer)
+    relayed: list[list[bytes]] = []
+    router = SimpleNamespace(send_multipart=lambda frames, flags: relayed.append(frames))
+    h.d.router = router  # type: ignore[assignment]
+    return request_id, infer, relayed
+
+
 def scheduled(h: Harness) -> float:
     """How many dispatches haif_schedule_seconds has counted."""
     text = generate_latest(h.d.metrics.registry).decode()
@@ -90,12 +102,7 @@ def test_a_silent_worker_is_dropped_within_the_timeout_and_a_beating_one_stays(
 def test_a_streaming_worker_needs_no_heartbeat(h: Harness) -> None:
     """Its stream frames prove it alive: a worker busy streaming is not dropped for silence."""
     a = h.register("a")
-    request_id = h.infer()
-    infer = next(e.msg for i, e in h.sent if i == a and e.id == request_id)
-    assert isinstance(infer, wire.Infer)
-    relayed: list[list[bytes]] = []
-    router = SimpleNamespace(send_multipart=lambda frames, flags: relayed.append(frames))
-    h.d.router = router  # type: ignore[assignment]
+    _, infer, relayed = relaying(h, a)
     for _ in range(4 * HEARTBEATS_PER_TIMEOUT):  # four timeouts without a heartbeat
         h.clock.now += h.d.heartbeat_timeout_s / HEARTBEATS_PER_TIMEOUT
         h.d.relay([a, *reversed(infer.route), b"text"], "worker")
@@ -167,12 +174,7 @@ def test_a_link_named_after_another_orchestrator_instance_is_not_heard(h: Harnes
     a = h.register("a", slots=2)
     (ack,) = acks(h, a)
     assert ack.instance == h.d.instance
-    request_id = h.infer()
-    infer = next(e.msg for i, e in h.sent if i == a and e.id == request_id)
-    assert isinstance(infer, wire.Infer)
-    relayed: list[list[bytes]] = []
-    router = SimpleNamespace(send_multipart=lambda frames, flags: relayed.append(frames))
-    h.d.router = router  # type: ignore[assignment]
+    request_id, infer, relayed = relaying(h, a)
     stale = a + b"\x001\x00" + b"0123456789ab"
     ours = a + b"\x001\x00" + h.d.instance.encode()
     unnamed = a + b"\x001"
